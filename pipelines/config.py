@@ -1,0 +1,361 @@
+"""The analysis configuration: one YAML file, strictly validated.
+
+Unknown keys are an error that names the key and suggests the closest valid one;
+every value is typed and range-checked here, where the input is first read, so
+later stages can trust it. `resolved_yaml` is saved next to the published outputs
+and `config_hash` (of the resolved config) is part of the analysis id.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResponsesConfig(_Strict):
+    """Where a subject's responses live.
+
+    Each subject's runs are looked up in the raw tree and in every folder listed in
+    ``derivatives``: ``bold`` is ``sub-*/[ses-*/]func/*_task-<task>[_run-*]*_bold.nii.gz``
+    (masked by a ``*_desc-brain_mask.nii.gz`` beside it, or by voxels that vary over time);
+    ``timeseries`` is a table ``*_task-<task>*_timeseries.tsv`` (one column per ROI/parcel)
+    with a JSON sidecar giving ``RepetitionTime`` and ``StartTime`` (the time of the first
+    row on the stimulus clock). ``auto`` takes whichever a subject has.
+    """
+
+    kind: Literal["auto", "bold", "timeseries"] = "auto"
+    derivatives: list[str] = Field(default_factory=list)
+    desc: str | None = None
+
+    @field_validator("derivatives")
+    @classmethod
+    def _relative(cls, v: list[str]) -> list[str]:
+        for item in v:
+            check_relative_key(item, "dataset.responses.derivatives")
+        return [item.strip("/") for item in v]
+
+
+class WordTimingsConfig(_Strict):
+    """Word timings of each task's stimulus (the story), relative to the run's clock."""
+
+    format: Literal["textgrid"] = "textgrid"
+    files: dict[str, str]
+    tier: str = "word"
+    offset: float = 0.0
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("'dataset.word_timings.files' must map each task to a file; got {}")
+        for key in v.values():
+            check_relative_key(key, "dataset.word_timings.files")
+        return v
+
+
+class DatasetConfig(_Strict):
+    source: str
+    version: str
+    task: str
+    subjects: list[str] = Field(min_length=1)
+    responses: ResponsesConfig = ResponsesConfig()
+    word_timings: WordTimingsConfig
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if "\x00" in v:
+            raise ValueError("'dataset.source' contains a NUL character")
+        if v.startswith("s3://"):
+            bucket, _, prefix = v[5:].partition("/")
+            if not bucket or not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
+                raise ValueError(f"'dataset.source' has an invalid bucket name; got {v!r}")
+            check_relative_key(prefix or "x", "dataset.source")
+        elif "://" in v:
+            raise ValueError(f"'dataset.source' must be s3://bucket/prefix or a local folder; got {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("subjects")
+    @classmethod
+    def _subjects(cls, v: list[str]) -> list[str]:
+        out = [s[4:] if s.startswith("sub-") else s for s in v]
+        for s in out:
+            if not _LABEL.match(s):
+                raise ValueError(f"'dataset.subjects' labels are letters and digits only; got {s!r}")
+        if len(set(out)) != len(out):
+            raise ValueError(f"'dataset.subjects' lists a subject twice; got {v}")
+        return out
+
+    @field_validator("task", "version")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._\-]*", v) or ".." in v:
+            raise ValueError(f"must be letters, digits, '.', '_' or '-'; got {v!r}")
+        return v
+
+    @property
+    def dataset_id(self) -> str:
+        """The dataset's short id: the last part of its source (e.g. ``ds002322``)."""
+        return self.source.rstrip("/").rsplit("/", 1)[-1]
+
+
+class WordRateFeature(_Strict):
+    name: str
+    kind: Literal["word_rate"]
+
+
+class LanguageModelFeature(_Strict):
+    name: str
+    kind: Literal["language_model"]
+    model: str
+    revision: str | None = None
+    layer: int = -1
+    context_words: int = Field(32, ge=0, le=2048)
+    pooling: Literal["last", "mean"] = "last"
+    batch_size: int = Field(32, ge=1, le=4096)
+
+
+FeatureConfig = Annotated[Union[WordRateFeature, LanguageModelFeature], Field(discriminator="kind")]
+
+
+class ModelConfig(_Strict):
+    kind: Literal["ridge"] = "ridge"
+    alphas: list[float] = Field(default_factory=lambda: [10.0 ** k for k in range(-1, 6)], min_length=1)
+    delays: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], min_length=1)
+    cv: Literal["leave_one_run_out", "contiguous_blocks"] = "leave_one_run_out"
+    n_folds: int = Field(5, ge=3, le=100)
+    resample: Literal["lanczos", "average"] = "lanczos"
+    lanczos_window: int = Field(3, ge=1, le=10)
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        if any(not (a > 0) or a == float("inf") for a in v):
+            raise ValueError(f"'model.alphas' must be positive and finite; got {v}")
+        return sorted(set(v))
+
+    @field_validator("delays")
+    @classmethod
+    def _delays(cls, v: list[int]) -> list[int]:
+        if any(abs(d) > 50 for d in v):
+            raise ValueError(f"'model.delays' are in samples (TRs) and must lie within ±50; got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"'model.delays' lists a delay twice; got {v}")
+        return v
+
+
+class DecodingConfig(_Strict):
+    enabled: bool = False
+
+
+class ComputeConfig(_Strict):
+    backend: Literal["auto", "numpy", "torch", "torch_cuda"] = "auto"
+    dask: str = "local"
+    n_workers: int = Field(1, ge=1, le=256)
+
+    @field_validator("dask")
+    @classmethod
+    def _dask(cls, v: str) -> str:
+        if v not in ("local", "none") and not re.fullmatch(r"(tcp|tls)://[A-Za-z0-9.\-]+:\d{1,5}", v):
+            raise ValueError(f"'compute.dask' must be 'local', 'none' or tcp://host:port; got {v!r}")
+        return v
+
+
+class AnalysisConfig(_Strict):
+    name: str = "encoding"
+    dataset: DatasetConfig
+    features: list[FeatureConfig] = Field(min_length=1)
+    model: ModelConfig = ModelConfig()
+    decoding: DecodingConfig = DecodingConfig()
+    compute: ComputeConfig = ComputeConfig()
+    output: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9\-]{0,40}", v):
+            raise ValueError(f"'name' is a slug of lowercase letters, digits and '-'; got {v!r}")
+        return v
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        if not v.startswith("s3://") or not v[5:].split("/", 1)[0]:
+            raise ValueError(f"'output' must be s3://bucket[/prefix]; got {v!r}")
+        bucket, _, prefix = v[5:].partition("/")
+        if prefix:
+            check_relative_key(prefix, "output")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _features(self) -> "AnalysisConfig":
+        names = [f.name for f in self.features]
+        for n in names:
+            if not _NAME.match(n):
+                raise ValueError(f"'features[].name' must be a short identifier; got {n!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"'features' names must be unique; got {names}")
+        if self.dataset.task not in self.dataset.word_timings.files:
+            raise ValueError(
+                f"'dataset.word_timings.files' has no entry for task {self.dataset.task!r}; "
+                f"add '{self.dataset.task}: <path to its TextGrid>'"
+            )
+        return self
+
+    # --- derived values -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @property
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of the resolved config (first 12 hex digits)."""
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:12]
+
+    @property
+    def analysis_id(self) -> str:
+        """Readable slug plus config hash: the same config always lands on the same prefix."""
+        return f"{self.name}-{self.config_hash}"
+
+    @property
+    def publish_prefix(self) -> str:
+        return f"{self.output}/{self.dataset.dataset_id}/{self.dataset.version}/{self.analysis_id}"
+
+    def resolved_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def check_relative_key(key: str, param: str) -> str:
+    """Refuse keys that could escape a prefix or a cache folder.
+
+    Rejects absolute paths, ``..`` segments, empty segments (``//``), NUL and control
+    characters, backslashes and non-ASCII look-alike characters.
+    """
+    problems = []
+    if key.startswith("/"):
+        problems.append("is absolute")
+    parts = key.split("/")
+    if any(p == ".." for p in parts):
+        problems.append("contains '..'")
+    if "" in parts[:-1]:
+        problems.append("contains '//'")
+    if any(ord(c) < 32 or c == "\\" for c in key):
+        problems.append("contains a control character or backslash")
+    if not key.isascii():
+        problems.append("contains non-ASCII characters")
+    if problems:
+        raise ConfigError(f"{param!r} {' and '.join(problems)}; got {key!r}. Use a plain relative path.")
+    return key
+
+
+# --- loading ------------------------------------------------------------------------
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names valid at `loc` inside `model` (best effort, for suggestions)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        fields = getattr(current, "model_fields", {})
+        if part in fields:
+            ann = fields[part].annotation
+            current = _first_model(ann)
+        else:
+            # discriminated union member names appear as loc parts
+            current = {"word_rate": WordRateFeature, "language_model": LanguageModelFeature}.get(part, current)
+    return list(getattr(current, "model_fields", {}) or [])
+
+
+def _first_model(ann: Any) -> Any:
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in typing.get_args(ann):
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    path = ".".join(str(p) for p in loc if p not in ("word_rate", "language_model"))
+    if first["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        valid = _valid_keys(AnalysisConfig, loc)
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
+        return f"{origin}: unknown key {path!r}.{hint}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{origin}: {path or 'config'}: {msg}"
+
+
+def parse_config(data: dict[str, Any], origin: str = "config") -> AnalysisConfig:
+    """Validate a config dict; raise ConfigError naming `origin` and the offending key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the config must be a mapping of keys to values")
+    try:
+        return AnalysisConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, origin)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (value parsed as YAML) to a config dict."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {item!r}: {part!r} is not a mapping or list index")
+        last = parts[-1]
+        value = yaml.safe_load(raw) if raw else ""
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"--set {item!r}: cannot set {last!r} here")
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> AnalysisConfig:
+    """Read, override and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; give the path to a YAML config") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    data = apply_overrides(data or {}, overrides or [])
+    return parse_config(data, origin=str(path))
