@@ -300,7 +300,7 @@ def _format_error(err: ValidationError, origin: str) -> str:
     if first["type"] == "extra_forbidden":
         key = str(loc[-1])
         valid = _valid_keys(AnalysisConfig, loc)
-        close = difflib.get_close_matches(key, valid, n=1)
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
         return f"{origin}: unknown key {path!r}.{hint}"
     msg = first["msg"].removeprefix("Value error, ")

@@ -69,3 +69,101 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=1024)
     GPT2Model(cfg).save_pretrained(path, safe_serialization=True)
     return path
+
+
+# --- a real S3 server over HTTP -------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def s3_url():
+    """moto's S3 server in a child process on 127.0.0.1; the AWS env points at it."""
+    from pipelines.devserver import aws_env, start_s3_server, stop
+
+    url, proc = start_s3_server()
+    old = {k: os.environ.get(k) for k in aws_env(url)}
+    os.environ.update(aws_env(url))
+    yield url
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    stop(proc)
+
+
+@pytest.fixture
+def s3(s3_url):
+    """A boto3 client for the test server."""
+    from pipelines.storage import s3_client
+
+    return s3_client("neuroflow-test")
+
+
+def make_bucket(name: str) -> None:
+    from pipelines.storage import s3_client
+
+    client = s3_client(name)
+    try:
+        client.create_bucket(Bucket=name)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+
+
+SIM_RESOLUTION_MM = 12.0
+
+
+@pytest.fixture(scope="session")
+def demo_tree(tmp_path_factory) -> Path:
+    """The bundled demo dataset plus a simulated subject driven by word rate only (fast)."""
+    import shutil
+
+    from pipelines.demo import DEMO_SOURCE, SIM_N_TRS, SIM_TR, TEXTGRID, write_simulated_subject
+    from pipelines.features.align import lanczos_resample
+    from pipelines.stimulus import read_textgrid_words
+
+    dest = tmp_path_factory.mktemp("demo") / "ds002322"
+    shutil.copytree(DEMO_SOURCE, dest)
+    words = read_textgrid_words(dest / TEXTGRID)
+    times = SIM_TR * np.arange(SIM_N_TRS)
+    mid = ((words["onset"] + words["offset"]) / 2).to_numpy()
+    drivers = lanczos_resample(np.ones((len(words), 1), np.float32), mid, times)
+    planted = write_simulated_subject(dest, drivers, resolution_mm=SIM_RESOLUTION_MM, snr=0.8)
+    np.save(dest.parent / "planted.npy", planted)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def openneuro_demo(s3_url, demo_tree) -> str:
+    """The demo dataset served as s3://openneuro.org/ds002322 by the test server."""
+    from pipelines.storage import copy_tree_to_s3
+
+    make_bucket("openneuro.org")
+    copy_tree_to_s3(demo_tree, "s3://openneuro.org/ds002322")
+    return "s3://openneuro.org/ds002322"
+
+
+def demo_config(model_dir: Path, output: str, subjects=("18", "sim01"), **overrides) -> dict:
+    """The demo config with a tiny model, as a dict."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    cfg["dataset"]["subjects"] = list(subjects)
+    cfg["features"][1]["model"] = str(model_dir)
+    cfg["features"][1]["layer"] = 2
+    cfg["output"] = output
+    cfg["compute"]["dask"] = "none"
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+@pytest.fixture
+def results_bucket(s3_url, request) -> str:
+    """A fresh, empty results bucket per test."""
+    import re
+
+    name = "res-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    make_bucket(name)
+    return f"s3://{name}"

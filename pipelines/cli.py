@@ -1,0 +1,167 @@
+"""The ``neuroflow`` command line.
+
+Errors a user can cause end in one line on stderr (``neuroflow: error: ...``) and exit
+code 2, with no traceback; the last line ``neuroflow run`` prints is the manifest URI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import NeuroflowError
+
+EXIT_USER_ERROR = 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("distributed", "botocore", "urllib3", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _progress(stage: str, done: int, total: int) -> None:
+    width = 24
+    filled = int(width * done / max(total, 1))
+    print(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {stage}", file=sys.stderr, flush=True)
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .run import format_summary, run_analysis
+
+    cfg = load_config(args.config, args.set)
+    result = run_analysis(cfg, cache_dir=args.cache_dir, local_dir=args.local_dir, progress=_progress)
+    for line in format_summary(result["metrics"]):
+        print(line)
+    print(f"report: {result['report_path']}")
+    print(result["manifest_uri"])
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .config import load_config
+    from .stages import prepare
+
+    cfg = load_config(args.config, args.set)
+    info = prepare(cfg, cache_dir=args.cache_dir)
+    print(f"ok: {cfg.dataset.dataset_id} {cfg.dataset.version}, subjects {', '.join(info['subjects'])}, "
+          f"{info['n_words']} words, features {', '.join(info['feature_spaces'])}")
+    print(f"would publish to {info['publish_uri']}")
+    return 0
+
+
+def cmd_maps_list(args) -> int:
+    from .consume import list_analyses
+
+    rows = list_analyses(args.output_uri)
+    if not rows:
+        print(f"no published analyses under {args.output_uri}")
+        return 0
+    print(f"{'dataset':<10} {'version':<8} {'analysis':<28} {'status':<9} {'subjects':<22} {'features':<20} best mean r")
+    for r in rows:
+        best = f"{r['best_mean_r']:.3f}" if r["best_mean_r"] is not None else "n/a"
+        print(f"{r['dataset']:<10} {r['version']:<8} {r['analysis_id']:<28} {r['status']:<9} "
+              f"{','.join(r['subjects'])[:22]:<22} {','.join(r['feature_spaces'])[:20]:<20} {best}")
+        print(f"  {r['manifest_uri']}")
+    return 0
+
+
+def cmd_maps_show(args) -> int:
+    from .consume import read_manifest
+
+    m = read_manifest(args.manifest_uri)
+    if args.json:
+        print(json.dumps(m, indent=2, sort_keys=True))
+        return 0
+    print(f"{m['dataset']['id']} {m['dataset']['version']} ({m['dataset']['source']})  {m['analysis_id']}  {m['status']}")
+    for sub, feats in sorted(m["metrics"].items()):
+        for feat, s in sorted(feats.items()):
+            fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+            print(f"  sub-{sub} {feat}: mean r {fmt(s['mean_r'])}, max r {fmt(s['max_r'])}, {s['n_valid']} targets")
+    print("artifacts:")
+    for a in m["artifacts"]:
+        print(f"  {a['path']}  ({a['kind']}, {a['bytes']} bytes)")
+    return 0
+
+
+def cmd_maps_get(args) -> int:
+    from .consume import get_artifact
+
+    dest = Path(args.dest or Path(args.artifact).name)
+    get_artifact(args.manifest_uri, args.artifact, dest)
+    print(dest)
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from .demo import build_demo_dataset
+
+    path = build_demo_dataset(Path(args.dest), model_dir=args.model, resolution_mm=args.resolution)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="neuroflow", description="Encoding models from BIDS datasets on S3.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress of each stage")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("config", help="YAML config file")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a config value (YAML), e.g. --set model.alphas=[1,10]")
+        sp.add_argument("--cache-dir", default=None, help="local download/cache folder "
+                        "(default $NEUROFLOW_CACHE or ~/.cache/neuroflow)")
+
+    r = sub.add_parser("run", help="run the whole analysis in-process; last line: manifest URI")
+    with_config(r)
+    r.add_argument("--local-dir", default=None, help="keep the published files here too")
+    r.set_defaults(func=cmd_run)
+    v = sub.add_parser("validate", help="check config and dataset layout; fits nothing")
+    with_config(v)
+    v.set_defaults(func=cmd_validate)
+
+    maps = sub.add_parser("maps", help="consume published maps").add_subparsers(dest="maps_command", required=True)
+    ml = maps.add_parser("list", help="table of published analyses under OUTPUT_URI")
+    ml.add_argument("output_uri")
+    ml.set_defaults(func=cmd_maps_list)
+    ms = maps.add_parser("show", help="summary and artifacts of one manifest")
+    ms.add_argument("manifest_uri")
+    ms.add_argument("--json", action="store_true")
+    ms.set_defaults(func=cmd_maps_show)
+    mg = maps.add_parser("get", help="download one artifact and verify its sha256")
+    mg.add_argument("manifest_uri")
+    mg.add_argument("artifact", help="artifact path as listed in the manifest")
+    mg.add_argument("dest", nargs="?")
+    mg.set_defaults(func=cmd_maps_get)
+
+    d = sub.add_parser("demo-data", help="build the bundled demo dataset (real Alice data + a simulated subject)")
+    d.add_argument("dest")
+    d.add_argument("--model", required=True, help="language model folder used to simulate responses")
+    d.add_argument("--resolution", type=float, default=8.0, help="voxel size (mm) of the simulated subject")
+    d.set_defaults(func=cmd_demo_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except NeuroflowError as err:
+        print(f"neuroflow: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("neuroflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

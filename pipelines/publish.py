@@ -1,0 +1,217 @@
+"""Publish: render maps and the report, upload every artifact verified, manifest last.
+
+The manifest is the only commit point: it is written after every artifact it lists has
+been uploaded and read back with the right size and sha256. A crash before that leaves
+no manifest, and readers trust nothing a manifest does not list.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import AnalysisConfig
+from .storage import ResultStore
+
+log = logging.getLogger("neuroflow")
+
+SCHEMA_VERSION = "1.0"
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
+LIBRARIES = ("numpy", "scipy", "himalaya", "torch", "transformers", "nibabel", "nilearn", "dask",
+             "distributed", "boto3", "pydantic")
+SPACE_DEFAULT = None
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def validate_manifest(manifest: dict) -> None:
+    """Raise jsonschema.ValidationError unless `manifest` matches the versioned schema."""
+    import jsonschema
+
+    jsonschema.validate(manifest, json.loads(SCHEMA_PATH.read_text()))
+
+
+def _desc(name: str) -> str:
+    return "".join(ch for ch in name if ch.isalnum())
+
+
+def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray], mask_img,
+                   out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Write one subject's maps and pictures; return (artifacts, report feature entries)."""
+    from .maps import (bids_map_name, render_histogram_png, render_targets_png, render_volume_png,
+                       write_target_table, write_volume_map)
+
+    sub = fit["subject"]
+    task = cfg.dataset.task
+    sub_dir = out_dir / f"sub-{sub}"
+    fig_dir = sub_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    names = [str(n) for n in arrays["target_names"]]
+    artifacts: list[dict] = []
+    entries: list[dict] = []
+    by_feature: dict[str, np.ndarray] = {}
+    for feat in sorted(fit["metrics"]):
+        desc = _desc(feat)
+        r = arrays[f"{feat}__r"]
+        by_feature[feat] = r
+        images = []
+        if fit["kind"] == "bold":
+            r_path = None
+            for stat in ("r", "r2", "alpha"):
+                path = sub_dir / bids_map_name(sub, task, fit.get("space"), desc, stat, ".nii.gz")
+                write_volume_map(arrays[f"{feat}__{stat}"], mask_img, path)
+                artifacts.append({"file": path, "kind": "statmap_nifti", "subject": sub,
+                                  "feature_space": feat, "stat": stat})
+                r_path = r_path or path
+            png = fig_dir / bids_map_name(sub, task, fit.get("space"), desc, "r", ".nii.gz").replace(
+                "_statmap.nii.gz", "_glassbrain.png")
+            render_volume_png(r_path, png, f"sub-{sub} {feat}: held-out r")
+        else:
+            path = sub_dir / bids_map_name(sub, task, fit.get("space"), desc, "r", ".tsv")
+            write_target_table({stat: arrays[f"{feat}__{stat}"] for stat in ("r", "r2", "alpha")}, names, path)
+            artifacts.append({"file": path, "kind": "statmap_tsv", "subject": sub, "feature_space": feat,
+                              "stat": "r,r2,alpha"})
+            png = fig_dir / bids_map_name(sub, task, None, desc, "r", ".tsv").replace("_statmap.tsv", "_bar.png")
+            render_targets_png(names, r, png, f"sub-{sub} {feat}: held-out r per target")
+        artifacts.append({"file": png, "kind": "figure_png", "subject": sub, "feature_space": feat})
+        images.append({"path": str(png), "caption": f"{feat}: held-out correlation"})
+        entries.append({"name": feat, "metrics": fit["metrics"][feat], "images": images})
+    hist = fig_dir / f"sub-{sub}_task-{task}_desc-all_histogram.png"
+    render_histogram_png(by_feature, hist, f"sub-{sub}: held-out r per feature space")
+    artifacts.append({"file": hist, "kind": "figure_png", "subject": sub})
+    if entries:
+        entries[0]["images"].append({"path": str(hist), "caption": "distribution of held-out r"})
+    return artifacts, entries
+
+
+def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: list[dict], *,
+            local_dir: str | Path, started: str | None = None, airflow_run_id: str | None = None) -> dict[str, Any]:
+    """Render, upload and commit one analysis; return the manifest URI and a summary."""
+    import nibabel as nib
+
+    from .report import render_report
+
+    cfg = config
+    store = ResultStore(cfg.output)
+    prefix_rel = cfg.publish_prefix[len(store.uri) + 1:]
+    out_dir = Path(local_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+
+    artifacts: list[dict] = []
+    report_subjects = []
+    subject_info: dict[str, dict] = {}
+    metrics: dict[str, dict] = {}
+    for fit in sorted(fits, key=lambda f: f["subject"]):
+        sub = fit["subject"]
+        if fit.get("status") != "ok":
+            subject_info[sub] = {"status": "failed", "error": fit.get("error", "unknown error")}
+            continue
+        from .stages import _load_npz
+
+        arrays = _load_npz(store.get_bytes(fit["result_rel"]))
+        mask_img = None
+        if fit.get("mask_rel"):
+            mask_path = store.download(fit["mask_rel"], out_dir / ".work" / f"mask-{sub}.nii.gz")
+            mask_img = nib.load(str(mask_path))
+            mask_img = nib.Nifti1Image(np.asarray(mask_img.dataobj), mask_img.affine)
+        subj_artifacts, entries = render_subject(cfg, fit, arrays, mask_img, out_dir)
+        artifacts += subj_artifacts
+        metrics[sub] = fit["metrics"]
+        subject_info[sub] = {k: fit[k] for k in ("status", "simulated", "kind", "space", "n_targets",
+                                                  "n_invalid_targets", "n_samples", "n_runs")}
+        report_subjects.append({"label": sub, "simulated": bool(fit.get("simulated")), "feature_spaces": entries})
+
+    backend = next((f.get("backend") for f in fits if f.get("backend")), "")
+    provenance_static = {"neuroflow_version": __version__, "libraries": library_versions(),
+                         "backend": backend, "device": _device(backend), "config_hash": cfg.config_hash}
+    (out_dir / "config.yaml").write_text(cfg.resolved_yaml())
+    artifacts.append({"file": out_dir / "config.yaml", "kind": "config_yaml"})
+    (out_dir / "dataset_description.json").write_text(json.dumps({
+        "Name": f"neuroflow encoding models of {cfg.dataset.dataset_id} {cfg.dataset.version}",
+        "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "neuroflow", "Version": __version__, "Description": cfg.analysis_id}],
+        "SourceDatasets": [{"URL": cfg.dataset.source, "Version": cfg.dataset.version}],
+    }, indent=2, sort_keys=True))
+    artifacts.append({"file": out_dir / "dataset_description.json", "kind": "dataset_description"})
+    report_path = out_dir / "report.html"
+    render_report({
+        "title": f"neuroflow: {cfg.dataset.dataset_id} {cfg.dataset.version} — {cfg.name}",
+        "dataset": {"id": cfg.dataset.dataset_id, "version": cfg.dataset.version, "source": cfg.dataset.source},
+        "analysis_id": cfg.analysis_id, "config_yaml": cfg.resolved_yaml(),
+        "provenance": {**{k: v for k, v in provenance_static.items() if k != "libraries"},
+                       **{f"version {k}": v for k, v in provenance_static["libraries"].items()},
+                       "published at": cfg.publish_prefix},
+        "subjects": report_subjects,
+    }, report_path)
+    artifacts.append({"file": report_path, "kind": "report_html"})
+
+    records = []
+    for art in artifacts:
+        rel = Path(art["file"]).relative_to(out_dir).as_posix()
+        ctype = {"report_html": "text/html", "figure_png": "image/png", "config_yaml": "text/yaml",
+                 "dataset_description": "application/json"}.get(art["kind"])
+        rec = store.put_file(art["file"], f"{prefix_rel}/{rel}", content_type=ctype)
+        rec["path"] = rel
+        records.append({**rec, **{k: v for k, v in art.items() if k not in ("file",)}})
+    records.sort(key=lambda r: r["path"])
+
+    inputs: dict[str, dict] = {}
+    for item in [prepared, *features, *fits]:
+        for rec in item.get("files_read", []):
+            inputs[rec["key"]] = rec
+    failed = [s for s, info in subject_info.items() if info["status"] != "ok"]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "status": "partial" if failed else "complete",
+        "dataset": {"id": cfg.dataset.dataset_id, "version": cfg.dataset.version, "source": cfg.dataset.source},
+        "analysis_id": cfg.analysis_id,
+        "config_hash": cfg.config_hash,
+        "subjects": sorted(subject_info),
+        "subject_info": subject_info,
+        "feature_spaces": [f.model_dump(mode="json") for f in cfg.features],
+        "metrics": metrics,
+        "artifacts": records,
+        "inputs": [inputs[k] for k in sorted(inputs)],
+        "provenance": {**provenance_static,
+                       "started": started or _now(), "finished": _now(), "airflow_run_id": airflow_run_id},
+    }
+    validate_manifest(manifest)
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    store.put_bytes(body, f"{prefix_rel}/manifest.json", content_type="application/json")
+    (out_dir / "manifest.json").write_bytes(body)
+    shutil.rmtree(out_dir / ".work", ignore_errors=True)
+    return {"manifest_uri": store.uri_of(f"{prefix_rel}/manifest.json"), "report_path": str(report_path),
+            "local_dir": str(out_dir), "status": manifest["status"], "metrics": metrics}
+
+
+def _device(backend: str) -> str:
+    if backend == "torch_cuda":
+        try:
+            import torch
+
+            return torch.cuda.get_device_name(0)
+        except Exception:  # noqa: BLE001
+            return "cuda"
+    return "cpu"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
