@@ -65,3 +65,22 @@ def s3_server() -> Iterator[str]:
             else:
                 os.environ[k] = v
         stop(proc)
+
+
+def create_public_bucket(name: str) -> None:
+    """A bucket anyone may list and read without signing, as the real OpenNeuro bucket."""
+    import json
+
+    from .storage import _client, endpoint_url
+
+    client = _client(False, endpoint_url())
+    try:
+        client.create_bucket(Bucket=name)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    client.put_bucket_policy(Bucket=name, Policy=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Sid": "PublicRead", "Effect": "Allow", "Principal": "*",
+                       "Action": ["s3:GetObject", "s3:ListBucket"],
+                       "Resource": [f"arn:aws:s3:::{name}", f"arn:aws:s3:::{name}/*"]}],
+    }))

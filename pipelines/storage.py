@@ -97,6 +97,14 @@ def translate_s3_error(err: Exception, what: str) -> Exception:
     return err
 
 
+def _stream_to_file(client, bucket: str, key: str, dest: Path) -> None:
+    """GET one object into `dest` in 1 MiB blocks (GET only: anonymous HEAD is refused by some servers)."""
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    with open(dest, "wb") as fh:
+        for block in iter(lambda: body.read(CHUNK), b""):
+            fh.write(block)
+
+
 class DatasetSource:
     """A BIDS dataset at a pinned version: an S3 prefix or a local folder.
 
@@ -152,7 +160,10 @@ class DatasetSource:
 
     # --- fetching ----------------------------------------------------------------
     def local_path(self, key: str) -> Path:
-        check_relative_key(key, "dataset file")
+        try:
+            check_relative_key(key, "dataset file")
+        except ValueError as err:
+            raise DatasetError(f"{self.source}: refusing key {key!r}, it would escape the cache folder ({err})") from None
         path = (self.cache_dir / key).resolve()
         if self.cache_dir not in path.parents:
             raise DatasetError(f"{key!r} would escape the cache folder {self.cache_dir}")
@@ -177,7 +188,7 @@ class DatasetSource:
         client = s3_client(self.bucket)
         full_key = f"{self.prefix}/{key}" if self.prefix else key
         try:
-            client.download_file(self.bucket, full_key, str(part))
+            _stream_to_file(client, self.bucket, full_key, part)
         except Exception as err:  # noqa: BLE001
             part.unlink(missing_ok=True)
             raise translate_s3_error(err, f"{self.source}/{key}") from None

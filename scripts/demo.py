@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.consume import get_artifact, list_analyses, read_manifest  # noqa: E402
 from pipelines.demo import build_demo_dataset, packaged_model_dir  # noqa: E402
-from pipelines.devserver import aws_env, start_s3_server, stop  # noqa: E402
+from pipelines.devserver import aws_env, create_public_bucket, start_s3_server, stop  # noqa: E402
 from pipelines.run import format_summary  # noqa: E402
 from pipelines.storage import copy_tree_to_s3, s3_client  # noqa: E402
 
@@ -44,8 +44,8 @@ def main() -> int:
     try:
         say(f"S3 server on {url}")
         client = s3_client("neuroflow-results")
-        for bucket in ("openneuro.org", "neuroflow-results"):
-            client.create_bucket(Bucket=bucket)
+        create_public_bucket("openneuro.org")
+        client.create_bucket(Bucket="neuroflow-results")
         say("building the demo dataset (real Alice ROI data + simulated subject sub-sim01)")
         dataset = build_demo_dataset(work / "ds002322", model_dir=packaged_model_dir())
         n = copy_tree_to_s3(dataset, "s3://openneuro.org/ds002322")

@@ -102,8 +102,12 @@ def s3(s3_url):
 
 
 def make_bucket(name: str) -> None:
+    from pipelines.devserver import create_public_bucket
     from pipelines.storage import s3_client
 
+    if name == "openneuro.org":
+        create_public_bucket(name)
+        return
     client = s3_client(name)
     try:
         client.create_bucket(Bucket=name)
@@ -111,7 +115,7 @@ def make_bucket(name: str) -> None:
         pass
 
 
-SIM_RESOLUTION_MM = 12.0
+SIM_RESOLUTION_MM = 8.0
 
 
 @pytest.fixture(scope="session")

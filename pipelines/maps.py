@@ -1,0 +1,293 @@
+"""Score maps: write per-target statistics as NIfTI volumes or TSV tables, and draw them.
+
+Every function is pure in the sense that it takes arrays and paths, writes one file and
+returns its path. Drawing uses matplotlib's Agg backend (no display needed) and always
+closes its figure.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pipelines.errors import ConfigError, DatasetError, NeuroflowError  # noqa: E402
+
+__all__ = [
+    "bids_map_name",
+    "write_volume_map",
+    "write_target_table",
+    "render_volume_png",
+    "render_targets_png",
+    "render_histogram_png",
+]
+
+_EXT_SUFFIX = {".nii.gz": "_statmap.nii.gz", ".tsv": "_statmap.tsv"}
+_FIG_WIDTH_IN = 8.0
+_DPI = 100  # 8 in x 100 dpi = 800 px wide
+
+
+def _label(value: str, entity: str) -> str:
+    """Strip a leading ``<entity>-`` and every non-alphanumeric character from a BIDS label."""
+    text = str(value)
+    if text.startswith(f"{entity}-"):
+        text = text[len(entity) + 1:]
+    clean = re.sub(r"[^A-Za-z0-9]", "", text)
+    if not clean:
+        raise ConfigError(f"BIDS label for '{entity}' is empty after removing non-alphanumeric characters: {value!r}")
+    return clean
+
+
+def bids_map_name(subject: str, task: str, space: str | None, desc: str, stat: str, ext: str) -> str:
+    """Build a BIDS-Derivatives file name for a statistical map.
+
+    Parameters
+    ----------
+    subject, task : str
+        Labels, with or without the ``sub-``/``task-`` prefix.
+    space : str or None
+        Template space (e.g. ``MNI152NLin2009cAsym``); the ``space-`` entity is omitted when None.
+    desc : str
+        Feature-space name; non-alphanumeric characters are removed (``lm_L6`` -> ``lmL6``).
+    stat : str
+        Statistic (``r``, ``r2``, ``alpha``).
+    ext : {".nii.gz", ".tsv"}
+        File extension.
+
+    Returns
+    -------
+    str
+        e.g. ``sub-01_task-alice_space-MNI152NLin2009cAsym_desc-lmL6_stat-r_statmap.nii.gz``.
+    """
+    if ext not in _EXT_SUFFIX:
+        raise ConfigError(f"map extension {ext!r} is not supported; use one of {sorted(_EXT_SUFFIX)}")
+    parts = [f"sub-{_label(subject, 'sub')}", f"task-{_label(task, 'task')}"]
+    if space is not None:
+        parts.append(f"space-{_label(space, 'space')}")
+    parts.append(f"desc-{_label(desc, 'desc')}")
+    parts.append(f"stat-{_label(stat, 'stat')}")
+    return "_".join(parts) + _EXT_SUFFIX[ext]
+
+
+def _mask_bool(mask_img: nib.Nifti1Image) -> np.ndarray:
+    data = np.asanyarray(mask_img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DatasetError(f"mask image must be 3-D, got shape {data.shape}")
+    return np.nan_to_num(data) != 0
+
+
+def write_volume_map(values: np.ndarray, mask_img: nib.Nifti1Image, path: str | Path) -> Path:
+    """Unmask one value per voxel into a gzipped 3-D float32 NIfTI.
+
+    Parameters
+    ----------
+    values : ndarray, shape (n_voxels,)
+        One value per non-zero mask voxel, in C order (as ``nilearn.masking.apply_mask``).
+        NaN stays NaN; voxels outside the mask are 0.
+    mask_img : Nifti1Image
+        The brain mask the values were extracted with; its affine and header are reused.
+    path : str or Path
+        Output file, normally ending in ``.nii.gz``.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    path = Path(path)
+    mask = _mask_bool(mask_img)
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim != 1 or values.shape[0] != int(mask.sum()):
+        raise DatasetError(
+            f"values for {path.name} have shape {values.shape}, mask has {int(mask.sum())} voxels"
+        )
+    data = np.zeros(mask.shape, dtype=np.float32)
+    data[mask] = values
+    header = mask_img.header.copy()
+    header.set_data_dtype(np.float32)
+    img = nib.Nifti1Image(data, mask_img.affine, header)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"] = 0
+    img.header["cal_max"] = 0
+    img.header["descrip"] = b"neuroflow score map"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+    return path
+
+
+def write_target_table(columns: dict[str, np.ndarray], target_names: Sequence[str], path: str | Path) -> Path:
+    """Write per-target statistics (ROIs, channels) as a tab-separated table.
+
+    Parameters
+    ----------
+    columns : dict of str to ndarray
+        One array of length ``len(target_names)`` per statistic, e.g. ``{"r": ..., "alpha": ...}``.
+    target_names : sequence of str
+        Names of the targets, written to the first column ``target``.
+    path : str or Path
+        Output file, normally ending in ``.tsv``.
+
+    Returns
+    -------
+    Path
+        The written file. NaN is written as ``n/a`` (BIDS convention).
+    """
+    path = Path(path)
+    names = [str(n) for n in target_names]
+    if "target" in columns:
+        raise ConfigError(f"column name 'target' is reserved in {path.name}")
+    table = {"target": names}
+    for name, col in columns.items():
+        arr = np.asarray(col)
+        if arr.ndim != 1 or arr.shape[0] != len(names):
+            raise DatasetError(
+                f"column {name!r} for {path.name} has shape {arr.shape}, expected ({len(names)},)"
+            )
+        table[str(name)] = arr
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(table).to_csv(path, sep="\t", index=False, na_rep="n/a")
+    return path
+
+
+def _save(fig: plt.Figure, png_path: str | Path) -> Path:
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(png_path, dpi=_DPI, format="png", facecolor=fig.get_facecolor())
+    finally:
+        plt.close(fig)
+    return png_path
+
+
+def render_volume_png(map_path: str | Path, png_path: str | Path, title: str,
+                      threshold: float | None = None) -> Path:
+    """Draw a volume score map as a glass brain (signed, symmetric colour scale) PNG ~800 px wide.
+
+    Parameters
+    ----------
+    map_path : str or Path
+        A 3-D NIfTI map (NaN is drawn as 0).
+    png_path : str or Path
+        Output PNG.
+    title : str
+        Title drawn on the figure.
+    threshold : float, optional
+        Hide voxels with ``|value| < threshold``; None draws every non-zero voxel.
+
+    Returns
+    -------
+    Path
+        The written PNG.
+    """
+    from nilearn import plotting
+
+    map_path = Path(map_path)
+    if not map_path.is_file():
+        raise NeuroflowError(f"score map {map_path} does not exist")
+    img = nib.load(map_path)
+    data = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    img = nib.Nifti1Image(data, img.affine)
+    vmax = float(np.max(np.abs(data))) or 1.0
+    fig = plt.figure(figsize=(_FIG_WIDTH_IN, 3.0))
+    try:
+        with warnings.catch_warnings():
+            # A map with nothing above threshold is a valid (empty) picture, not a problem.
+            warnings.filterwarnings("ignore", message="empty mask", category=UserWarning)
+            plotting.plot_glass_brain(
+                img, figure=fig, title=title, threshold=1e-6 if threshold is None else float(threshold),
+                colorbar=True, plot_abs=False, cmap="RdBu_r", vmin=-vmax, vmax=vmax, symmetric_cbar=True,
+                resampling_interpolation="nearest",
+            )
+    except BaseException:
+        plt.close(fig)
+        raise
+    return _save(fig, png_path)
+
+
+def render_targets_png(names: Sequence[str], values: np.ndarray, png_path: str | Path, title: str) -> Path:
+    """Draw one bar per ROI/channel (e.g. its r); NaN targets get no bar.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Target names (x-axis labels; thinned out when there are many).
+    values : ndarray, shape (n_targets,)
+        Value per target.
+    png_path : str or Path
+        Output PNG.
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The written PNG.
+    """
+    names = [str(n) for n in names]
+    values = np.asarray(values, dtype=float)
+    if values.shape != (len(names),):
+        raise DatasetError(f"values for {Path(png_path).name} have shape {values.shape}, expected ({len(names)},)")
+    fig, ax = plt.subplots(figsize=(_FIG_WIDTH_IN, 3.5))
+    x = np.arange(len(names))
+    colors = np.where(np.nan_to_num(values) >= 0, "tab:red", "tab:blue")
+    ax.bar(x, np.nan_to_num(values), color=colors, width=0.8)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    step = max(1, int(np.ceil(len(names) / 40)))
+    ax.set_xticks(x[::step])
+    ax.set_xticklabels(names[::step], rotation=90 if len(names) > 12 else 0, fontsize=7)
+    ax.set_xlim(-0.6, max(len(names), 1) - 0.4)
+    ax.set_ylabel("r")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, png_path)
+
+
+def render_histogram_png(values_by_feature: dict[str, np.ndarray], png_path: str | Path, title: str) -> Path:
+    """Draw overlaid histograms of r, one per feature space (NaNs dropped).
+
+    Parameters
+    ----------
+    values_by_feature : dict of str to ndarray
+        Feature-space name to its per-target r values.
+    png_path : str or Path
+        Output PNG.
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The written PNG.
+    """
+    fig, ax = plt.subplots(figsize=(_FIG_WIDTH_IN, 3.5))
+    clean = {str(k): np.asarray(v, dtype=float).ravel() for k, v in values_by_feature.items()}
+    clean = {k: v[np.isfinite(v)] for k, v in clean.items()}
+    nonempty = {k: v for k, v in clean.items() if v.size}
+    if nonempty:
+        lo = min(float(v.min()) for v in nonempty.values())
+        hi = max(float(v.max()) for v in nonempty.values())
+        if hi <= lo:
+            lo, hi = lo - 0.05, hi + 0.05
+        bins = np.linspace(lo, hi, 41)
+        for name, v in nonempty.items():
+            ax.hist(v, bins=bins, alpha=0.5, label=f"{name} (n={v.size})")
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no valid values", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("r")
+    ax.set_ylabel("targets")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, png_path)

@@ -1,0 +1,298 @@
+"""Encoding-model fitting: himalaya ridge vs scikit-learn, nested CV, chunking, dask."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from himalaya.backend import get_backend, set_backend
+from himalaya.ridge import RidgeCV
+from sklearn.linear_model import Ridge as SkRidge
+from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
+
+from pipelines.backend import choose_backend, describe_device, use_backend
+from pipelines.errors import ConfigError, FitError
+from pipelines.fit import (
+    EncodingResult,
+    default_targets_chunk,
+    fit_encoding,
+    fit_ridge_fixed_alpha,
+    nested_group_splits,
+    pearson_r,
+    r2_score,
+    zscore_by_group,
+)
+
+ALPHAS = np.logspace(-2, 4, 13)
+
+
+def make_data(rng: np.random.Generator, n_runs: int = 5, per_run: int = 60, n_features: int = 20,
+              n_signal: int = 20, n_null: int = 20, weight_scale: tuple[float, float] = (0.05, 0.5),
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, responses (signal targets first, with varied SNR) and run labels, z-scored per run."""
+    groups = np.repeat(np.arange(n_runs), per_run)
+    X = rng.standard_normal((groups.size, n_features))
+    W = rng.standard_normal((n_features, n_signal)) * np.linspace(*weight_scale, n_signal)
+    Y = np.hstack([X @ W, np.zeros((groups.size, n_null))]) + rng.standard_normal((groups.size, n_signal + n_null))
+    return zscore_by_group(X, groups), zscore_by_group(Y, groups), groups
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return make_data(np.random.default_rng(1))
+
+
+@pytest.fixture(scope="module")
+def reference(data) -> EncodingResult:
+    X, Y, groups = data
+    return fit_encoding(X, Y, groups, ALPHAS)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_zscore_by_group_is_float32_and_zeroes_constant_columns(rng):
+    groups = np.repeat([0, 1, 2], 10)
+    A = rng.standard_normal((30, 3)) * 5 + 2
+    A[:, 1] = 0.1  # constant everywhere
+    A[groups == 2, 2] = 7.0  # constant in one group only
+    Z = zscore_by_group(A, groups)
+    assert Z.dtype == np.float32 and np.isfinite(Z).all()
+    assert np.all(Z[:, 1] == 0) and np.all(Z[groups == 2, 2] == 0)
+    for g in (0, 1):
+        np.testing.assert_allclose(Z[groups == g][:, [0, 2]].mean(0), 0, atol=1e-6)
+        np.testing.assert_allclose(Z[groups == g][:, [0, 2]].std(0), 1, rtol=1e-5)
+
+
+def test_scores_match_definitions_and_are_nan_for_constant_truth(rng):
+    y = rng.standard_normal((50, 4))
+    p = y + rng.standard_normal((50, 4))
+    y[:, 2] = 3.0
+    p[:, 3] = 1.0
+    with np.errstate(all="raise"):
+        r, r2 = pearson_r(y, p), r2_score(y, p)
+    for j in (0, 1):
+        assert r[j] == pytest.approx(np.corrcoef(y[:, j], p[:, j])[0, 1], abs=1e-6)
+        ss_res = ((y[:, j] - p[:, j]) ** 2).sum()
+        ss_tot = ((y[:, j] - y[:, j].mean()) ** 2).sum()
+        assert r2[j] == pytest.approx(1 - ss_res / ss_tot, abs=1e-5)
+    assert np.isnan(r[2]) and np.isnan(r2[2])
+    assert r[3] == 0.0 and np.isfinite(r2[3])
+
+
+def test_fixed_alpha_weights_match_sklearn(rng):
+    X = rng.standard_normal((80, 12))
+    Y = X @ rng.standard_normal((12, 5)) + rng.standard_normal((80, 5))
+    for alpha in (0.1, 3.0, 100.0):
+        W = fit_ridge_fixed_alpha(X, Y, alpha)
+        ref = SkRidge(alpha=alpha, fit_intercept=False).fit(X, Y).coef_.T
+        assert W.shape == (12, 5) and W.dtype == np.float32
+        np.testing.assert_allclose(W, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_nested_splits_are_leave_one_group_out():
+    groups = np.repeat(["run-b", "run-a", "run-c", "run-d"], [7, 5, 6, 4])
+    splits = nested_group_splits(groups)
+    assert [s.group for s in splits] == ["run-b", "run-a", "run-c", "run-d"]  # order of appearance
+    logo = LeaveOneGroupOut()
+    for s in splits:
+        np.testing.assert_array_equal(s.test, np.flatnonzero(groups == s.group))
+        np.testing.assert_array_equal(s.train, np.flatnonzero(groups != s.group))
+        expected = sorted((tuple(tr), tuple(va)) for tr, va in logo.split(s.train, groups=groups[s.train]))
+        assert sorted((tuple(tr), tuple(va)) for tr, va in s.inner) == expected
+
+
+def test_gap_drops_training_samples_next_to_held_out_ones():
+    groups = np.repeat([0, 1, 2, 3], 10)
+    gap = 3
+    for s in nested_group_splits(groups, gap=gap):
+        dist = np.abs(s.train[:, None] - s.test[None, :]).min(1)
+        assert dist.min() > gap
+        assert s.train.size == 40 - 10 - gap * (2 if 0 < s.group < 3 else 1)
+        for tr, va in s.inner:
+            tr, va = s.train[tr], s.train[va]
+            assert np.abs(tr[:, None] - va[None, :]).min() > gap
+            assert np.unique(groups[va]).size == 1
+
+
+# ----------------------------------------------------------------------------- nested CV
+
+
+def test_one_outer_fold_matches_himalaya_ridgecv_and_sklearn_search(data, reference):
+    X, Y, groups = data
+    k, label = 2, 2
+    train, test = np.flatnonzero(groups != label), np.flatnonzero(groups == label)
+    cv = list(LeaveOneGroupOut().split(X[train], groups=groups[train]))
+
+    with use_backend(reference.backend) as bk:
+        direct = RidgeCV(alphas=ALPHAS.astype(np.float32), cv=cv, fit_intercept=True).fit(X[train], Y[train])
+        best = bk.to_numpy(direct.best_alphas_)
+        pred = bk.to_numpy(direct.predict(X[test]))
+    np.testing.assert_array_equal(reference.fold_alphas[k], best)
+    np.testing.assert_allclose(reference.predictions[test], pred, atol=1e-5)
+
+    # Manual grid search with scikit-learn (float64): mean over inner splits of the MSE.
+    mse = np.zeros((ALPHAS.size, Y.shape[1]))
+    for i, alpha in enumerate(ALPHAS):
+        for tr, va in cv:
+            model = SkRidge(alpha=alpha).fit(X[train][tr], Y[train][tr])
+            mse[i] += ((model.predict(X[train][va]) - Y[train][va]) ** 2).mean(0) / len(cv)
+    sk_best = ALPHAS[mse.argmin(0)]
+    ordered = np.sort(mse, axis=0)
+    decisive = (ordered[1] - ordered[0]) / ordered[0] > 1e-4  # float32 cannot split closer ties
+    assert decisive.mean() > 0.8
+    np.testing.assert_allclose(best[decisive], sk_best[decisive], rtol=1e-6)
+    assert np.unique(best[:20]).size > 2  # the planted SNRs really select different alphas
+
+    # GridSearchCV agrees on a few single targets.
+    for j in (0, 10, 19):
+        search = GridSearchCV(SkRidge(), {"alpha": ALPHAS}, cv=cv, scoring="neg_mean_squared_error")
+        search.fit(X[train], Y[train][:, j])
+        if decisive[j]:
+            assert best[j] == pytest.approx(search.best_params_["alpha"], rel=1e-6)
+
+
+def test_planted_signal_is_recovered(rng):
+    X, Y, groups = make_data(rng, per_run=150, n_signal=20, n_null=200, weight_scale=(0.2, 0.5))
+    res = fit_encoding(X, Y, groups, ALPHAS)
+    signal, null = res.r[:20], res.r[20:]
+    assert res.valid.all() and res.n_folds == 5
+    assert signal.min() > 0.5
+    assert abs(null.mean()) < 0.05 and null.max() < signal.min()
+    assert np.all(res.r2[:20] > 0)
+    # r is scored within each held-out run, then averaged weighted by run size
+    per_run = [pearson_r(Y[groups == g], res.predictions[groups == g]) * (groups == g).mean()
+               for g in np.unique(groups)]
+    np.testing.assert_allclose(res.r, np.sum(per_run, axis=0), atol=1e-5)
+    np.testing.assert_allclose(res.alpha, np.exp(np.log(res.fold_alphas).mean(0)), rtol=1e-5)
+    assert res.predictions.dtype == np.float32 and res.predictions.shape == Y.shape
+
+
+def test_results_do_not_depend_on_chunking(data, reference):
+    X, Y, groups = data
+    for chunk in (1, 7):
+        res = fit_encoding(X, Y, groups, ALPHAS, n_targets_chunk=chunk)
+        np.testing.assert_array_equal(res.fold_alphas, reference.fold_alphas)
+        np.testing.assert_array_equal(res.alpha, reference.alpha)
+        np.testing.assert_allclose(res.r, reference.r, atol=1e-5)
+        np.testing.assert_allclose(res.r2, reference.r2, atol=1e-5)
+
+
+def test_default_chunk_respects_memory_budget():
+    chunk = default_targets_chunk(3000, 20, 300)
+    assert 1000 < chunk and 4 * chunk * (2 * 3000 + 20 * 300) <= 256 * 2**20
+    assert default_targets_chunk(10**9, 20, 10**8) == 1
+
+
+def test_gap_still_fits(data):
+    X, Y, groups = data
+    res = fit_encoding(X, Y, groups, ALPHAS, gap=4, return_predictions=False)
+    assert res.predictions is None and np.all(res.r[:20] > 0)
+
+
+def test_invalid_targets_are_flagged_and_others_unaffected(data, reference):
+    X, Y, groups = data
+    Y = Y.copy()
+    Y[:, 0] = 0.5  # constant
+    Y[10, 1] = np.nan
+    Y[20, 2] = np.inf
+    res = fit_encoding(X, Y, groups, ALPHAS, n_targets_chunk=5)
+    bad = [0, 1, 2]
+    assert not res.valid[bad].any() and res.valid[3:].all()
+    for values in (res.r, res.r2, res.alpha):
+        assert np.isnan(values[bad]).all() and np.isfinite(values[3:]).all()
+    assert np.isnan(res.predictions[:, bad]).all()
+    np.testing.assert_allclose(res.r[3:], reference.r[3:], atol=1e-5)
+    np.testing.assert_array_equal(res.alpha[3:], reference.alpha[3:])
+
+    with pytest.raises(FitError, match="All 2 targets"):
+        fit_encoding(X, np.ones((X.shape[0], 2)), groups, ALPHAS)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_dask_result_equals_in_process(data, reference):
+    distributed = pytest.importorskip("distributed")
+    X, Y, groups = data
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        res = fit_encoding(X, Y, groups, ALPHAS, n_targets_chunk=9, client=client)
+    np.testing.assert_array_equal(res.fold_alphas, reference.fold_alphas)
+    np.testing.assert_array_equal(res.alpha, reference.alpha)
+    np.testing.assert_allclose(res.r, reference.r, atol=1e-5)
+    np.testing.assert_allclose(res.predictions, reference.predictions, atol=1e-5)
+    assert res.backend == reference.backend
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_fewer_than_three_groups_is_a_fit_error(data):
+    X, Y, _ = data
+    with pytest.raises(FitError, match=r"Found 2 group.*n_folds >= 3"):
+        fit_encoding(X, Y, np.repeat([0, 1], X.shape[0] // 2), ALPHAS)
+
+
+@pytest.mark.parametrize(("alphas", "message"), [
+    ([-1, 10], r"'model\.alphas' must be positive; got \[-1, 10\]\."),
+    ([0.0, 1.0], r"'model\.alphas' must be positive"),
+    ([], r"'model\.alphas' must list at least one value"),
+    ([1.0, np.inf], r"'model\.alphas' must be finite"),
+])
+def test_bad_alphas_name_the_parameter(data, alphas, message):
+    X, Y, groups = data
+    with pytest.raises(ConfigError, match=message):
+        fit_encoding(X, Y, groups, alphas)
+
+
+def test_bad_inputs_raise_one_line_errors(data):
+    X, Y, groups = data
+    Xn = X.copy()
+    Xn[3, 4] = np.nan
+    cases = [
+        (FitError, "NaN or Inf in 1 feature column", dict(X=Xn)),
+        (FitError, "same number of samples", dict(Y=Y[:-1])),
+        (FitError, "'groups' must have shape", dict(groups=groups[:-1])),
+        (ConfigError, "'gap' must be an integer >= 0", dict(gap=-1)),
+        (ConfigError, "'n_targets_chunk' must be an integer >= 1", dict(n_targets_chunk=0)),
+        (ConfigError, "'model.backend' must be one of auto, numpy", dict(backend="tensorflow")),
+        (FitError, "'gap' = 1000 leaves no training samples", dict(gap=1000)),
+    ]
+    for error, message, override in cases:
+        kwargs = dict(X=X, Y=Y, groups=groups, alphas=ALPHAS) | override
+        with pytest.raises(error, match=message) as info:
+            fit_encoding(kwargs.pop("X"), kwargs.pop("Y"), kwargs.pop("groups"), **kwargs)
+        assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+def test_choose_backend_and_device():
+    import torch
+
+    auto = choose_backend("auto")
+    assert auto == ("torch_cuda" if torch.cuda.is_available() else "torch")
+    assert choose_backend("numpy") == "numpy"
+    assert describe_device("numpy") == "cpu" and describe_device("torch") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'model.backend' is 'torch_cuda' but no CUDA device"):
+            choose_backend("torch_cuda")
+
+
+def test_use_backend_restores_previous_backend_after_an_error():
+    previous = get_backend().name
+    try:
+        set_backend("numpy")
+        with pytest.raises(RuntimeError, match="boom"):
+            with use_backend("torch") as bk:
+                assert bk.name == "torch" and get_backend().name == "torch"
+                raise RuntimeError("boom")
+        assert get_backend().name == "numpy"
+        with pytest.raises(ValueError):
+            with use_backend("not-a-backend"):
+                pass  # pragma: no cover
+        assert get_backend().name == "numpy"
+    finally:
+        set_backend(previous)
