@@ -223,8 +223,16 @@ class ResultStore:
         return s3_client(self.bucket)
 
     def ensure_bucket(self) -> None:
+        """Fail early, naming 'output', when the results bucket is missing or unreachable."""
+        from botocore.exceptions import ClientError
+
         try:
             self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as err:
+            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                raise DatasetError(f"s3://{self.bucket}: the results bucket does not exist; "
+                                   "create it or fix 'output' in the config") from None
+            raise translate_s3_error(err, f"s3://{self.bucket}") from None
         except Exception as err:  # noqa: BLE001
             raise translate_s3_error(err, f"s3://{self.bucket}") from None
 
