@@ -65,3 +65,56 @@ def get_artifact(manifest_uri: str, path: str, dest: str | Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(data)
     return dest
+
+
+class PublishedAnalysis:
+    """One published analysis, opened from its manifest URI.
+
+    >>> a = PublishedAnalysis("s3://results/ds002322/1.0.4/alice-demo-0123456789ab/manifest.json")
+    >>> img = a.load_map("sim01", "wordrate", "r")      # nibabel image (volume data)
+    >>> table = a.load_map("18", "wordrate", "r")        # pandas DataFrame (ROI / channel data)
+    """
+
+    def __init__(self, manifest_uri: str, cache_dir: str | Path | None = None):
+        import tempfile
+
+        self.manifest_uri = manifest_uri
+        self.manifest = read_manifest(manifest_uri)
+        self._cache = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="neuroflow-maps-"))
+
+    @property
+    def subjects(self) -> list[str]:
+        return list(self.manifest["subjects"])
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest["metrics"]
+
+    def artifacts(self, **match) -> list[dict]:
+        """Artifacts whose fields equal every given value (subject=, feature_space=, kind=, stat=)."""
+        return [a for a in self.manifest["artifacts"] if all(str(a.get(k)) == str(v) for k, v in match.items())]
+
+    def fetch(self, path: str) -> Path:
+        """Download (once) and verify one artifact; return its local path."""
+        dest = self._cache / path
+        if not dest.exists():
+            get_artifact(self.manifest_uri, path, dest)
+        return dest
+
+    def load_map(self, subject: str, feature_space: str, stat: str = "r"):
+        """A score map as a nibabel image (volumes) or a DataFrame indexed by target (ROIs, channels)."""
+        for art in self.artifacts(subject=subject, feature_space=feature_space):
+            if art["kind"] == "statmap_nifti" and art.get("stat") == stat:
+                import nibabel as nib
+
+                return nib.load(self.fetch(art["path"]))
+            if art["kind"] == "statmap_tsv":
+                import pandas as pd
+
+                table = pd.read_csv(self.fetch(art["path"]), sep="\t", na_values="n/a").set_index("target")
+                if stat not in table.columns:
+                    raise DatasetError(f"{art['path']}: no column {stat!r}; it has {list(table.columns)}")
+                return table[[stat]]
+        raise DatasetError(f"no {stat!r} map for sub-{subject} / {feature_space!r} in {self.manifest_uri}; "
+                           f"subjects: {self.subjects}, feature spaces: "
+                           f"{[f['name'] for f in self.manifest['feature_spaces']]}")

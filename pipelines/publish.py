@@ -27,7 +27,6 @@ SCHEMA_VERSION = "1.0"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
 LIBRARIES = ("numpy", "scipy", "himalaya", "torch", "transformers", "nibabel", "nilearn", "dask",
              "distributed", "boto3", "pydantic")
-SPACE_DEFAULT = None
 
 
 def library_versions() -> dict[str, str]:
@@ -110,6 +109,11 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     cfg = config
     store = ResultStore(cfg.output)
     prefix_rel = cfg.publish_prefix[len(store.uri) + 1:]
+    manifest_rel = f"{prefix_rel}/manifest.json"
+    existing = _complete_manifest(store, manifest_rel, cfg.config_hash)
+    if existing is not None and all(f.get("status") == "ok" for f in fits):
+        log.info("%s is already published and complete; nothing to do", store.uri_of(manifest_rel))
+        return _result(store, manifest_rel, existing, local_dir, reused=True)
     out_dir = Path(local_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -195,11 +199,46 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     }
     validate_manifest(manifest)
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    store.put_bytes(body, f"{prefix_rel}/manifest.json", content_type="application/json")
-    (out_dir / "manifest.json").write_bytes(body)
     shutil.rmtree(out_dir / ".work", ignore_errors=True)
-    return {"manifest_uri": store.uri_of(f"{prefix_rel}/manifest.json"), "report_path": str(report_path),
-            "local_dir": str(out_dir), "status": manifest["status"], "metrics": metrics}
+    if store.exists(manifest_rel):
+        # an earlier, partial result of this same analysis: the new one replaces it
+        store.put_bytes(body, manifest_rel, content_type="application/json")
+    elif store.create_bytes(body, manifest_rel, content_type="application/json") is None:
+        # an identical analysis committed between our check and our write: adopt its manifest
+        winner = _complete_manifest(store, manifest_rel, cfg.config_hash)
+        if winner is not None:
+            log.info("%s was committed concurrently by another run; keeping it", store.uri_of(manifest_rel))
+            return _result(store, manifest_rel, winner, out_dir, reused=True)
+        store.put_bytes(body, manifest_rel, content_type="application/json")
+    (out_dir / "manifest.json").write_bytes(body)
+    return _result(store, manifest_rel, manifest, out_dir, reused=False)
+
+
+def _complete_manifest(store: ResultStore, manifest_rel: str, config_hash: str) -> dict | None:
+    """The manifest at `manifest_rel` if it is complete, valid and of this config; else None."""
+    if not store.exists(manifest_rel):
+        return None
+    try:
+        manifest = json.loads(store.get_bytes(manifest_rel))
+        validate_manifest(manifest)
+    except Exception:  # noqa: BLE001 - an unreadable manifest is replaced, never trusted
+        log.warning("%s is unreadable or invalid; it will be replaced", store.uri_of(manifest_rel))
+        return None
+    if manifest["status"] != "complete" or manifest["config_hash"] != config_hash:
+        return None
+    return manifest
+
+
+def _result(store: ResultStore, manifest_rel: str, manifest: dict, local_dir: str | Path, *, reused: bool) -> dict:
+    local_dir = Path(local_dir)
+    if reused:
+        local_dir.mkdir(parents=True, exist_ok=True)
+        (local_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        report = store.get_bytes(manifest_rel.rsplit("/", 1)[0] + "/report.html")
+        (local_dir / "report.html").write_bytes(report)
+    return {"manifest_uri": store.uri_of(manifest_rel), "report_path": str(local_dir / "report.html"),
+            "local_dir": str(local_dir), "status": manifest["status"], "metrics": manifest["metrics"],
+            "reused": reused}
 
 
 def _device(backend: str) -> str:

@@ -265,6 +265,33 @@ class ResultStore:
         self.verify(rel, digest, len(data))
         return {"path": rel, "sha256": digest, "bytes": len(data)}
 
+    def create_bytes(self, data: bytes, rel: str, content_type: str = "application/octet-stream") -> dict | None:
+        """Write `rel` only if no object is there yet; None when one already was.
+
+        Uses S3's conditional write (``If-None-Match: *``) so that of two writers racing,
+        exactly one wins. On a server that ignores the header, the existence check just
+        before the write still catches every writer that is not simultaneous to the
+        millisecond; the remaining window is documented in the README.
+        """
+        from botocore.exceptions import ClientError
+
+        if self.exists(rel):
+            return None
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=data, ContentType=content_type,
+                                   Metadata={"sha256": digest}, IfNoneMatch="*")
+        except ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = err.response.get("Error", {}).get("Code", "")
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            raise translate_s3_error(err, self.uri_of(rel)) from None
+        except Exception as err:  # noqa: BLE001
+            raise translate_s3_error(err, self.uri_of(rel)) from None
+        self.verify(rel, digest, len(data))
+        return {"path": rel, "sha256": digest, "bytes": len(data)}
+
     def get_bytes(self, rel: str) -> bytes:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"].read()

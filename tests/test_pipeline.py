@@ -122,3 +122,18 @@ def test_maps_list_and_tampered_artifact(published, tmp_path):
             get_artifact(result["manifest_uri"], victim, tmp_path / "x.tsv")
     finally:
         store.client.put_object(Bucket=bucket, Key=key, Body=original)
+
+
+def test_python_api_loads_maps_as_images_and_tables(published):
+    from pipelines.consume import PublishedAnalysis
+    from pipelines.errors import DatasetError
+
+    _, _, result = published
+    analysis = PublishedAnalysis(result["manifest_uri"])
+    img = analysis.load_map("sim01", "wordrate", "r")
+    assert img.ndim == 3 and np.nanmax(np.asarray(img.dataobj)) > 0.3
+    table = analysis.load_map("18", "minilmL4", "alpha")
+    assert list(table.index) == ["LATL", "RATL", "LPTL", "LIPL", "LPreM", "LIFG"]
+    assert (table["alpha"] > 0).all()
+    with pytest.raises(DatasetError, match="no 'r' map for sub-99"):
+        analysis.load_map("99", "wordrate")
