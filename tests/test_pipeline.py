@@ -137,3 +137,27 @@ def test_python_api_loads_maps_as_images_and_tables(published):
     assert (table["alpha"] > 0).all()
     with pytest.raises(DatasetError, match="no 'r' map for sub-99"):
         analysis.load_map("99", "wordrate")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from .browser import Browser, chromium_path
+
+    if chromium_path() is None:
+        pytest.fail("Debian's chromium is not installed; `make test` installs it (apt-get install chromium)")
+    b = Browser()
+    yield b
+    b.close()
+
+
+def test_report_opens_in_a_browser_with_every_image(published, browser):
+    """The report, opened from the local folder and from S3, shows every picture."""
+    cfg, _, result = published
+    local = browser.images(f"file://{result['report_path']}")
+    assert local["n"] >= 6 and local["broken"] == []
+    assert "ds002322" in local["title"] and "simulated" in local["text"]
+    store = ResultStore(cfg.publish_prefix)
+    bucket, key = split_s3_uri(f"{cfg.publish_prefix}/report.html")
+    url = store.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=300)
+    remote = browser.images(url)
+    assert remote["n"] == local["n"] and remote["broken"] == []
