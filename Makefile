@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install browser demo test test-fast bench clean
+.PHONY: install browser demo test test-fast reliability bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Faults injected and bad inputs tried; prints the table (also part of `make test`).
+reliability: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m reliability
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

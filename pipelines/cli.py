@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import NeuroflowError
 
 EXIT_USER_ERROR = 2
+EXIT_PARTIAL = 3  # published, but some subjects failed (manifest status "partial")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -25,6 +26,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _progress(stage: str, done: int, total: int) -> None:
+    if not sys.stderr.isatty():  # a bar per stage on a terminal; logs (-v) elsewhere
+        logging.getLogger("neuroflow").info("progress %d/%d: %s", done, total, stage)
+        return
     width = 24
     filled = int(width * done / max(total, 1))
     print(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {stage}", file=sys.stderr, flush=True)
@@ -38,9 +42,13 @@ def cmd_run(args) -> int:
     result = run_analysis(cfg, cache_dir=args.cache_dir, local_dir=args.local_dir, progress=_progress)
     for line in format_summary(result["metrics"]):
         print(line)
+    failed = [f for f in result["fits"] if f.get("status") != "ok"]
+    for f in failed:
+        print(f"neuroflow: error: sub-{f['subject']} failed and is recorded so in the manifest: {f['error']}",
+              file=sys.stderr)
     print(f"report: {result['report_path']}")
     print(result["manifest_uri"])
-    return 0
+    return EXIT_PARTIAL if failed else 0
 
 
 def cmd_validate(args) -> int:
@@ -151,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")  # no library progress bars in logs and pipes
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

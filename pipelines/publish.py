@@ -19,6 +19,7 @@ import numpy as np
 
 from . import __version__
 from .config import AnalysisConfig
+from .faults import failpoint
 from .storage import ResultStore
 
 log = logging.getLogger("neuroflow")
@@ -172,6 +173,7 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
         rel = Path(art["file"]).relative_to(out_dir).as_posix()
         ctype = {"report_html": "text/html", "figure_png": "image/png", "config_yaml": "text/yaml",
                  "dataset_description": "application/json"}.get(art["kind"])
+        failpoint("publish.upload")
         rec = store.put_file(art["file"], f"{prefix_rel}/{rel}", content_type=ctype)
         rec["path"] = rel
         records.append({**rec, **{k: v for k, v in art.items() if k not in ("file",)}})

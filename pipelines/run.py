@@ -7,7 +7,10 @@ from typing import Any
 
 from .config import AnalysisConfig
 from .publish import _now, publish
-from .stages import default_cache_dir, extract_features, fit_subject, prepare
+from .errors import DatasetError, FitError, IntegrityError
+from .stages import default_cache_dir, extract_features, failed_fit, fit_subject, prepare
+
+SUBJECT_ERRORS = (DatasetError, FitError, IntegrityError)
 
 log = logging.getLogger("neuroflow")
 
@@ -30,10 +33,19 @@ def run_analysis(cfg: AnalysisConfig, *, cache_dir: str | Path | None = None,
         features.append(extract_features(cfg, spec.name, cache_dir=cache_dir))
         done += 1
     fits = []
+    errors: list[Exception] = []
     for subject in prepared["subjects"]:
         step(f"fit sub-{subject}", done, total)
-        fits.append(fit_subject(cfg, subject, features, cache_dir=cache_dir))
+        try:
+            fits.append(fit_subject(cfg, subject, features, cache_dir=cache_dir))
+        except SUBJECT_ERRORS as err:
+            # one bad subject must not sink the others: it is recorded as failed in the manifest
+            log.info("sub-%s failed: %s", subject, err)
+            fits.append(failed_fit(subject, err))
+            errors.append(err)
         done += 1
+    if len(errors) == len(fits):
+        raise errors[0]
     step("publish", done, total)
     local_dir = Path(local_dir) if local_dir else cache_dir / "published" / cfg.analysis_id
     result = publish(cfg, prepared, features, fits, local_dir=local_dir, started=started)

@@ -181,6 +181,14 @@ def cv_groups(cfg: AnalysisConfig, lengths: list[int], subject: str) -> tuple[np
             )
         return np.repeat(np.arange(len(lengths)), lengths), 0
     n = sum(lengths)
+    block = n // cfg.model.n_folds
+    longest = max(abs(d) for d in cfg.model.delays)
+    if block <= 2 * longest:
+        raise DatasetError(
+            f"sub-{subject}: {n} samples in {cfg.model.n_folds} blocks of {block} are too short for delays "
+            f"up to {longest} (each block must be longer than twice the longest delay); lower "
+            "'model.n_folds' or 'model.delays'"
+        )
     edges = np.linspace(0, n, cfg.model.n_folds + 1).round().astype(int)
     groups = np.zeros(n, dtype=int)
     for k in range(cfg.model.n_folds):
@@ -275,6 +283,11 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
     }
     store.put_bytes(json.dumps(meta, sort_keys=True).encode(), meta_rel, content_type="application/json")
     return meta
+
+
+def failed_fit(subject: str, error: Exception | str) -> dict[str, Any]:
+    """The record of a subject whose fit failed, for a partial manifest."""
+    return {"subject": subject, "status": "failed", "error": str(error)[:1000], "metrics": {}}
 
 
 # --- publish ----------------------------------------------------------------------

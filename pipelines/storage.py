@@ -50,15 +50,22 @@ def endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-@lru_cache(maxsize=16)
 def _client(unsigned: bool, endpoint: str | None):
+    return _cached_client(unsigned, endpoint, os.environ.get("AWS_MAX_ATTEMPTS"), os.environ.get("AWS_RETRY_MODE"))
+
+
+@lru_cache(maxsize=16)
+def _cached_client(unsigned: bool, endpoint: str | None, _attempts: str | None, _mode: str | None):
     import boto3
     from botocore import UNSIGNED
     from botocore.config import Config
 
+    # Throttling (503 SlowDown), 5xx and connection errors are retried with exponential backoff
+    # and jitter; AWS_MAX_ATTEMPTS / AWS_RETRY_MODE in the environment override these defaults.
     cfg = Config(
         signature_version=UNSIGNED if unsigned else None,
-        retries={"mode": "standard", "max_attempts": 6},
+        retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                 "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "10"))},
         connect_timeout=5,
         read_timeout=60,
         s3={"addressing_style": "path"},
@@ -75,9 +82,10 @@ def s3_client(bucket: str):
 
 def translate_s3_error(err: Exception, what: str) -> Exception:
     """Map botocore errors to the project's errors with a message naming `what` and a fix."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
-    if isinstance(err, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionError)):
+    if isinstance(err, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
         return TransientIOError(
             f"cannot reach the S3 endpoint for {what} ({endpoint_url() or 'AWS default'}); "
             "check AWS_ENDPOINT_URL and that the server is running"

@@ -178,3 +178,66 @@ def results_bucket(s3_url, request) -> str:
     name = "res-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
     make_bucket(name)
     return f"s3://{name}"
+
+
+# --- the reliability ledger: what was broken, and what survived -----------------------
+
+class Ledger:
+    """Counts injected faults and bad inputs; `make reliability` prints the table."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def record(self, category: str, name: str, ok: bool, lost: int = 0) -> None:
+        self.rows.append({"category": category, "name": name, "ok": ok, "lost": lost})
+
+    def table(self) -> list[str]:
+        faults = [r for r in self.rows if r["category"] == "fault"]
+        inputs = [r for r in self.rows if r["category"] == "bad_input"]
+        lines = ["| faults injected | survived | bad inputs tried | refused cleanly | artifacts lost |",
+                 "|---:|---:|---:|---:|---:|",
+                 f"| {len(faults)} | {sum(r['ok'] for r in faults)} | {len(inputs)} | "
+                 f"{sum(r['ok'] for r in inputs)} | {sum(r['lost'] for r in self.rows)} |"]
+        failed = [f"- {r['category']} {r['name']}: NOT survived" for r in self.rows if not r["ok"]]
+        return lines + failed
+
+
+LEDGER = Ledger()
+
+
+@pytest.fixture
+def ledger(request):
+    """`with ledger.fault("name")` / `with ledger.bad_input("name")`: survived unless it raises."""
+    from contextlib import contextmanager
+
+    class Scope:
+        lost = 0
+
+        @contextmanager
+        def _track(self, category, name):
+            try:
+                yield self
+            except BaseException:
+                LEDGER.record(category, name, False, self.lost)
+                raise
+            LEDGER.record(category, name, True, self.lost)
+
+        def fault(self, name):
+            return self._track("fault", name)
+
+        def bad_input(self, name):
+            return self._track("bad_input", name)
+
+    return Scope()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not LEDGER.rows:
+        return
+    lines = LEDGER.table()
+    terminalreporter.write_sep("-", "reliability")
+    for line in lines:
+        terminalreporter.write_line(line)
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reliability.md").write_text("\n".join(lines) + "\n")

@@ -195,6 +195,11 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
             f"model {model!r} cannot be loaded ({_first_line(exc)}): "
             "give a local folder or a hub id available offline"
         ) from None
+    if getattr(config, "auto_map", None):
+        raise ModelError(
+            f"model {model!r} asks for its own code (auto_map in config.json); neuroflow never runs "
+            "remote code (trust_remote_code): use a model whose architecture transformers ships"
+        )
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"model {model!r} is an encoder-decoder model: give an encoder (BERT-like) or a causal LM")
     try:
