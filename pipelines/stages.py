@@ -227,12 +227,11 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
     base = f"_work/{cfg.analysis_id}/sub-{subject}"
     rel = f"{base}/results-{inputs_key}.npz"
     meta_rel = f"{base}/results-{inputs_key}.json"
-    if store.exists(meta_rel) and store.exists(rel):
+    if store.exists(meta_rel) and store.exists(rel):  # the metadata is written last: the fit is whole
         meta = json.loads(store.get_bytes(meta_rel))
-        if store.exists(rel):
-            log.info("sub-%s: reusing finished fit %s", subject, rel)
-            meta["reused"] = True
-            return meta
+        log.info("sub-%s: reusing finished fit %s", subject, rel)
+        meta["reused"] = True
+        return meta
 
     lengths = [len(r.times) for r in responses.runs]
     Y = np.concatenate([r.data for r in responses.runs]).astype(np.float32)
