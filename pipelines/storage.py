@@ -9,11 +9,14 @@ so a partial file is never visible as complete.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from .config import check_relative_key
@@ -28,6 +31,9 @@ class ObjectInfo:
     key: str
     size: int
     etag: str = ""
+    checksum: str = ""  # "md5:<hex>" / "sha256:<hex>" that the source vouches for; "" when none
+    annex_key: str = ""  # the git-annex key of an annexed file in a local clone
+    present: bool = True  # False: an annexed file whose content the local clone does not have
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -105,21 +111,131 @@ def translate_s3_error(err: Exception, what: str) -> Exception:
     return err
 
 
-def _stream_to_file(client, bucket: str, key: str, dest: Path) -> None:
-    """GET one object into `dest` in 1 MiB blocks (GET only: anonymous HEAD is refused by some servers)."""
-    body = client.get_object(Bucket=bucket, Key=key)["Body"]
-    with open(dest, "wb") as fh:
+_ANNEX_KEY = re.compile(r"\b(?P<backend>MD5E?|SHA1E?|SHA256E?|SHA512E?)-s(?P<size>\d+)"
+                        r"--(?P<digest>[0-9a-fA-F]{32,128})")
+_ANNEX_ALGOS = {"MD5": "md5", "SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
+POINTER_MAX_BYTES = 4096
+MAX_RESUMES = 5
+
+
+def parse_annex_key(text: str) -> tuple[str, int, str] | None:
+    """``MD5E-s123--<md5>.nii.gz`` (anywhere in `text`) -> ``("md5", 123, "<md5>")``; None if absent."""
+    m = _ANNEX_KEY.search(text)
+    if not m:
+        return None
+    return _ANNEX_ALGOS[m.group("backend").rstrip("E")], int(m.group("size")), m.group("digest").lower()
+
+
+def etag_checksum(etag: str) -> str:
+    """``md5:<hex>`` when an S3 ETag is the object's MD5 (single-part upload), else ``""``.
+
+    Multipart ETags (``<hex>-<parts>``) are an MD5 of the parts' MD5s and cannot be checked
+    without the part size, so only the size of such objects is verified.
+    """
+    etag = etag.strip('"').lower()
+    return f"md5:{etag}" if re.fullmatch(r"[0-9a-f]{32}", etag) else ""
+
+
+def hash_file(path: str | Path, algos: tuple[str, ...] = ("sha256",)) -> dict[str, str]:
+    """Digests of one file in a single pass: ``{"sha256": ..., "md5": ...}``."""
+    hashes = {a: hashlib.new(a) for a in dict.fromkeys(algos)}
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            for h in hashes.values():
+                h.update(block)
+    return {a: h.hexdigest() for a, h in hashes.items()}
+
+
+def pointer_text(head: bytes) -> str | None:
+    """The annex/LFS pointer that `head` (a small file's first bytes) is, or None for real content."""
+    text = head[:1024].decode("ascii", errors="replace").strip()
+    if text.startswith("version https://git-lfs"):
+        return text.splitlines()[0]
+    if ("annex/objects/" in text and (text.startswith("/annex/objects/") or text.startswith("../")
+                                     or text.startswith(".git/"))) and "\n" not in text:
+        return text
+    return None
+
+
+def safe_key(key: str, source: str) -> str:
+    """Refuse keys that could escape a folder: absolute, ``..``/``.`` segments, NUL, non-ASCII, ..."""
+    try:
+        check_relative_key(key, "dataset file")
+    except ValueError as err:
+        raise DatasetError(f"{source}: refusing key {key!r}: it would escape the cache folder ({err})") from None
+    if not key or key.endswith("/") or any(p in (".", "") for p in key.split("/")):
+        raise DatasetError(f"{source}: refusing key {key!r}: empty or '.' path segment; it would escape "
+                           "or alias the cache folder")
+    return key
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (two processes never write one cache file at once)."""
+    import fcntl
+
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean 'the body stopped arriving': the transfer is resumed from the .part size."""
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import ProtocolError, ReadTimeoutError as UrllibReadTimeout
+
+    return (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ProtocolError, UrllibReadTimeout,
+            ConnectionError, TimeoutError, _CutTransfer)
+
+
+class _CutTransfer(Exception):
+    """The server closed the body before `size` bytes arrived."""
+
+
+def _stream_to_file(client, bucket: str, key: str, dest: Path, offset: int = 0, etag: str = "") -> dict:
+    """GET one object (from byte `offset` on) into `dest`, appending; returns the response headers used.
+
+    GET only (anonymous HEAD is refused by some servers). With an offset the request carries
+    ``Range: bytes=<offset>-`` and, when the listing gave an ETag, ``If-Match`` so that a
+    resumed transfer never splices two versions of an object.
+    """
+    kwargs = {"Bucket": bucket, "Key": key}
+    if offset:
+        kwargs["Range"] = f"bytes={offset}-"
+        if etag:
+            kwargs["IfMatch"] = f'"{etag}"'
+    resp = client.get_object(**kwargs)
+    ranged = bool(offset) and bool(resp.get("ContentRange"))
+    body = resp["Body"]
+    with open(dest, "ab" if ranged else "wb") as fh:
         for block in iter(lambda: body.read(CHUNK), b""):
             fh.write(block)
+    return {"version_id": resp.get("VersionId") or "", "ranged": ranged}
 
 
 class DatasetSource:
     """A BIDS dataset at a pinned version: an S3 prefix or a local folder.
 
-    Files are fetched into ``cache_root/<source>/<version>/<key>`` and verified.
+    Files are fetched into ``cache_root/<source>/<version>/<key>`` and verified:
+
+    - size, always, against the listing;
+    - checksum, where the source gives one: the S3 ETag when it is an MD5 (single-part
+      uploads, as OpenNeuro's), the git-annex key of a local DataLad/git-annex clone
+      (``MD5E-s<size>--<md5>``, ``SHA256E-...``), or a ``checksums`` mapping handed in
+      (key -> annex key or ``md5:<hex>`` / ``sha256:<hex>``), which wins over the others.
+
+    Downloads go to ``<key>.part`` (renamed only once complete and verified) and are resumed
+    with HTTP Range requests from the ``.part`` size, both within one call (a cut transfer is
+    resumed up to ``MAX_RESUMES`` times) and across runs. A per-file lock keeps two processes
+    sharing one cache from writing the same file. Keys that could escape the cache folder are
+    refused, and so are local symbolic links that leave the dataset (git-annex objects aside).
     """
 
-    def __init__(self, source: str, version: str, cache_root: str | Path):
+    def __init__(self, source: str, version: str, cache_root: str | Path,
+                 checksums: dict[str, str] | None = None):
         self.source = source.rstrip("/")
         self.version = version
         self.is_s3 = self.source.startswith("s3://")
@@ -131,18 +247,23 @@ class DatasetSource:
         if not self.is_s3:
             safe = "local/" + hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
         self.cache_dir = Path(cache_root).expanduser().resolve() / safe / version
+        self.checksums = dict(checksums or {})
+        self.version_ids: dict[str, str] = {}
+        self.verified: dict[str, str] = {}
+        self.resumed: dict[str, int] = {}
         self._listing: dict[str, ObjectInfo] | None = None
 
     # --- listing -----------------------------------------------------------------
     def list_files(self) -> dict[str, ObjectInfo]:
         """Every file of the dataset, keyed by its path relative to the dataset root."""
         if self._listing is None:
-            self._listing = dict(self._list_s3() if self.is_s3 else self._list_local())
-            if not self._listing:
+            listing = dict(self._list_s3() if self.is_s3 else self._list_local())
+            if not listing:
                 raise DatasetError(
                     f"{self.source}: the dataset is empty or does not exist; "
                     "check 'dataset.source' (and AWS_ENDPOINT_URL for a non-AWS server)"
                 )
+            self._listing = listing
         return self._listing
 
     def _list_s3(self) -> Iterator[tuple[str, ObjectInfo]]:
@@ -153,63 +274,231 @@ class DatasetSource:
             for page in pages:
                 for obj in page.get("Contents", []):
                     rel = obj["Key"][len(prefix):]
-                    if rel:
-                        yield rel, ObjectInfo(rel, int(obj["Size"]), obj.get("ETag", "").strip('"'))
+                    if rel and not rel.endswith("/"):
+                        etag = obj.get("ETag", "").strip('"')
+                        yield rel, ObjectInfo(rel, int(obj["Size"]), etag, checksum=etag_checksum(etag))
         except Exception as err:  # noqa: BLE001 - translated to a project error
             raise translate_s3_error(err, self.source) from None
 
     def _list_local(self) -> Iterator[tuple[str, ObjectInfo]]:
         if not self.root.is_dir():
             raise DatasetError(f"{self.root}: dataset folder not found; check 'dataset.source'")
-        for path in sorted(self.root.rglob("*")):
-            if path.is_file():
+        for folder, dirs, files in os.walk(self.root):
+            dirs[:] = sorted(d for d in dirs if d not in (".git", ".datalad"))
+            for name in sorted(files):
+                path = Path(folder) / name
                 rel = path.relative_to(self.root).as_posix()
-                yield rel, ObjectInfo(rel, path.stat().st_size)
+                if path.is_symlink():
+                    target = os.readlink(path)
+                    annex = parse_annex_key(target) if "annex/objects/" in target else None
+                    if path.exists():
+                        yield rel, ObjectInfo(rel, path.stat().st_size, annex_key=_key_text(target) if annex else "",
+                                              checksum=f"{annex[0]}:{annex[2]}" if annex else "")
+                    elif annex:  # an annexed file whose content this clone does not have
+                        yield rel, ObjectInfo(rel, annex[1], annex_key=_key_text(target), present=False)
+                    else:
+                        yield rel, ObjectInfo(rel, 0, present=False)
+                elif path.is_file():
+                    yield rel, ObjectInfo(rel, path.stat().st_size)
 
     # --- fetching ----------------------------------------------------------------
     def local_path(self, key: str) -> Path:
-        try:
-            check_relative_key(key, "dataset file")
-        except ValueError as err:
-            raise DatasetError(f"{self.source}: refusing key {key!r}, it would escape the cache folder ({err})") from None
+        safe_key(key, self.source)
         path = (self.cache_dir / key).resolve()
         if self.cache_dir not in path.parents:
             raise DatasetError(f"{key!r} would escape the cache folder {self.cache_dir}")
         return path
 
-    def fetch(self, key: str) -> Path:
-        """Download `key` (once) and return its verified local path."""
+    def info(self, key: str) -> ObjectInfo:
+        safe_key(key, self.source)
         info = self.list_files().get(key)
         if info is None:
             raise DatasetError(f"{self.source}/{key}: file not in dataset version {self.version}; "
                                "check the subject, task and paths in the config")
+        return info
+
+    def expected_checksum(self, key: str) -> tuple[str, str, str]:
+        """``(algo, hexdigest, where)`` the source vouches for, or ``("", "", "")``."""
+        given = self.checksums.get(key)
+        if given:
+            annex = parse_annex_key(given)
+            if annex:
+                return annex[0], annex[2], "checksum list (git-annex key)"
+            algo, _, digest = given.partition(":")
+            if algo in hashlib.algorithms_available and digest:
+                return algo, digest.lower(), "checksum list"
+        info = self.list_files().get(key)
+        if info is not None and info.checksum:
+            algo, _, digest = info.checksum.partition(":")
+            return algo, digest, "git-annex key" if info.annex_key else "S3 ETag (MD5)"
+        return "", "", ""
+
+    def expected_size(self, key: str) -> int | None:
+        """The size a git-annex key in the ``checksums`` mapping states for `key`, if any."""
+        annex = parse_annex_key(self.checksums.get(key, ""))
+        return annex[1] if annex else None
+
+    def _check_listed_size(self, key: str, info: ObjectInfo) -> None:
+        stated = self.expected_size(key)
+        if stated is not None and stated != info.size:
+            raise IntegrityError(f"{self.source}/{key}: the source's file is {info.size} bytes, its checksum list "
+                                 f"(git-annex key) says {stated}; this is not the file the list describes: "
+                                 "check that the source and the checksum list are of the same snapshot")
+
+    def fetch(self, key: str) -> Path:
+        """Download `key` (once) and return its local path, verified against size and checksum."""
+        info = self.info(key)
+        self._check_listed_size(key, info)
         if not self.is_s3:
-            path = self.root / key
-            if path.stat().st_size != info.size:
-                raise IntegrityError(f"{path}: size changed while reading")
-            return path
+            return self._fetch_local(key, info)
         dest = self.local_path(key)
-        if dest.exists() and dest.stat().st_size == info.size:
+        if dest.is_file() and dest.stat().st_size == info.size:
+            self.verified.setdefault(key, "size (cached; checksum verified when downloaded)")
+            self._check_pointer(key, dest)
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(dest.name + ".part")
+        with _locked(self._lock_path(key)):
+            if dest.is_file() and dest.stat().st_size == info.size:  # another process finished it
+                self.verified.setdefault(key, "size (cached; checksum verified when downloaded)")
+                return dest
+            part = dest.with_name(dest.name + ".part")
+            self._download(key, info, part)
+            self.verified[key] = self._verify(key, info, part)
+            os.replace(part, dest)
+            part.with_name(part.name + ".json").unlink(missing_ok=True)
+        self._check_pointer(key, dest)
+        return dest
+
+    def _lock_path(self, key: str) -> Path:
+        """A lock file per key, kept outside the cached tree (tools such as MNE-BIDS take their own
+        ``<file>.lock`` beside the files they read, and must not find ours there)."""
+        path = self.cache_dir.parent / f".{self.version}.locks" / (key + ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _fetch_local(self, key: str, info: ObjectInfo) -> Path:
+        path = self.root / key
+        if not info.present:
+            what = f"git-annex key {info.annex_key}, {info.size} bytes" if info.annex_key else "a broken link"
+            raise DatasetError(f"{path}: is a git-annex symlink whose content is not in this clone ({what}); "
+                               f"run `datalad get {key}` (or `git annex get {key}`) in {self.root}")
+        resolved = path.resolve()
+        if self.root not in resolved.parents and "/annex/objects/" not in resolved.as_posix():
+            raise DatasetError(f"{path}: a symbolic link out of the dataset folder (to {resolved}); "
+                               "refusing to read it: copy the file into the dataset")
+        if path.stat().st_size != info.size:
+            raise IntegrityError(f"{path}: size changed while reading")
+        self._check_pointer(key, path)
+        if key not in self.verified:
+            algo, _, _ = self.expected_checksum(key)
+            self.verified[key] = "size" if not algo else f"size (+{algo} when read)"
+        return path
+
+    def _check_pointer(self, key: str, path: Path) -> None:
+        if path.stat().st_size >= POINTER_MAX_BYTES:
+            return
+        with open(path, "rb") as fh:
+            pointer = pointer_text(fh.read(1024))
+        if pointer is None:
+            return
+        annex = parse_annex_key(pointer)
+        real = f"; the real file is {annex[1]} bytes" if annex else ""
+        raise DatasetError(f"{self.source}/{key}: is a git-annex pointer ({path.stat().st_size} bytes: "
+                           f"{pointer[:120]}{real}), not data; the dataset was published without this "
+                           "file's content. Fetch it (`datalad get`) or use a source that has it")
+
+    def _download(self, key: str, info: ObjectInfo, part: Path) -> None:
+        """Fill `part` with the object's bytes, resuming a previous partial transfer of the same ETag."""
         client = s3_client(self.bucket)
         full_key = f"{self.prefix}/{key}" if self.prefix else key
-        try:
-            _stream_to_file(client, self.bucket, full_key, part)
-        except Exception as err:  # noqa: BLE001
-            part.unlink(missing_ok=True)
-            raise translate_s3_error(err, f"{self.source}/{key}") from None
+        meta = part.with_name(part.name + ".json")
+        offset = 0
+        if part.exists():
+            try:
+                prev = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                prev = {}
+            if prev.get("etag") == info.etag and prev.get("size") == info.size and part.stat().st_size < info.size:
+                offset = part.stat().st_size
+            else:
+                part.unlink()
+        meta.write_text(json.dumps({"etag": info.etag, "size": info.size}))
+        cuts = 0
+        streaming = _stream_errors()
+        while True:
+            before = part.stat().st_size if part.exists() else 0
+            try:
+                got = _stream_to_file(client, self.bucket, full_key, part, offset, info.etag)
+                if got["version_id"]:
+                    self.version_ids[key] = got["version_id"]
+                if offset and got["ranged"]:
+                    self.resumed[key] = self.resumed.get(key, 0) + 1
+                if part.stat().st_size < info.size:
+                    raise _CutTransfer()
+                return
+            except streaming as err:
+                now = part.stat().st_size if part.exists() else 0
+                if now == before and not isinstance(err, _CutTransfer):  # nothing arrived: the server is unreachable
+                    raise translate_s3_error(err, f"{self.source}/{key}") from None
+                cuts += 1
+                offset = now
+                if cuts > MAX_RESUMES:
+                    raise TransientIOError(
+                        f"{self.source}/{key}: the transfer was cut {cuts} times (at {offset} of {info.size} "
+                        "bytes); run again: the download resumes from there") from None
+            except Exception as err:  # noqa: BLE001
+                mapped = translate_s3_error(err, f"{self.source}/{key}")
+                if not isinstance(mapped, TransientIOError):  # the object is gone or changed: start over next time
+                    part.unlink(missing_ok=True)
+                    meta.unlink(missing_ok=True)
+                code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
+                if code in ("PreconditionFailed", "412"):
+                    mapped = DatasetError(f"{self.source}/{key}: the object changed while it was being "
+                                          "downloaded (ETag no longer matches the listing); the dataset is "
+                                          "being modified: run again once it is stable")
+                raise mapped from None
+
+    def _verify(self, key: str, info: ObjectInfo, part: Path) -> str:
+        """Size and (where the source gives one) checksum of a finished download; removes it if wrong."""
         got = part.stat().st_size
         if got != info.size:
             part.unlink(missing_ok=True)
             raise IntegrityError(f"{self.source}/{key}: downloaded {got} bytes, expected {info.size}; "
-                                 "the transfer was cut, run again")
-        os.replace(part, dest)
-        return dest
+                                 "the transfer was cut or the object changed, run again")
+        algo, digest, where = self.expected_checksum(key)
+        if not algo:
+            return "size"
+        actual = hash_file(part, (algo,))[algo]
+        if actual != digest:
+            part.unlink(missing_ok=True)
+            raise IntegrityError(f"{self.source}/{key}: {algo} {actual} does not match the {where} {digest}; "
+                                 "the download is corrupt (it was deleted): run again, and if it persists the "
+                                 "dataset's copy is damaged")
+        return f"size+{algo} ({where})"
+
+    def check_digests(self, key: str, path: Path, digests: dict[str, str]) -> None:
+        """Compare digests computed while reading a file with the checksum the source gives.
+
+        Catches a cached or local file that was altered after it was verified. On mismatch the
+        cached copy is deleted (a re-run downloads it afresh) and IntegrityError is raised.
+        """
+        algo, digest, where = self.expected_checksum(key)
+        if algo and algo in digests and digests[algo] != digest:
+            if self.is_s3:
+                path.unlink(missing_ok=True)
+            fix = "cached copy was deleted, run again" if self.is_s3 else "file is damaged: re-fetch it (datalad get)"
+            raise IntegrityError(f"{self.source}/{key}: {algo} {digests[algo]} does not match the {where} "
+                                 f"{digest}; the {fix}")
+        if algo:
+            self.verified[key] = f"size+{algo} ({where})"
 
     def read_text(self, key: str) -> str:
         return self.fetch(key).read_text(encoding="utf-8")
+
+
+def _key_text(target: str) -> str:
+    """The annex key (last path part) of a git-annex symlink target."""
+    return PurePosixPath(target).name
 
 
 class ResultStore:

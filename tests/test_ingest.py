@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 
 import numpy as np
@@ -117,3 +118,202 @@ def test_download_is_cached_and_verified(openneuro_demo, tmp_path):
     assert str(path).startswith(str(tmp_path / "cache"))
     with pytest.raises(DatasetError, match="would escape|'dataset file'"):
         ingest.source.local_path("../../etc/passwd")
+
+
+# --- downloads: resumable, verified, never visible half-done ------------------------------
+
+BIG = "sub-01/func/sub-01_task-x_bold.nii.gz"
+
+
+@pytest.fixture
+def blob_source(s3_url, request):
+    """A tiny dataset with one 3 MB object, in a fresh prefix per test."""
+    from .datasets import stage
+
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    prefix = "blob-" + request.node.name.lower().replace("_", "-")[:40]
+    src = stage(f"s3://lab-downloads/{prefix}", {"dataset_description.json": '{"Name": "x", "BIDSVersion": "1.8"}',
+                                                "CHANGES": "1.0.0 2024-01-01\n  - first\n", BIG: data})
+    return src, data
+
+
+def _source(src, tmp_path, **kw):
+    from pipelines.storage import DatasetSource
+
+    return DatasetSource(src, "1.0.0", tmp_path / "cache", **kw)
+
+
+def test_a_cut_transfer_resumes_with_a_range_request(blob_source, tmp_path, monkeypatch, ledger):
+    import hashlib
+
+    from .faultproxy import FaultProxy
+
+    src, data = blob_source
+    with ledger.fault("S3 transfer cut halfway (resumed with Range)"):
+        with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+            source = _source(src, tmp_path)
+            source.list_files()
+            proxy.truncate = {BIG.rsplit("/", 1)[1]: 1}
+            path = source.fetch(BIG)
+        assert proxy.counts["truncated"] == 1 and source.resumed[BIG] == 1
+        assert hashlib.md5(path.read_bytes()).hexdigest() == hashlib.md5(data).hexdigest()
+        assert source.verified[BIG] == "size+md5 (S3 ETag (MD5))"
+        assert not list(path.parent.glob("*.part*"))
+
+
+def test_a_partial_file_is_resumed_across_runs_and_never_looks_complete(blob_source, tmp_path, monkeypatch, ledger):
+    import json
+
+    import pipelines.storage as storage
+    from pipelines.errors import TransientIOError
+
+    from .faultproxy import FaultProxy
+
+    src, data = blob_source
+    upstream = os.environ["AWS_ENDPOINT_URL"]
+    with ledger.fault("S3 transfer cut on every try (run fails retryably, the next run resumes)"):
+        with FaultProxy(upstream) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+            monkeypatch.setattr(storage, "MAX_RESUMES", 1)
+            source = _source(src, tmp_path)
+            source.list_files()
+            proxy.truncate = {BIG.rsplit("/", 1)[1]: 5}
+            with pytest.raises(TransientIOError, match=r"sub-01_task-x_bold\.nii\.gz: the transfer was cut 2 times "
+                                                       r"\(at \d+ of 3145728 bytes\); run again: the download resumes"):
+                source.fetch(BIG)
+        dest = source.local_path(BIG)
+        part = dest.with_name(dest.name + ".part")
+        assert not dest.exists() and 0 < part.stat().st_size < len(data)  # never visible as the file
+        assert json.loads(part.with_name(part.name + ".json").read_text())["size"] == len(data)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", upstream)
+        again = _source(src, tmp_path)  # a later run, same cache: resumes from the .part
+        assert again.fetch(BIG).read_bytes() == data and again.resumed[BIG] == 1
+
+
+def test_a_stale_partial_of_another_object_version_is_discarded(blob_source, tmp_path):
+    import json
+
+    src, data = blob_source
+    source = _source(src, tmp_path)
+    dest = source.local_path(BIG)
+    dest.parent.mkdir(parents=True)
+    part = dest.with_name(dest.name + ".part")
+    part.write_bytes(b"x" * 1000)
+    part.with_name(part.name + ".json").write_text(json.dumps({"etag": "0" * 32, "size": len(data)}))
+    assert source.fetch(BIG).read_bytes() == data and BIG not in source.resumed
+
+
+def test_a_download_that_does_not_match_its_etag_is_deleted(blob_source, tmp_path, monkeypatch, ledger):
+    import pipelines.storage as storage
+    from pipelines.errors import IntegrityError
+
+    src, _ = blob_source
+    real = storage._stream_to_file
+
+    def corrupting(client, bucket, key, dest, offset=0, etag=""):
+        out = real(client, bucket, key, dest, offset, etag)
+        with open(dest, "r+b") as fh:  # one flipped byte, same size
+            fh.seek(1000)
+            b = fh.read(1)
+            fh.seek(1000)
+            fh.write(bytes([b[0] ^ 0xFF]))
+        return out
+
+    with ledger.bad_input("download corrupted in transit (MD5 != ETag)"):
+        monkeypatch.setattr(storage, "_stream_to_file", corrupting)
+        source = _source(src, tmp_path)
+        with pytest.raises(IntegrityError, match=r"sub-01_task-x_bold\.nii\.gz: md5 [0-9a-f]{32} does not match the "
+                                                 r"S3 ETag \(MD5\) [0-9a-f]{32}; the download is corrupt"):
+            source.fetch(BIG)
+        dest = source.local_path(BIG)
+        assert not dest.exists() and not dest.with_name(dest.name + ".part").exists()
+
+
+def test_an_object_replaced_mid_download_is_not_spliced(blob_source, tmp_path):
+    import json
+
+    from pipelines.storage import s3_client, split_s3_uri
+
+    src, data = blob_source
+    source = _source(src, tmp_path)
+    source.list_files()
+    dest = source.local_path(BIG)
+    dest.parent.mkdir(parents=True)
+    part = dest.with_name(dest.name + ".part")
+    part.write_bytes(data[:1000])
+    part.with_name(part.name + ".json").write_text(json.dumps({"etag": source.info(BIG).etag, "size": len(data)}))
+    bucket, prefix = split_s3_uri(src)
+    s3_client(bucket).put_object(Bucket=bucket, Key=f"{prefix}/{BIG}", Body=data[::-1])  # a new version
+    with pytest.raises(DatasetError, match=r"the object changed while it was being downloaded"):
+        source.fetch(BIG)
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize("key", ["../escape", "/etc/passwd", "sub-01/../../x", "a\x00b", "sub\u201001/x.tsv",
+                                 "sub-01/./x", "a\\..\\b", "sub-01//x"])
+def test_keys_that_could_escape_the_cache_are_refused(blob_source, tmp_path, key):
+    source = _source(blob_source[0], tmp_path)
+    with pytest.raises(DatasetError, match=r"refusing key"):
+        source.fetch(key)
+
+
+def test_a_listed_key_that_escapes_is_refused(s3_url, tmp_path):
+    """A bucket listing an object named ``prefix/../../x`` cannot write outside the cache."""
+    from .datasets import stage
+
+    src = stage("s3://lab-evil/ds", {"dataset_description.json": "{}", "../../../outside.txt": "x"})
+    source = _source(src, tmp_path)
+    listed = [k for k in source.list_files() if ".." in k]
+    if not listed:
+        pytest.skip("this S3 server normalises '..' in keys")
+    with pytest.raises(DatasetError, match=r"refusing key '\.\./"):
+        source.fetch(listed[0])
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_local_git_annex_clone_is_verified_against_its_keys(tmp_path, ledger):
+    """A DataLad/git-annex clone: symlinks into .git/annex/objects, named by MD5E keys."""
+    import hashlib
+
+    from pipelines.errors import IntegrityError
+
+    root = tmp_path / "ds"
+    (root / "sub-01/func").mkdir(parents=True)
+    (root / "dataset_description.json").write_text("{}")
+    content = b"real content" * 100
+
+    def annex(rel: str, data: bytes, present: bool = True, key_md5: str | None = None):
+        key = f"MD5E-s{len(data)}--{key_md5 or hashlib.md5(data).hexdigest()}.tsv"
+        obj = root / ".git/annex/objects/Xx/Yy" / key / key
+        if present:
+            obj.parent.mkdir(parents=True, exist_ok=True)
+            obj.write_bytes(data)
+        link = root / rel
+        link.symlink_to(os.path.relpath(obj, link.parent))
+
+    annex("sub-01/func/good.tsv", content)
+    annex("sub-01/func/missing.tsv", content + b"!", present=False)
+    annex("sub-01/func/tampered.tsv", content, key_md5="f" * 32)
+    (root / "sub-01/func/outside.tsv").symlink_to("/etc/hostname")
+    cfg = cfg_for(str(root), tmp_path)
+    source = _source(str(root), tmp_path)
+    assert ".git/annex" not in " ".join(source.list_files())  # the annex store is not the dataset
+    from pipelines.ingest import Ingest
+
+    ingest = Ingest(cfg, source)
+    assert ingest.fetch("sub-01/func/good.tsv").read_bytes() == content
+    assert ingest.files_read["sub-01/func/good.tsv"].verified == "size+md5 (git-annex key)"
+    with ledger.bad_input("local git-annex symlink without content"):
+        with pytest.raises(DatasetError, match=r"missing\.tsv: is a git-annex symlink whose content is not in this "
+                                               r"clone \(git-annex key MD5E-s1201--[0-9a-f]{32}\.tsv, 1201 bytes\); "
+                                               r"run `datalad get sub-01/func/missing\.tsv`"):
+            ingest.fetch("sub-01/func/missing.tsv")
+    with ledger.bad_input("local annexed file altered after it was fetched"):
+        with pytest.raises(IntegrityError, match=r"tampered\.tsv: md5 [0-9a-f]{32} does not match the git-annex key "
+                                                 r"f{32}; the file is damaged: re-fetch it"):
+            ingest.fetch("sub-01/func/tampered.tsv")
+    with ledger.bad_input("local symlink out of the dataset"):
+        with pytest.raises(DatasetError, match=r"outside\.tsv: a symbolic link out of the dataset folder"):
+            ingest.fetch("sub-01/func/outside.tsv")
