@@ -1,26 +1,63 @@
-"""Voxelwise encoding models: ridge regression with one alpha per target, nested CV.
+"""Voxelwise encoding models: ridge with one alpha per target, nested CV, banded ridge.
 
-Features ``X`` of a story are mapped to fMRI responses ``Y`` by ridge regression
-(himalaya's ``RidgeCV``), one regularization ``alpha`` per target (voxel), chosen by
-an inner leave-one-run-out cross-validation and scored on held-out runs of an outer
-leave-one-run-out loop. Folds are always whole groups (runs or contiguous blocks),
-never shuffled samples, and an optional ``gap`` drops training samples next to held-out
-ones so that autocorrelated neighbours do not leak between them.
+Features ``X`` are mapped to responses ``Y`` by ridge regression with an intercept, one
+regularization ``alpha`` per target (voxel, channel), chosen by an inner
+leave-one-group-out cross-validation inside the training groups and scored on held-out
+groups of an outer loop (every group in turn, or one fixed held-out test set, e.g. a
+story played several times). Folds are always whole groups (runs, stories or contiguous
+blocks), never shuffled samples, and an optional ``gap`` drops training samples next to
+held-out ones so that autocorrelated neighbours do not leak between them.
+
+Solvers (``solver=``):
+
+* ``"primal"``: one eigendecomposition of the centred ``X^T X`` (features x features,
+  float64) per training set serves every alpha; the target-dependent work is
+  ``X^T Y`` once per outer training set, a downdate ``- X_E^T Y_E`` per inner fold
+  (``E`` the samples the inner fold leaves out) and one ``(n_val x n_features)`` by
+  ``(n_features x n_targets)`` product per alpha, on the himalaya backend in float32.
+* ``"kernel"``: the same in sample space (eigendecomposition of the centred kernel
+  ``X X^T`` of the training samples), when there are fewer training samples than features.
+* ``"auto"`` (default): ``"kernel"`` when the outer training sets have fewer samples than
+  ``X`` has features, else ``"primal"``.
+* ``"himalaya"``: himalaya's ``RidgeCV`` per outer fold, kept as the reference the others
+  are tested against (same alphas chosen, same scores).
+
+Per target, the primal solver does ``2 * n_features * (n_train + sum_folds n_left_out
++ n_alphas * sum_folds n_val + n_test)`` flops (:func:`ridge_flops`); himalaya's
+``RidgeCV`` multiplies ``Y`` by one ``(n_val x n_train)`` matrix per alpha and fold
+instead, twice that with 5 runs of 600 TRs and 1,024 features, and a minimal solver with
+one SVD per fold (``U^T Y`` per fold) 1.2 times (``bench/results/fit.md``). With fewer
+targets than ``n_alphas * n_val`` the per-alpha operators would cost more than the
+targets' own work, so the right-hand side is rotated into the eigenbasis once instead
+(``mode="rotation"``), decided once for all chunks.
 
 Targets are independent given ``X``, so they are sharded into chunks: each chunk is one
 call of a pure function (one dask task when a ``distributed.Client`` is given), and the
-result does not depend on how targets are chunked or where chunks run.
+result does not depend on how targets are chunked or where chunks run, up to float32
+rounding of BLAS (a chunk re-run on the same machine gives the same bits).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-from himalaya.ridge import Ridge, RidgeCV
 
-from .backend import choose_backend, use_backend
+from .backend import (
+    blas_threads,
+    choose_backend,
+    column_sq_norms,
+    eigh_float64,
+    float32_like,
+    float64_of,
+    gemm,
+    memory_budget_bytes,
+    take_columns,
+    take_rows,
+    use_backend,
+)
 from .errors import ConfigError, FitError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,22 +65,28 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "MEMORY_BUDGET_BYTES",
+    "SOLVERS",
+    "BandedEncodingResult",
     "EncodingResult",
     "OuterSplit",
     "default_targets_chunk",
+    "fit_banded_encoding",
     "fit_encoding",
     "fit_ridge_fixed_alpha",
     "nested_group_splits",
     "pearson_r",
     "r2_score",
+    "ridge_flops",
     "zscore_by_group",
 ]
 
-#: Memory budget for the target-dependent arrays of one chunk (see default_targets_chunk).
+#: Memory budget of one chunk when none is given and none can be measured.
 MEMORY_BUDGET_BYTES: int = 256 * 2**20
 
-_MIN_GROUPS = 3
+#: Solver names accepted by :func:`fit_encoding` (see the module docstring).
+SOLVERS: tuple[str, ...] = ("auto", "primal", "kernel", "himalaya")
 
+_MIN_GROUPS = 3
 
 # --------------------------------------------------------------------------- helpers
 
@@ -144,13 +187,14 @@ def _as_2d_pair(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.
 # --------------------------------------------------------------------------- splits
 
 
+
 class OuterSplit(NamedTuple):
     """One outer fold of the nested cross-validation.
 
     Attributes
     ----------
     group : object
-        Label of the held-out group.
+        Label of the held-out group (a tuple of labels for a held-out test set).
     train : array of int, shape (n_train,)
         Sample indices used for fitting (sorted).
     test : array of int, shape (n_test,)
@@ -183,30 +227,102 @@ def _ordered_labels(groups: np.ndarray) -> np.ndarray:
     return labels[np.argsort(first, kind="stable")]
 
 
-def nested_group_splits(groups: np.ndarray, gap: int = 0) -> list[OuterSplit]:
+def _check_not_shuffled(groups: np.ndarray, n_labels: int) -> None:
+    """Refuse group labels that cut the time series into scraps (shuffled time points).
+
+    A run or story may appear in a few stretches (runs of one story not played in a
+    row), but when the typical stretch of consecutive samples sharing a label is one or
+    two samples long, the samples were assigned to folds at random: each held-out sample
+    then has training neighbours one TR away, whose autocorrelated noise leaks into the
+    score.
+    """
+    if groups.size < 2:
+        return
+    cuts = np.flatnonzero(groups[1:] != groups[:-1])
+    if cuts.size + 1 <= n_labels:
+        return
+    lengths = np.diff(np.concatenate([[0], cuts + 1, [groups.size]]))
+    if np.median(lengths) <= 2:
+        raise FitError(
+            f"'groups' changes label {cuts.size} times over {groups.size} samples (median stretch "
+            f"{np.median(lengths):g} sample(s)): the time points look shuffled. Folds must be whole runs, "
+            "stories or contiguous blocks, or autocorrelated neighbours of held-out samples leak into "
+            "training; pass run labels or use `model.cv: contiguous_blocks`."
+        )
+
+
+def _inner_splits(groups: np.ndarray, train: np.ndarray, held_out: np.ndarray, labels: np.ndarray,
+                  gap: int, outer: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Leave-one-group-out splits of ``train`` (positions within it), with the gap."""
+    n = groups.size
+    in_train = np.zeros(n, dtype=bool)
+    in_train[train] = True
+    inner = []
+    for inner_label in labels:
+        is_val = in_train & (groups == inner_label)
+        if not is_val.any():
+            continue
+        inner_train = np.flatnonzero(in_train & ~_near(is_val, gap))
+        if inner_train.size == 0:
+            raise FitError(f"'gap' = {gap} leaves no training samples in an inner fold when holding "
+                           f"out groups {outer!r} and {inner_label!r}; use a smaller gap.")
+        val = np.flatnonzero(is_val)
+        inner.append((np.searchsorted(train, inner_train), np.searchsorted(train, val)))
+    if len(inner) < 2:
+        raise FitError(f"'gap' = {gap} leaves {len(inner)} inner validation group(s) when holding out "
+                       f"group {outer!r}; alphas need at least 2: use a smaller gap or more runs.")
+    return inner
+
+
+def nested_group_splits(groups: np.ndarray, gap: int = 0, test_groups: Sequence[Any] | None = None,
+                        ) -> list[OuterSplit]:
     """Nested leave-one-group-out splits, with an optional gap around held-out samples.
 
     Parameters
     ----------
     groups : array of shape (n_samples,)
-        Group label (run or contiguous block) of each sample.
+        Group label (run, story or contiguous block) of each sample.
     gap : int
         Training samples within ``gap`` positions (in sample index order) of any
         held-out sample are dropped, in the outer split and in every inner split.
+    test_groups : sequence of labels or None
+        None: every group is held out in turn (nested leave-one-group-out). Else the
+        samples of these groups form the one held-out test set (e.g. a story played
+        several times), never seen by the fit nor by the choice of alphas, which is made
+        by leave-one-group-out over the other groups.
 
     Returns
     -------
-    splits : list of OuterSplit, one per group, in order of first appearance
+    splits : list of OuterSplit, one per group in order of first appearance (or one)
         Inner splits hold out each remaining group in turn; an inner split whose
         validation group lies entirely inside the outer gap is skipped.
 
     Raises
     ------
     FitError
-        If fewer than 3 groups, or if ``gap`` leaves a fold without training samples.
+        Fewer than 3 groups (2 training groups with ``test_groups``), groups that look
+        like shuffled time points, unknown test groups, or a ``gap`` that empties a fold.
     """
     groups = np.asarray(groups)
     labels = _ordered_labels(groups)
+    _check_not_shuffled(groups, labels.size)
+    if test_groups is not None:
+        wanted = list(np.atleast_1d(np.asarray(test_groups, dtype=groups.dtype)))
+        unknown = [g for g in wanted if g not in set(labels.tolist())]
+        if not wanted or unknown:
+            raise FitError(f"'test_groups' must name groups present in 'groups'; got {wanted!r} "
+                           f"(unknown: {unknown!r}; groups: {labels.tolist()!r}).")
+        is_test = np.isin(groups, wanted)
+        train_labels = labels[~np.isin(labels, wanted)]
+        if train_labels.size < 2:
+            raise FitError(f"Holding out {wanted!r} leaves {train_labels.size} training group(s); choosing "
+                           "alphas by cross-validation needs at least 2.")
+        train = np.flatnonzero(~_near(is_test, gap))
+        if train.size == 0:
+            raise FitError(f"'gap' = {gap} leaves no training samples around the test groups; use a smaller gap.")
+        label = tuple(wanted)
+        return [OuterSplit(label, train, np.flatnonzero(is_test),
+                           _inner_splits(groups, train, is_test, train_labels, gap, label))]
     if labels.size < _MIN_GROUPS:
         raise FitError(
             f"Found {labels.size} group(s) (runs) in 'groups' but nested cross-validation needs at "
@@ -220,26 +336,8 @@ def nested_group_splits(groups: np.ndarray, gap: int = 0) -> list[OuterSplit]:
         if train.size == 0:
             raise FitError(f"'gap' = {gap} leaves no training samples when holding out group {label!r}; "
                            "use a smaller gap.")
-        inner = []
-        for inner_label in labels:
-            if inner_label == label:
-                continue
-            is_val = np.zeros_like(is_test)
-            is_val[train] = groups[train] == inner_label
-            if not is_val.any():
-                continue
-            in_train = np.zeros_like(is_test)
-            in_train[train] = True
-            inner_train = np.flatnonzero(in_train & ~_near(is_val, gap))
-            if inner_train.size == 0:
-                raise FitError(f"'gap' = {gap} leaves no training samples in an inner fold when holding "
-                               f"out groups {label!r} and {inner_label!r}; use a smaller gap.")
-            val = np.flatnonzero(is_val)
-            inner.append((np.searchsorted(train, inner_train), np.searchsorted(train, val)))
-        if not inner:
-            raise FitError(f"'gap' = {gap} leaves no inner validation group when holding out group "
-                           f"{label!r}; use a smaller gap.")
-        splits.append(OuterSplit(label, train, test, inner))
+        others = labels[labels != label]
+        splits.append(OuterSplit(label, train, test, _inner_splits(groups, train, is_test, others, gap, label)))
     return splits
 
 
@@ -263,13 +361,19 @@ class EncodingResult:
         False for targets that are constant or contain NaN/Inf; their ``r``,
         ``r2``, ``alpha`` (and predictions) are NaN.
     n_folds : int
-        Number of outer folds (= number of groups).
+        Number of outer folds (= number of groups; 1 with a held-out test set).
     backend : str
         himalaya backend the fit ran on.
     predictions : array of shape (n_samples, n_targets), float32, or None
-        Held-out prediction of every sample (from the fold that held it out).
+        Held-out prediction of every sample (from the fold that held it out); NaN for
+        samples no fold held out (the training groups, with a held-out test set).
     fold_alphas : array of shape (n_folds, n_targets), float32, or None
         Alpha chosen in each outer fold (folds in order of first appearance of groups).
+    sample_fold : array of shape (n_samples,), int, or None
+        Index of the outer fold that held out each sample, -1 for none: what
+        :func:`pipelines.stats.permutation_test` needs to rebuild ``r`` under the null.
+    solver : str
+        Solver that ran (``"primal"``, ``"kernel"`` or ``"himalaya"``).
     """
 
     r: np.ndarray
@@ -280,9 +384,34 @@ class EncodingResult:
     backend: str
     predictions: np.ndarray | None = None
     fold_alphas: np.ndarray | None = None
+    sample_fold: np.ndarray | None = None
+    solver: str = ""
 
 
-# --------------------------------------------------------------------------- fitting
+@dataclass
+class BandedEncodingResult(EncodingResult):
+    """Held-out scores of a banded ridge model over several feature spaces (bands).
+
+    Attributes (besides :class:`EncodingResult`'s)
+    ----------------------------------------------
+    band_names : list of str
+        Name of each feature space, in the order of the arrays below.
+    r2_split : array of shape (n_bands, n_targets), float32
+        Held-out R² split between bands by the product measure (himalaya's
+        ``r2_score_split``), within each outer fold on fold-centred data and
+        predictions, averaged like ``r2``. Sums over bands to the joint R² of the
+        fold-centred predictions (which is ``r2`` up to the fold's offset error).
+    band_weights : array of shape (n_bands, n_targets), float32
+        Relative weight ``gamma`` of each band chosen by the inner CV (summing to 1
+        per target), averaged over outer folds.
+    """
+
+    band_names: list[str] = field(default_factory=list)
+    r2_split: np.ndarray | None = None
+    band_weights: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------- fixed alpha
 
 
 def fit_ridge_fixed_alpha(X: np.ndarray, Y: np.ndarray, alpha: float, *, backend: str = "auto") -> np.ndarray:
@@ -302,6 +431,8 @@ def fit_ridge_fixed_alpha(X: np.ndarray, Y: np.ndarray, alpha: float, *, backend
     weights : array of shape (n_features, n_targets), float32
         Minimizer of ``||X W - Y||² + alpha ||W||²``.
     """
+    from himalaya.ridge import Ridge
+
     if not (np.isfinite(alpha) and alpha > 0):
         raise ConfigError(f"'alpha' must be positive and finite; got {alpha!r}.")
     X = np.asarray(X, dtype=np.float32)
@@ -311,42 +442,262 @@ def fit_ridge_fixed_alpha(X: np.ndarray, Y: np.ndarray, alpha: float, *, backend
         return bk.to_numpy(model.coef_).astype(np.float32, copy=False)
 
 
-def default_targets_chunk(n_samples: int, n_alphas: int, max_test: int,
-                          budget_bytes: int = MEMORY_BUDGET_BYTES) -> int:
-    """Number of targets per chunk that keeps one chunk's arrays under a memory budget.
+# --------------------------------------------------------------------------- solvers
 
-    Per target, a chunk holds its float32 responses (``n_samples``), its held-out
-    predictions (``n_samples``) and himalaya's validation predictions for every alpha
-    (``n_alphas * max_test``), so::
 
-        chunk = budget_bytes // (4 * (2 * n_samples + n_alphas * max_test))
+class _Base(NamedTuple):
+    """What an outer training set shares with its inner folds."""
 
-    (at least 1). With the default 256 MiB, 3000 samples, 20 alphas and 300-sample
-    runs this is about 7,400 targets per chunk.
+    rows: np.ndarray  # sample indices of the outer training set
+    G: Any  # primal: float64 Gram [X, 1]^T [X, 1] of the rows; kernel: None
+    H: Any  # primal: [X, 1][rows]^T Y[rows] (n_features + 1, n_targets); kernel: None
+
+
+class _Decomposition(NamedTuple):
+    """Eigendecomposition of one centred training set, valid for every alpha."""
+
+    lam: Any  # (m,) float64, eigenvalues clipped at 0
+    Q: Any  # (m, m) float32, eigenvectors (columns)
+    extra: dict[str, Any]
+
+
+class _PrimalDesign:
+    """Ridge with an intercept in feature space (``m = n_features``).
+
+    For a training set ``T`` with feature means ``mu``, centred Gram ``C = V diag(lam) V^T``
+    and right-hand side ``S = [X, 1][T]^T Y[T]`` (whose last row is the sum of ``Y[T]``),
+    the prediction for rows ``X_r`` with alpha is ``O @ S`` where ``O = [M, (1 - n M mu) / n]``
+    and ``M = (X_r - mu) V diag(1 / (lam + alpha)) V^T``: the intercept needs no centred
+    copy of ``Y``. ``S`` of an inner fold is the outer one minus ``[X, 1][E]^T Y[E]``.
     """
-    per_target = 4 * (2 * n_samples + n_alphas * max_test)
-    return max(1, budget_bytes // per_target)
+
+    name = "primal"
+
+    def __init__(self, bk: Any, X: np.ndarray):
+        n, p = X.shape
+        Xa = np.empty((n, p + 1), dtype=np.float32)
+        Xa[:, :p] = X
+        Xa[:, p] = 1.0
+        self.bk, self.p = bk, p
+        self.Xa = bk.asarray(Xa)
+
+    def _gram(self, rows: np.ndarray) -> Any:
+        A = float64_of(self.bk, take_rows(self.bk, self.Xa, rows))
+        return A.T @ A
+
+    def outer(self, Y: Any, rows: np.ndarray) -> _Base:
+        bk = self.bk
+        return _Base(rows, self._gram(rows), gemm(bk, take_rows(bk, self.Xa, rows).T, take_rows(bk, Y, rows)))
+
+    def fold(self, Y: Any, base: _Base, rows: np.ndarray) -> tuple[_Decomposition, Any]:
+        bk, p = self.bk, self.p
+        left_out = np.setdiff1d(base.rows, rows, assume_unique=True)
+        if left_out.size:
+            G = base.G - self._gram(left_out)
+            H = gemm(bk, take_rows(bk, self.Xa, left_out).T, take_rows(bk, Y, left_out), C=base.H, alpha=-1.0)
+        else:
+            G, H = base.G, base.H
+        n = float(G[p, p])
+        mu = G[:p, p] / n
+        lam, V = eigh_float64(bk, G[:p, :p] - n * (mu[:, None] * mu[None, :]))
+        lam = lam * (lam > 0)
+        extra = {"mu": float32_like(bk, mu, self.Xa), "n": n}
+        return _Decomposition(lam, float32_like(bk, V, self.Xa), extra), H
+
+    def left(self, dec: _Decomposition, rows: np.ndarray) -> Any:
+        """``(X_r - mu) V``, float32 (n_rows, m)."""
+        Xr = take_rows(self.bk, self.Xa, rows)[:, :self.p]
+        return (Xr - dec.extra["mu"][None, :]) @ dec.Q
+
+    def operators(self, dec: _Decomposition, B: Any, d: Any) -> Any:
+        """Prediction operators ``O`` for every row of ``d``: (n_alphas, n_rows, m + 1)."""
+        bk, p = self.bk, self.p
+        n_alphas, n_rows = d.shape[0], B.shape[0]
+        M = (B[None, :, :] * d[:, None, :]).reshape(n_alphas * n_rows, p) @ dec.Q.T
+        n = dec.extra["n"]
+        a = (1.0 - n * (M @ dec.extra["mu"])) / n
+        return bk.concatenate([M, a[:, None]], 1).reshape(n_alphas, n_rows, p + 1)
+
+    def rotate(self, dec: _Decomposition, H: Any) -> tuple[Any, Any]:
+        """``Z = V^T X_c^T Y_c`` (m, n_targets) and the training mean of ``Y``."""
+        p, n = self.p, dec.extra["n"]
+        total = H[p]
+        Z = dec.Q.T @ H[:p] - (dec.Q.T @ dec.extra["mu"])[:, None] * total[None, :]
+        return Z, total / n
+
+
+class _KernelDesign:
+    """Ridge with an intercept in sample space (``m = n_train``), for ``n_train < n_features``.
+
+    With the training kernel centred, ``K_c = U diag(lam) U^T``, and ``K_rc`` the centred
+    kernel between rows and training samples, the prediction with alpha is
+    ``(K_rc U diag(1 / (lam + alpha)) U^T + 1/n) Y[T]`` (centred kernels annihilate the
+    constant, so ``Y`` needs no centring either).
+    """
+
+    name = "kernel"
+
+    def __init__(self, bk: Any, X: np.ndarray):
+        self.bk = bk
+        Xb = bk.asarray(np.ascontiguousarray(X, dtype=np.float32))
+        self.K = Xb @ Xb.T
+        self._ref = self.K
+
+    def outer(self, Y: Any, rows: np.ndarray) -> _Base:
+        return _Base(rows, None, None)
+
+    def _block(self, rows: np.ndarray, cols: np.ndarray) -> Any:
+        bk = self.bk
+        return float64_of(bk, take_rows(bk, take_rows(bk, self.K, rows).T, cols).T)
+
+    def fold(self, Y: Any, base: _Base, rows: np.ndarray) -> tuple[_Decomposition, Any]:
+        bk = self.bk
+        K = self._block(rows, rows)
+        kbar = K.mean(0)
+        g = kbar.mean()
+        lam, U = eigh_float64(bk, K - kbar[:, None] - kbar[None, :] + g)
+        lam = lam * (lam > 0)
+        extra = {"rows": rows, "kbar": kbar, "g": g, "n": float(rows.size)}
+        return _Decomposition(lam, float32_like(bk, U, self._ref), extra), take_rows(bk, Y, rows)
+
+    def left(self, dec: _Decomposition, rows: np.ndarray) -> Any:
+        """``K_rc U``, float32 (n_rows, m)."""
+        Kr = self._block(rows, dec.extra["rows"])
+        Krc = Kr - Kr.mean(1)[:, None] - dec.extra["kbar"][None, :] + dec.extra["g"]
+        return float32_like(self.bk, Krc, self._ref) @ dec.Q
+
+    def operators(self, dec: _Decomposition, B: Any, d: Any) -> Any:
+        n_alphas, n_rows, m = d.shape[0], B.shape[0], B.shape[1]
+        M = (B[None, :, :] * d[:, None, :]).reshape(n_alphas * n_rows, m) @ dec.Q.T
+        M += 1.0 / dec.extra["n"]
+        return M.reshape(n_alphas, n_rows, m)
+
+    def rotate(self, dec: _Decomposition, H: Any) -> tuple[Any, Any]:
+        return dec.Q.T @ H, H.mean(0)
+
+
+_DESIGNS: dict[str, Callable[[Any, np.ndarray], Any]] = {"primal": _PrimalDesign, "kernel": _KernelDesign}
+
+
+def _shrinkage(bk: Any, lam: Any, alphas: np.ndarray, ref: Any) -> Any:
+    """``1 / (lam + alpha)`` for every alpha: float32 (n_alphas, m) on the device of ``ref``."""
+    a = bk.asarray_like(np.asarray(alphas, dtype=np.float64)[:, None], lam)
+    return float32_like(bk, 1.0 / (lam[None, :] + a), ref)
+
+
+def _fold_scores(y: np.ndarray, p: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson r and R² per column, computed in column batches (bounded float64 copies)."""
+    r = np.empty(y.shape[1], dtype=np.float64)
+    r2 = np.empty(y.shape[1], dtype=np.float64)
+    for start in range(0, y.shape[1], batch):
+        cols = slice(start, start + batch)
+        r[cols] = pearson_r(y[:, cols], p[:, cols])
+        r2[cols] = r2_score(y[:, cols], p[:, cols])
+    return r, r2
 
 
 def _fit_chunk(X: np.ndarray, Y: np.ndarray, splits: list[OuterSplit], alphas: np.ndarray,
-               backend_name: str, return_predictions: bool = True) -> dict[str, np.ndarray | None]:
+               backend_name: str, return_predictions: bool = True, solver: str = "primal",
+               mode: str = "operator", n_threads: int | None = None) -> dict[str, np.ndarray | None]:
     """Nested-CV fit of one chunk of (valid) targets. Pure: same inputs, same outputs.
 
-    Returns a dict with ``r``, ``r2`` (n_chunk,), ``fold_alphas`` (n_folds, n_chunk) and
-    ``predictions`` (n_samples, n_chunk) or None.
+    Parameters
+    ----------
+    X : array of shape (n_samples, n_features), float32
+    Y : array of shape (n_samples, n_chunk), float32 (a view is fine: it is never written)
+    splits : list of OuterSplit
+    alphas : array of shape (n_alphas,), float32, sorted
+    backend_name : str
+    return_predictions : bool
+    solver : {"primal", "kernel", "himalaya"}
+    mode : {"operator", "rotation"}
+        ``"operator"`` builds one ``(n_val, m)`` prediction operator per alpha and fold
+        (``n_alphas * n_val * m²`` flops, independent of the targets) and applies it to the
+        fold's right-hand side; ``"rotation"`` rotates the right-hand side once
+        (``m² * n_chunk`` flops) and scales it per alpha. The caller picks one for all
+        chunks: whichever costs less for the whole target matrix.
+    n_threads : int or None
+        BLAS threads for this call (None: unchanged).
+
+    Returns
+    -------
+    part : dict
+        ``r``, ``r2`` (n_chunk,), ``fold_alphas`` (n_folds, n_chunk) and ``predictions``
+        (n_samples, n_chunk; NaN on rows no fold held out) or None.
     """
-    predictions = np.empty(Y.shape, dtype=np.float32)
-    fold_alphas = np.empty((len(splits), Y.shape[1]), dtype=np.float32)
-    fold_r = np.empty((len(splits), Y.shape[1]), dtype=np.float64)
-    fold_r2 = np.empty((len(splits), Y.shape[1]), dtype=np.float64)
+    with blas_threads(n_threads):
+        if solver == "himalaya":
+            return _fit_chunk_himalaya(X, Y, splits, alphas, backend_name, return_predictions)
+        return _fit_chunk_eigen(X, Y, splits, alphas, backend_name, return_predictions, solver, mode)
+
+
+def _fit_chunk_eigen(X: np.ndarray, Y: np.ndarray, splits: list[OuterSplit], alphas: np.ndarray,
+                     backend_name: str, return_predictions: bool, solver: str,
+                     mode: str) -> dict[str, np.ndarray | None]:
+    n_samples, n_targets = Y.shape
+    n_alphas = alphas.size
+    log_alphas = np.log(alphas.astype(np.float64))
+    predictions = np.full(Y.shape, np.nan, dtype=np.float32) if return_predictions else None
+    fold_alphas = np.empty((len(splits), n_targets), dtype=np.float32)
+    fold_r = np.empty((len(splits), n_targets), dtype=np.float64)
+    fold_r2 = np.empty((len(splits), n_targets), dtype=np.float64)
     with use_backend(backend_name) as bk:
+        design = _DESIGNS[solver](bk, np.asarray(X, dtype=np.float32))
+        Yb = bk.asarray(Y)
         for k, split in enumerate(splits):
-            model = RidgeCV(alphas=alphas, cv=split.inner, fit_intercept=True)
-            model.fit(X[split.train], Y[split.train])
-            predictions[split.test] = bk.to_numpy(model.predict(X[split.test]))
-            fold_alphas[k] = bk.to_numpy(model.best_alphas_)
-            fold_r[k] = pearson_r(Y[split.test], predictions[split.test])
-            fold_r2[k] = r2_score(Y[split.test], predictions[split.test])
+            base = design.outer(Yb, split.train)
+            losses = np.zeros((n_alphas, n_targets), dtype=np.float64)
+            for tr, va in split.inner:
+                dec, H = design.fold(Yb, base, split.train[tr])
+                val = split.train[va]
+                B = design.left(dec, val)
+                d = _shrinkage(bk, dec.lam, alphas, B)
+                Yv = take_rows(bk, Yb, val)
+                R = bk.zeros_like(Yv)
+                if mode == "operator":
+                    O = design.operators(dec, B, d)
+                    terms = ((O[a], H, Yv) for a in range(n_alphas))
+                else:
+                    Z, nu = design.rotate(dec, H)
+                    Yc = Yv - nu[None, :]
+                    terms = ((B * d[a][None, :], Z, Yc) for a in range(n_alphas))
+                for a, (left, right, target) in enumerate(terms):
+                    gemm(bk, left, right, C=target, alpha=-1.0, out=R)
+                    # himalaya's l2_neg_loss: mean squared error per split in float32,
+                    # averaged over splits in float64
+                    losses[a] += bk.to_numpy(column_sq_norms(bk, R) / val.size).astype(np.float64)
+                del dec, H, B, d, Yv, R, terms
+            scores = -losses / len(split.inner) + 1e-10 * log_alphas[:, None]  # ties -> larger alpha
+            best = np.argmax(scores, axis=0)
+            fold_alphas[k] = alphas[best]
+
+            # refit on the whole outer training set, predict the held-out group
+            dec, H = design.fold(Yb, base, split.train)
+            B = design.left(dec, split.test)
+            used = np.unique(best)
+            pred = np.empty((split.test.size, n_targets), dtype=np.float32)
+            d = _shrinkage(bk, dec.lam, alphas[used], B)
+            if mode == "operator":
+                O = design.operators(dec, B, d)
+            else:
+                Z, nu = design.rotate(dec, H)
+            for i, a in enumerate(used):
+                cols = np.flatnonzero(best == a)
+                if mode == "operator":
+                    block = O[i] @ take_columns(bk, H, cols)
+                else:
+                    block = (B * d[i][None, :]) @ take_columns(bk, Z, cols) + take_rows(bk, nu, cols)[None, :]
+                pred[:, cols] = bk.to_numpy(block)
+            del dec, H, B, d, base
+            y_test = np.asarray(Y[split.test])
+            fold_r[k], fold_r2[k] = _fold_scores(y_test, pred)
+            if predictions is not None:
+                predictions[split.test] = pred
+    return _combine_folds(splits, fold_r, fold_r2, fold_alphas, predictions)
+
+
+def _combine_folds(splits: list[OuterSplit], fold_r: np.ndarray, fold_r2: np.ndarray,
+                   fold_alphas: np.ndarray, predictions: np.ndarray | None) -> dict[str, np.ndarray | None]:
     # Scores are computed within each held-out fold, then averaged weighted by fold size:
     # pooling predictions across folds would add between-fold offsets (each fold's training
     # mean is anti-correlated with its held-out mean), biasing null targets' r below 0.
@@ -356,8 +707,194 @@ def _fit_chunk(X: np.ndarray, Y: np.ndarray, splits: list[OuterSplit], alphas: n
         "r": (weights @ fold_r).astype(np.float32),
         "r2": (weights @ fold_r2).astype(np.float32),
         "fold_alphas": fold_alphas,
-        "predictions": predictions if return_predictions else None,
+        "predictions": predictions,
     }
+
+
+def _fit_chunk_himalaya(X: np.ndarray, Y: np.ndarray, splits: list[OuterSplit], alphas: np.ndarray,
+                        backend_name: str, return_predictions: bool = True) -> dict[str, np.ndarray | None]:
+    """The reference: himalaya ``RidgeCV`` (intercept, inner CV splits) per outer fold."""
+    from himalaya.ridge import RidgeCV
+
+    predictions = np.full(Y.shape, np.nan, dtype=np.float32) if return_predictions else None
+    fold_alphas = np.empty((len(splits), Y.shape[1]), dtype=np.float32)
+    fold_r = np.empty((len(splits), Y.shape[1]), dtype=np.float64)
+    fold_r2 = np.empty((len(splits), Y.shape[1]), dtype=np.float64)
+    with use_backend(backend_name) as bk:
+        for k, split in enumerate(splits):
+            model = RidgeCV(alphas=alphas, cv=split.inner, fit_intercept=True)
+            model.fit(X[split.train], Y[split.train])
+            pred = bk.to_numpy(model.predict(X[split.test])).astype(np.float32, copy=False)
+            # himalaya returns exp(-log(alpha)): snap to the candidate it stands for
+            chosen = bk.to_numpy(model.best_alphas_).astype(np.float64)
+            fold_alphas[k] = alphas[np.abs(np.log(chosen)[:, None] - np.log(alphas)[None, :]).argmin(1)]
+            fold_r[k], fold_r2[k] = _fold_scores(np.asarray(Y[split.test]), pred)
+            if predictions is not None:
+                predictions[split.test] = pred
+    return _combine_folds(splits, fold_r, fold_r2, fold_alphas, predictions)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def ridge_flops(n_features: int, splits: list[OuterSplit], n_alphas: int, n_targets: int,
+                solver: str = "primal") -> float:
+    """Floating-point operations of the target-dependent work of :func:`fit_encoding`.
+
+    Counts the products with ``Y`` only (2 flops per multiply-add): for the primal
+    solver, ``X^T Y`` of each outer training set, the downdate of each inner fold, one
+    prediction per alpha and validation sample, and the held-out predictions; for the
+    kernel solver, one prediction per alpha and validation sample against every
+    training sample. The target-independent decompositions are left out.
+    """
+    m = n_features + 1
+    total = 0.0
+    for split in splits:
+        n_train = split.train.size
+        width = m if solver != "kernel" else n_train
+        total += n_train * m if solver != "kernel" else 0.0
+        for tr, va in split.inner:
+            if solver != "kernel":
+                total += (n_train - tr.size) * m
+                total += n_alphas * va.size * m
+            else:
+                total += n_alphas * va.size * tr.size
+        total += split.test.size * width
+    return 2.0 * total * n_targets
+
+
+def _bytes_per_target(n_samples: int, n_features: int, max_train: int, max_val: int, max_test: int,
+                      solver: str, mode: str, return_predictions: bool) -> int:
+    """float32 values a chunk holds per target, times 4 (see default_targets_chunk)."""
+    values = n_samples  # the chunk of Y (a copy on a dask worker or a GPU)
+    values += n_samples if return_predictions else 0
+    if solver == "kernel":
+        values += max_train  # Y of the training rows
+        m = max_train
+    else:
+        values += 2 * (n_features + 1)  # outer and inner right-hand sides
+        m = n_features + 1
+    values += 2 * max_val + max_test  # validation rows, residuals, held-out predictions
+    if mode == "rotation":
+        values += m + max_val
+    if solver == "himalaya":
+        values += 20 * max_val  # himalaya's predictions for every alpha (about)
+    return 4 * values
+
+
+def default_targets_chunk(n_samples: int, n_features: int, max_val: int, max_test: int,
+                          budget_bytes: int = MEMORY_BUDGET_BYTES, *, max_train: int | None = None,
+                          solver: str = "primal", mode: str = "operator",
+                          return_predictions: bool = True) -> int:
+    """Number of targets per chunk that keeps one chunk's arrays under a memory budget.
+
+    Per target, a chunk holds its float32 responses (``n_samples``), its held-out
+    predictions (``n_samples``, when returned), the outer and inner right-hand sides
+    (``2 * (n_features + 1)``; the kernel solver holds the training rows of ``Y``
+    instead), the validation rows and their residuals (``2 * max_val``) and the
+    held-out predictions of one fold (``max_test``)::
+
+        chunk = budget_bytes // (4 * (2 * n_samples + 2 * (n_features + 1) + 2 * max_val + max_test))
+
+    (at least 1). The target-independent arrays (one fold's operators,
+    ``n_alphas * max_val * (n_features + 1)`` floats) come on top. With 256 MiB, 3300
+    samples, 1024 features, 600-sample validation folds and a 300-sample test set this
+    is about 7,200 targets per chunk.
+    """
+    per_target = _bytes_per_target(n_samples, n_features, max_train or n_samples, max_val, max_test,
+                                   solver, mode, return_predictions)
+    return max(1, int(budget_bytes) // per_target)
+
+
+def _choose_solver(solver: str, n_features: int, splits: list[OuterSplit]) -> str:
+    if solver not in SOLVERS:
+        raise ConfigError(f"'solver' must be one of {', '.join(SOLVERS)}; got {solver!r}.")
+    if solver != "auto":
+        return solver
+    max_train = max(split.train.size for split in splits)
+    return "kernel" if max_train < n_features + 1 else "primal"
+
+
+def _choose_mode(solver: str, n_features: int, splits: list[OuterSplit], n_alphas: int, n_targets: int) -> str:
+    """Operators (cost independent of targets) when they cost less than rotating ``Y``."""
+    max_val = max(va.size for split in splits for _, va in split.inner)
+    return "operator" if n_targets >= n_alphas * max_val else "rotation"
+
+
+def _columns(Y: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``Y[:, cols]``: a view when ``cols`` is a contiguous range."""
+    if cols.size and cols[-1] - cols[0] + 1 == cols.size:
+        return Y[:, int(cols[0]):int(cols[-1]) + 1]
+    return Y[:, cols]
+
+
+def _worker_threads(client: Client) -> dict[str, int]:
+    threads = dict(client.nthreads())
+    if not threads:
+        raise FitError("The dask cluster has no workers; start some or use `compute.dask: none`.")
+    return threads
+
+
+def _plan_chunks(valid_idx: np.ndarray, n_targets_chunk: int | None, per_target: int, backend_name: str,
+                 client: Client | None) -> tuple[list[np.ndarray], int | None]:
+    """Chunks of target indices, and the BLAS threads each dask task may use."""
+    n_valid = valid_idx.size
+    n_threads = None
+    if client is None:
+        if n_targets_chunk is None:
+            n_targets_chunk = max(1, memory_budget_bytes(backend_name) // per_target)
+    else:
+        threads = _worker_threads(client)
+        total = sum(threads.values())
+        if n_targets_chunk is None:
+            budgets = client.run(memory_budget_bytes, backend_name, max(threads.values()))
+            budget = min(budgets.values()) if budgets else MEMORY_BUDGET_BYTES
+            # enough chunks to keep every worker thread busy, none over its memory share
+            n_targets_chunk = max(1, min(budget // per_target, math.ceil(n_valid / total)))
+        n_chunks = math.ceil(n_valid / n_targets_chunk)
+        n_threads = max(1, min(min(threads.values()), total // max(1, min(n_chunks, total))))
+    chunks = [valid_idx[i:i + n_targets_chunk] for i in range(0, n_valid, n_targets_chunk)]
+    return chunks, n_threads
+
+
+def _run_chunks(func: Callable[..., dict], shared: Any, Y: np.ndarray, chunks: list[np.ndarray],
+                client: Client | None, n_threads: int | None, *args: Any) -> list[dict]:
+    """``func(shared, Y[:, chunk], *args)`` for every chunk, in process or on dask.
+
+    On dask, ``shared`` is scattered once to every worker and at most two tasks per
+    worker thread are in flight (each carries its own copy of its columns of ``Y``), so
+    the client never holds a second copy of ``Y``. Tasks are pure: a task lost with its
+    worker is recomputed elsewhere and gives the same result.
+    """
+    if client is None:
+        return [func(shared, _columns(Y, c), *args) for c in chunks]
+    from distributed import as_completed
+
+    remote = client.scatter(shared, broadcast=True)
+    parts: list[dict | None] = [None] * len(chunks)
+    order = iter(range(len(chunks)))
+    index: dict[str, int] = {}
+    running = as_completed()
+
+    def submit() -> None:
+        i = next(order, None)
+        if i is None:
+            return
+        future = client.submit(func, remote, np.ascontiguousarray(_columns(Y, chunks[i])), *args,
+                               n_threads=n_threads, pure=True)
+        index[future.key] = i
+        running.add(future)
+
+    for _ in range(2 * sum(_worker_threads(client).values())):
+        submit()
+    for future in running:
+        parts[index[future.key]] = future.result()
+        future.release()
+        submit()
+    return parts  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- checks
 
 
 def _format_values(values: np.ndarray) -> str:
@@ -381,6 +918,50 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
     return int(value)
 
 
+def _check_inputs(Xs: list[np.ndarray], Y: np.ndarray, groups: np.ndarray) -> tuple[list[np.ndarray], np.ndarray,
+                                                                                     np.ndarray]:
+    Xs = [np.asarray(X, dtype=np.float32) for X in Xs]
+    Y = np.asarray(Y, dtype=np.float32)
+    groups = np.asarray(groups)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    if any(X.ndim != 2 for X in Xs) or Y.ndim != 2:
+        shapes = ", ".join(str(X.shape) for X in Xs)
+        raise FitError(f"X and Y must be 2-D (n_samples, n_features/n_targets); got {shapes} and {Y.shape}.")
+    n_samples = Y.shape[0]
+    for X in Xs:
+        if X.shape[0] != n_samples:
+            raise FitError(f"X and Y must have the same number of samples; got {X.shape[0]} and {n_samples}.")
+    if groups.shape != (n_samples,):
+        raise FitError(f"'groups' must have shape ({n_samples},) to match X; got {groups.shape}.")
+    for X in Xs:
+        bad_cols = np.flatnonzero(~np.isfinite(X).all(axis=0))
+        if bad_cols.size:
+            raise FitError(f"X contains NaN or Inf in {bad_cols.size} feature column(s) (first: {bad_cols[0]}); "
+                           "impute or drop them before fitting.")
+    return Xs, Y, groups
+
+
+def _valid_targets(Y: np.ndarray, batch: int = 2048) -> np.ndarray:
+    """Finite and not constant, computed in column batches (no full-size temporaries)."""
+    valid = np.empty(Y.shape[1], dtype=bool)
+    with np.errstate(invalid="ignore"):
+        for start in range(0, Y.shape[1], batch):
+            block = Y[:, start:start + batch]
+            valid[start:start + batch] = np.isfinite(block).all(axis=0) & (np.ptp(block, axis=0) > 0)
+    return valid
+
+
+def _sample_fold(splits: list[OuterSplit], n_samples: int) -> np.ndarray:
+    fold = np.full(n_samples, -1, dtype=np.int64)
+    for k, split in enumerate(splits):
+        fold[split.test] = k
+    return fold
+
+
+# --------------------------------------------------------------------------- fitting
+
+
 def fit_encoding(
     X: np.ndarray,
     Y: np.ndarray,
@@ -392,23 +973,28 @@ def fit_encoding(
     n_targets_chunk: int | None = None,
     client: Client | None = None,
     return_predictions: bool = True,
+    test_groups: Sequence[Any] | None = None,
+    solver: str = "auto",
 ) -> EncodingResult:
     """Fit a ridge encoding model per target with nested leave-one-group-out CV.
 
-    For each group (outer fold), himalaya ``RidgeCV`` with an intercept is fit on the
-    other groups, choosing one alpha per target by an inner leave-one-group-out CV
-    over those training groups (mean squared error), then predicts the held-out
-    group. Scores are computed within each held-out fold and averaged (weighted by size).
+    For each outer fold (each group in turn, or the ``test_groups``), a ridge model
+    with an intercept is fit on the other groups, choosing one alpha per target by an
+    inner leave-one-group-out CV over those training groups (mean squared error, as
+    himalaya's ``RidgeCV``), then predicts the held-out samples. Scores are computed
+    within each held-out fold and averaged (weighted by size).
 
     Parameters
     ----------
     X : array of shape (n_samples, n_features)
-        Features (cast to float32). Must be finite.
+        Features (cast to float32). Must be finite. Roughly centred data (z-scored per
+        run, as :func:`pipelines.stages.fit_subject` gives) keep float32 accurate.
     Y : array of shape (n_samples, n_targets)
         Responses (cast to float32). Constant or non-finite targets are skipped.
     groups : array of shape (n_samples,)
-        Run / block label of each sample; at least 3 distinct labels. Folds are
-        whole groups, in order of first appearance.
+        Run / story / block label of each sample; at least 3 distinct labels. Folds are
+        whole groups, in order of first appearance. Labels that look like shuffled time
+        points are refused.
     alphas : sequence of float
         Candidate ridge alphas (positive, finite; duplicates removed).
     backend : str
@@ -418,13 +1004,19 @@ def fit_encoding(
         Drop training samples within ``gap`` positions of held-out samples (outer
         and inner splits), against autocorrelation leakage between adjacent runs.
     n_targets_chunk : int or None
-        Targets per chunk. None: :func:`default_targets_chunk` (256 MiB budget).
-        Results do not depend on it.
+        Targets per chunk. None: from the memory free on this machine (or on each dask
+        worker, and on the GPU), see :func:`default_targets_chunk`; with dask at least
+        one chunk per worker thread. Results do not depend on it.
     client : distributed.Client or None
         If given, ``X`` is scattered once (broadcast) and each chunk is one task;
         otherwise chunks run sequentially in this process.
     return_predictions : bool
         Keep the held-out predictions (n_samples x n_targets float32) in the result.
+    test_groups : sequence of labels or None
+        Hold these groups out as the one test set instead of every group in turn
+        (see :func:`nested_group_splits`).
+    solver : str
+        One of :data:`SOLVERS` (see the module docstring); ``"auto"`` by default.
 
     Returns
     -------
@@ -433,54 +1025,34 @@ def fit_encoding(
     Raises
     ------
     FitError
-        Shape mismatches, non-finite ``X``, fewer than 3 groups, a ``gap`` that
-        empties a fold, or no valid target.
+        Shape mismatches, non-finite ``X``, fewer than 3 groups, shuffled groups, a
+        ``gap`` that empties a fold, or no valid target.
     ConfigError
-        Invalid ``alphas``, ``gap``, ``n_targets_chunk`` or ``backend``.
+        Invalid ``alphas``, ``gap``, ``n_targets_chunk``, ``backend`` or ``solver``.
     """
-    X = np.asarray(X, dtype=np.float32)
-    Y = np.asarray(Y, dtype=np.float32)
-    groups = np.asarray(groups)
-    if Y.ndim == 1:
-        Y = Y[:, None]
-    if X.ndim != 2 or Y.ndim != 2:
-        raise FitError(f"X and Y must be 2-D (n_samples, n_features/n_targets); got {X.shape} and {Y.shape}.")
-    n_samples = X.shape[0]
-    if Y.shape[0] != n_samples:
-        raise FitError(f"X and Y must have the same number of samples; got {n_samples} and {Y.shape[0]}.")
-    if groups.shape != (n_samples,):
-        raise FitError(f"'groups' must have shape ({n_samples},) to match X; got {groups.shape}.")
+    (X,), Y, groups = _check_inputs([X], Y, groups)
     alphas_arr = _check_alphas(alphas)
     gap = _check_int(gap, "gap", 0)
     if n_targets_chunk is not None:
         n_targets_chunk = _check_int(n_targets_chunk, "n_targets_chunk", 1)
-    bad_cols = np.flatnonzero(~np.isfinite(X).all(axis=0))
-    if bad_cols.size:
-        raise FitError(f"X contains NaN or Inf in {bad_cols.size} feature column(s) (first: {bad_cols[0]}); "
-                       "impute or drop them before fitting.")
-    splits = nested_group_splits(groups, gap=gap)
+    splits = nested_group_splits(groups, gap=gap, test_groups=test_groups)
     backend_name = choose_backend(backend)
+    solver_name = _choose_solver(solver, X.shape[1], splits)
 
-    n_targets = Y.shape[1]
-    with np.errstate(invalid="ignore"):
-        valid = np.isfinite(Y).all(axis=0) & (np.ptp(Y, axis=0) > 0)
+    n_samples, n_targets = Y.shape
+    valid = _valid_targets(Y)
     if not valid.any():
         raise FitError(f"All {n_targets} targets in Y are constant or contain NaN/Inf; nothing to fit.")
     valid_idx = np.flatnonzero(valid)
+    mode = _choose_mode(solver_name, X.shape[1], splits, alphas_arr.size, valid_idx.size)
 
-    if n_targets_chunk is None:
-        max_test = max(s.test.size for s in splits)
-        n_targets_chunk = default_targets_chunk(n_samples, alphas_arr.size, max_test)
-    chunks = [valid_idx[i:i + n_targets_chunk] for i in range(0, valid_idx.size, n_targets_chunk)]
-
-    if client is None:
-        parts = [_fit_chunk(X, np.ascontiguousarray(Y[:, c]), splits, alphas_arr, backend_name,
-                            return_predictions) for c in chunks]
-    else:
-        X_remote = client.scatter(X, broadcast=True)
-        futures = [client.submit(_fit_chunk, X_remote, np.ascontiguousarray(Y[:, c]), splits, alphas_arr,
-                                 backend_name, return_predictions, pure=True) for c in chunks]
-        parts = client.gather(futures)
+    per_target = _bytes_per_target(
+        n_samples, X.shape[1], max(s.train.size for s in splits),
+        max(va.size for s in splits for _, va in s.inner), max(s.test.size for s in splits),
+        solver_name, mode, return_predictions)
+    chunks, n_threads = _plan_chunks(valid_idx, n_targets_chunk, per_target, backend_name, client)
+    parts = _run_chunks(_fit_chunk, X, Y, chunks, client, n_threads, splits, alphas_arr, backend_name,
+                        return_predictions, solver_name, mode)
 
     r = np.full(n_targets, np.nan, dtype=np.float32)
     r2 = np.full(n_targets, np.nan, dtype=np.float32)
@@ -496,4 +1068,169 @@ def fit_encoding(
         alpha = np.exp(np.log(fold_alphas.astype(np.float64)).mean(axis=0)).astype(np.float32)
 
     return EncodingResult(r=r, r2=r2, alpha=alpha, valid=valid, n_folds=len(splits), backend=backend_name,
-                          predictions=predictions, fold_alphas=fold_alphas)
+                          predictions=predictions, fold_alphas=fold_alphas,
+                          sample_fold=_sample_fold(splits, n_samples), solver=solver_name)
+
+
+# --------------------------------------------------------------------------- banded ridge
+
+
+def _fit_banded_chunk(Xs: list[np.ndarray], Y: np.ndarray, splits: list[OuterSplit], alphas: np.ndarray,
+                      backend_name: str, return_predictions: bool, n_iter: int, random_state: int,
+                      n_threads: int | None = None) -> dict[str, np.ndarray | None]:
+    """Banded ridge (himalaya) per outer fold for one chunk of targets. Pure.
+
+    Each outer training set is centred (features and targets, by its own means); the
+    bands' relative weights and the alpha are searched by himalaya (random search over
+    the simplex, ``n_iter`` draws, fixed seed) with the inner splits: ``BandedRidgeCV``
+    (primal, intercept refit in every inner fold) when the training set has at least as
+    many samples as features, else ``MultipleKernelRidgeCV`` on precomputed linear
+    kernels of the centred bands. The held-out prediction is split per band.
+    """
+    from himalaya.kernel_ridge import MultipleKernelRidgeCV
+    from himalaya.ridge import BandedRidgeCV
+
+    n_bands, n_targets = len(Xs), Y.shape[1]
+    predictions = np.full(Y.shape, np.nan, dtype=np.float32) if return_predictions else None
+    fold_alphas = np.empty((len(splits), n_targets), dtype=np.float32)
+    fold_r = np.empty((len(splits), n_targets), dtype=np.float64)
+    fold_r2 = np.empty((len(splits), n_targets), dtype=np.float64)
+    fold_split = np.empty((len(splits), n_bands, n_targets), dtype=np.float64)
+    fold_gamma = np.empty((len(splits), n_bands, n_targets), dtype=np.float64)
+    params = dict(alphas=np.asarray(alphas, dtype=np.float32), n_iter=n_iter, progress_bar=False)
+    with blas_threads(n_threads), use_backend(backend_name) as bk:
+        for k, split in enumerate(splits):
+            tr, te = split.train, split.test
+            means = [X[tr].mean(axis=0, dtype=np.float64).astype(np.float32) for X in Xs]
+            Xtr = [X[tr] - mu for X, mu in zip(Xs, means)]
+            Xte = [X[te] - mu for X, mu in zip(Xs, means)]
+            nu = Y[tr].mean(axis=0, dtype=np.float64).astype(np.float32)
+            Ytr = Y[tr] - nu
+            if sum(X.shape[1] for X in Xs) <= tr.size:
+                model = BandedRidgeCV(groups="input", solver_params=params, cv=split.inner,
+                                      fit_intercept=True, random_state=random_state)
+                model.fit(Xtr, Ytr)
+                coef = bk.to_numpy(model.coef_)
+                edges = np.cumsum([0] + [X.shape[1] for X in Xs])
+                parts = np.stack([Xte[b] @ coef[edges[b]:edges[b + 1]] for b in range(n_bands)])
+                offset = bk.to_numpy(model.intercept_)
+            else:
+                model = MultipleKernelRidgeCV(kernels="precomputed", solver_params=params, cv=split.inner,
+                                              fit_intercept=False, random_state=random_state)
+                model.fit(np.stack([A @ A.T for A in Xtr]), Ytr)
+                dual = bk.to_numpy(model.dual_coef_)
+                weights = np.exp(bk.to_numpy(model.deltas_))
+                parts = np.stack([(Xte[b] @ Xtr[b].T @ dual) * weights[b] for b in range(n_bands)])
+                offset = np.zeros(n_targets, dtype=np.float32)
+            deltas = bk.to_numpy(model.deltas_).astype(np.float64)
+            gamma = np.exp(deltas - deltas.max(0))
+            fold_gamma[k] = gamma / gamma.sum(0)
+            fold_alphas[k] = 1.0 / np.exp(deltas).sum(0)
+            pred = (parts.sum(0) + offset + nu).astype(np.float32)
+            y_te = Y[te]
+            fold_r[k], fold_r2[k] = _fold_scores(y_te, pred)
+            yc = y_te - y_te.mean(0)
+            pc = parts - parts.mean(1, keepdims=True)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sst = (yc.astype(np.float64) ** 2).sum(0)
+                total = pc.sum(0)
+                for b in range(n_bands):  # product measure (himalaya's r2_score_split)
+                    fold_split[k, b] = ((2 * yc * pc[b] - pc[b] * total).sum(0, dtype=np.float64)) / sst
+            if predictions is not None:
+                predictions[te] = pred
+    out = _combine_folds(splits, fold_r, fold_r2, fold_alphas, predictions)
+    weights = np.array([len(split.test) for split in splits], dtype=np.float64)
+    weights /= weights.sum()
+    out["r2_split"] = np.tensordot(weights, fold_split, axes=1).astype(np.float32)
+    out["band_weights"] = np.tensordot(weights, fold_gamma, axes=1).astype(np.float32)
+    return out
+
+
+def fit_banded_encoding(
+    Xs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+    Y: np.ndarray,
+    groups: np.ndarray,
+    alphas: Any,
+    *,
+    n_iter: int = 20,
+    random_state: int = 0,
+    backend: str = "auto",
+    gap: int = 0,
+    n_targets_chunk: int | None = None,
+    client: Client | None = None,
+    return_predictions: bool = True,
+    test_groups: Sequence[Any] | None = None,
+) -> BandedEncodingResult:
+    """Banded ridge over several feature spaces, with the held-out R² split per space.
+
+    Same folds, validity rules, chunking and scores as :func:`fit_encoding`; each
+    feature space (band) gets its own regularization, searched by himalaya inside the
+    training groups (see :func:`_fit_banded_chunk`).
+
+    Parameters
+    ----------
+    Xs : mapping of name -> array of shape (n_samples, n_features_b), or a sequence
+        The feature spaces (a sequence is named ``band0``, ``band1``, ...).
+    Y, groups, alphas, backend, gap, n_targets_chunk, client, return_predictions, test_groups
+        As in :func:`fit_encoding`.
+    n_iter : int
+        Draws of band weights in himalaya's random search (the first is uniform).
+    random_state : int
+        Seed of that search (fixed: re-runs and chunkings give the same result).
+
+    Returns
+    -------
+    result : BandedEncodingResult
+        ``alpha`` is himalaya's ``1 / sum(exp(deltas))`` per fold, averaged
+        geometrically; ``r2_split`` and ``band_weights`` per band.
+    """
+    if isinstance(Xs, Mapping):
+        names, arrays = [str(k) for k in Xs], list(Xs.values())
+    else:
+        arrays = list(Xs)
+        names = [f"band{i}" for i in range(len(arrays))]
+    if len(arrays) < 1:
+        raise ConfigError("'Xs' must hold at least one feature space; got none.")
+    arrays, Y, groups = _check_inputs(arrays, Y, groups)
+    alphas_arr = _check_alphas(alphas)
+    gap = _check_int(gap, "gap", 0)
+    n_iter = _check_int(n_iter, "n_iter", 1)
+    if n_targets_chunk is not None:
+        n_targets_chunk = _check_int(n_targets_chunk, "n_targets_chunk", 1)
+    splits = nested_group_splits(groups, gap=gap, test_groups=test_groups)
+    backend_name = choose_backend(backend)
+
+    n_samples, n_targets = Y.shape
+    valid = _valid_targets(Y)
+    if not valid.any():
+        raise FitError(f"All {n_targets} targets in Y are constant or contain NaN/Inf; nothing to fit.")
+    valid_idx = np.flatnonzero(valid)
+    n_features = sum(A.shape[1] for A in arrays)
+    max_train = max(s.train.size for s in splits)
+    per_target = _bytes_per_target(n_samples, n_features, max_train,
+                                   max(va.size for s in splits for _, va in s.inner),
+                                   max(s.test.size for s in splits), "himalaya", "operator",
+                                   return_predictions) + 4 * len(arrays) * max(s.test.size for s in splits)
+    chunks, n_threads = _plan_chunks(valid_idx, n_targets_chunk, per_target, backend_name, client)
+    parts = _run_chunks(_fit_banded_chunk, arrays, Y, chunks, client, n_threads, splits, alphas_arr,
+                        backend_name, return_predictions, n_iter, random_state)
+
+    n_bands = len(arrays)
+    r = np.full(n_targets, np.nan, dtype=np.float32)
+    r2 = np.full(n_targets, np.nan, dtype=np.float32)
+    r2_split = np.full((n_bands, n_targets), np.nan, dtype=np.float32)
+    band_weights = np.full((n_bands, n_targets), np.nan, dtype=np.float32)
+    fold_alphas = np.full((len(splits), n_targets), np.nan, dtype=np.float32)
+    predictions = np.full(Y.shape, np.nan, dtype=np.float32) if return_predictions else None
+    for c, part in zip(chunks, parts):
+        r[c], r2[c] = part["r"], part["r2"]
+        r2_split[:, c], band_weights[:, c] = part["r2_split"], part["band_weights"]
+        fold_alphas[:, c] = part["fold_alphas"]
+        if predictions is not None:
+            predictions[:, c] = part["predictions"]
+    with np.errstate(invalid="ignore"):
+        alpha = np.exp(np.log(fold_alphas.astype(np.float64)).mean(axis=0)).astype(np.float32)
+    return BandedEncodingResult(
+        r=r, r2=r2, alpha=alpha, valid=valid, n_folds=len(splits), backend=backend_name,
+        predictions=predictions, fold_alphas=fold_alphas, sample_fold=_sample_fold(splits, n_samples),
+        solver="banded", band_names=names, r2_split=r2_split, band_weights=band_weights)

@@ -1,5 +1,9 @@
-"""Encoding-model fitting: himalaya ridge vs scikit-learn, nested CV, chunking, dask."""
+"""Encoding-model fitting: the eigen solvers vs himalaya and scikit-learn, nested CV, chunking, dask."""
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,18 +12,33 @@ from himalaya.ridge import RidgeCV
 from sklearn.linear_model import Ridge as SkRidge
 from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
 
-from pipelines.backend import choose_backend, describe_device, use_backend
+from pipelines.backend import (
+    MAX_BUDGET_BYTES,
+    MIN_BUDGET_BYTES,
+    blas_threads,
+    choose_backend,
+    describe_device,
+    memory_budget_bytes,
+    use_backend,
+)
 from pipelines.errors import ConfigError, FitError
 from pipelines.fit import (
     EncodingResult,
+    _check_alphas,
+    _columns,
+    _fit_chunk,
     default_targets_chunk,
+    fit_banded_encoding,
     fit_encoding,
     fit_ridge_fixed_alpha,
     nested_group_splits,
     pearson_r,
     r2_score,
+    ridge_flops,
     zscore_by_group,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 ALPHAS = np.logspace(-2, 4, 13)
 
@@ -116,6 +135,27 @@ def test_gap_drops_training_samples_next_to_held_out_ones():
             assert np.unique(groups[va]).size == 1
 
 
+def test_held_out_test_groups_split():
+    groups = np.repeat(["s1", "s2", "test", "s3"], [8, 6, 5, 7])
+    (split,) = nested_group_splits(groups, test_groups=["test"])
+    np.testing.assert_array_equal(split.test, np.flatnonzero(groups == "test"))
+    np.testing.assert_array_equal(split.train, np.flatnonzero(groups != "test"))
+    assert sorted(np.unique(groups[split.train][va]).item() for _, va in split.inner) == ["s1", "s2", "s3"]
+    with pytest.raises(FitError, match="'test_groups' must name groups"):
+        nested_group_splits(groups, test_groups=["nope"])
+    with pytest.raises(FitError, match="leaves 1 training group"):
+        nested_group_splits(groups[:14], test_groups=["s1"])
+
+
+def test_shuffled_time_points_are_refused_with_the_reason(rng):
+    groups = rng.permutation(np.repeat(np.arange(5), 40))
+    with pytest.raises(FitError, match="look shuffled.*autocorrelated neighbours") as info:
+        nested_group_splits(groups)
+    assert "\n" not in str(info.value)
+    # a story split into a few runs that are not played in a row is fine
+    nested_group_splits(np.repeat([0, 1, 0, 2, 1, 2], 30))
+
+
 # ----------------------------------------------------------------------------- nested CV
 
 
@@ -129,7 +169,7 @@ def test_one_outer_fold_matches_himalaya_ridgecv_and_sklearn_search(data, refere
         direct = RidgeCV(alphas=ALPHAS.astype(np.float32), cv=cv, fit_intercept=True).fit(X[train], Y[train])
         best = bk.to_numpy(direct.best_alphas_)
         pred = bk.to_numpy(direct.predict(X[test]))
-    np.testing.assert_array_equal(reference.fold_alphas[k], best)
+    np.testing.assert_allclose(reference.fold_alphas[k], best, rtol=1e-6)  # himalaya: exp(-log(alpha))
     np.testing.assert_allclose(reference.predictions[test], pred, atol=1e-5)
 
     # Manual grid search with scikit-learn (float64): mean over inner splits of the MSE.
@@ -151,6 +191,76 @@ def test_one_outer_fold_matches_himalaya_ridgecv_and_sklearn_search(data, refere
         search.fit(X[train], Y[train][:, j])
         if decisive[j]:
             assert best[j] == pytest.approx(search.best_params_["alpha"], rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("solver", ["primal", "kernel"])
+@pytest.mark.parametrize("mode", ["operator", "rotation"])
+def test_eigen_solvers_equal_himalaya_ridgecv(data, backend, solver, mode):
+    """Same alphas and scores as himalaya's RidgeCV with the same folds, every solver path."""
+    X, Y, groups = data
+    splits = nested_group_splits(groups)
+    alphas = _check_alphas(ALPHAS)
+    ref = _fit_chunk(X, Y, splits, alphas, backend, solver="himalaya")
+    got = _fit_chunk(X, Y, splits, alphas, backend, solver=solver, mode=mode)
+    np.testing.assert_array_equal(got["fold_alphas"], ref["fold_alphas"])
+    np.testing.assert_allclose(got["r"], ref["r"], atol=1e-4)
+    np.testing.assert_allclose(got["r2"], ref["r2"], atol=1e-4)
+    np.testing.assert_allclose(got["predictions"], ref["predictions"], atol=1e-4)
+
+
+def test_auto_solver_follows_the_shape(data, rng):
+    X, Y, groups = data
+    assert fit_encoding(X, Y[:, :3], groups, ALPHAS).solver == "primal"  # 240 training samples > 21
+    wide = rng.standard_normal((X.shape[0], 400)).astype(np.float32)
+    assert fit_encoding(wide, Y[:, :3], groups, ALPHAS).solver == "kernel"
+    with pytest.raises(ConfigError, match="'solver' must be one of auto, primal, kernel, himalaya"):
+        fit_encoding(X, Y, groups, ALPHAS, solver="svd")
+
+
+def test_held_out_test_story_is_never_seen(data):
+    """A held-out test set: alphas by CV over the other runs only; its data change nothing."""
+    X, Y, groups = data
+    res = fit_encoding(X, Y, groups, ALPHAS, test_groups=[4])
+    test, train = groups == 4, groups != 4
+    assert res.n_folds == 1 and np.isnan(res.predictions[train]).all() and np.isfinite(res.predictions[test]).all()
+    np.testing.assert_array_equal(res.sample_fold, np.where(test, 0, -1))
+    cv = list(LeaveOneGroupOut().split(X[train], groups=groups[train]))
+    with use_backend(res.backend) as bk:
+        direct = RidgeCV(alphas=ALPHAS.astype(np.float32), cv=cv, fit_intercept=True).fit(X[train], Y[train])
+        np.testing.assert_allclose(res.fold_alphas[0], bk.to_numpy(direct.best_alphas_), rtol=1e-6)
+        np.testing.assert_allclose(res.predictions[test], bk.to_numpy(direct.predict(X[test])), atol=1e-5)
+    np.testing.assert_allclose(res.r, pearson_r(Y[test], res.predictions[test]), atol=1e-6)
+    # scrambling the held-out responses leaves the fit bit-for-bit unchanged
+    Y2 = Y.copy()
+    Y2[test] = np.random.default_rng(5).standard_normal((test.sum(), Y.shape[1]))
+    res2 = fit_encoding(X, Y2, groups, ALPHAS, test_groups=[4])
+    np.testing.assert_array_equal(res2.predictions, res.predictions)
+    np.testing.assert_array_equal(res2.fold_alphas, res.fold_alphas)
+
+
+def test_held_out_run_data_never_reach_its_own_predictions(data, reference):
+    X, Y, groups = data
+    Y2 = Y.copy()
+    Y2[groups == 1] *= -3.0  # the held-out run of fold 1
+    res = fit_encoding(X, Y2, groups, ALPHAS)
+    np.testing.assert_array_equal(res.predictions[groups == 1], reference.predictions[groups == 1])
+    np.testing.assert_array_equal(res.fold_alphas[1], reference.fold_alphas[1])
+
+
+def test_a_killed_and_restarted_chunk_leaves_the_same_result(data):
+    """Chunks are pure: re-running one (as dask does for a task lost with its worker) gives
+    the same bits, and the assembled result is the one of an uninterrupted run."""
+    X, Y, groups = data
+    whole = fit_encoding(X, Y, groups, ALPHAS, n_targets_chunk=8)
+    splits, alphas = nested_group_splits(groups), _check_alphas(ALPHAS)
+    chunks = [np.arange(i, min(i + 8, Y.shape[1])) for i in range(0, Y.shape[1], 8)]
+    args = (splits, alphas, whole.backend, True, whole.solver, "rotation")
+    parts = [_fit_chunk(X, _columns(Y, c), *args) for c in chunks]
+    parts[2] = _fit_chunk(X, _columns(Y, chunks[2]).copy(), *args)  # the restarted chunk
+    for key in ("r", "r2", "fold_alphas", "predictions"):
+        assembled = np.concatenate([p[key] for p in parts], axis=-1)
+        np.testing.assert_array_equal(assembled, getattr(whole, key))
 
 
 def test_planted_signal_is_recovered(rng):
@@ -180,9 +290,18 @@ def test_results_do_not_depend_on_chunking(data, reference):
 
 
 def test_default_chunk_respects_memory_budget():
-    chunk = default_targets_chunk(3000, 20, 300)
-    assert 1000 < chunk and 4 * chunk * (2 * 3000 + 20 * 300) <= 256 * 2**20
-    assert default_targets_chunk(10**9, 20, 10**8) == 1
+    chunk = default_targets_chunk(3300, 1024, 600, 300)
+    assert 5000 < chunk and 4 * chunk * (2 * 3300 + 2 * 1025 + 2 * 600 + 300) <= 256 * 2**20
+    assert default_targets_chunk(10**9, 20, 10**8, 10) == 1
+    budget = memory_budget_bytes("numpy", n_tasks=2)
+    assert MIN_BUDGET_BYTES <= budget <= MAX_BUDGET_BYTES
+
+
+def test_flop_count_of_the_primal_solver():
+    groups = np.repeat(np.arange(6), [600] * 5 + [300])
+    (split,) = nested_group_splits(groups, test_groups=[5])
+    per_target = ridge_flops(1024, [split], 11, 1) / 2 / 1025
+    assert per_target == 3000 + 5 * 600 + 11 * 3000 + 300  # X'Y, downdates, alphas, test
 
 
 def test_gap_still_fits(data):
@@ -208,6 +327,41 @@ def test_invalid_targets_are_flagged_and_others_unaffected(data, reference):
 
     with pytest.raises(FitError, match="All 2 targets"):
         fit_encoding(X, np.ones((X.shape[0], 2)), groups, ALPHAS)
+
+
+def test_banded_ridge_recovers_planted_feature_spaces(rng):
+    groups = np.repeat(np.arange(4), 150)
+    A = zscore_by_group(rng.standard_normal((600, 10)), groups)
+    B = zscore_by_group(rng.standard_normal((600, 30)), groups)
+    signal = np.hstack([A @ rng.standard_normal((10, 10)),  # A only
+                        B @ rng.standard_normal((30, 10)) * 0.4,  # B only
+                        A @ rng.standard_normal((10, 10)) * 0.5 + B @ rng.standard_normal((30, 10)) * 0.3])
+    Y = zscore_by_group(signal + 1.5 * rng.standard_normal(signal.shape), groups)
+    res = fit_banded_encoding({"A": A, "B": B}, Y, groups, np.logspace(-2, 4, 7), n_iter=20)
+    assert res.band_names == ["A", "B"] and res.r2_split.shape == (2, 30) and res.valid.all()
+    a_only, b_only, both = slice(0, 10), slice(10, 20), slice(20, 30)
+    assert res.r2_split[0, a_only].min() > 0.5 and np.abs(res.r2_split[1, a_only]).max() < 0.02
+    assert res.r2_split[1, b_only].min() > 0.4 and np.abs(res.r2_split[0, b_only]).max() < 0.02
+    assert (res.r2_split[:, both] > 0.1).all()
+    assert res.band_weights[0, a_only].min() > 0.9 and res.band_weights[1, b_only].min() > 0.9
+    # the split sums to the joint R² of fold-centred predictions (here, z-scored runs: r2)
+    np.testing.assert_allclose(res.r2_split.sum(0), res.r2, atol=0.02)
+    chunked = fit_banded_encoding({"A": A, "B": B}, Y, groups, np.logspace(-2, 4, 7), n_iter=20, n_targets_chunk=7)
+    np.testing.assert_allclose(chunked.r2_split, res.r2_split, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_every_row(tmp_path):
+    out = tmp_path / "fit.md"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_fit.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = out.read_text()
+    for row in ("neuroflow fit_encoding", "reference solver", "himalaya RidgeCV (torch)", "himalaya RidgeCV (numpy)",
+                "himalaya KernelRidgeCV", "scikit-learn RidgeCV", "dask, 1 worker", "dask, 2 workers",
+                "permutations", "load average"):
+        assert row in table, row
+    assert "failed:" not in table and "stopped after" not in table, table
 
 
 @pytest.mark.slow
@@ -257,6 +411,7 @@ def test_bad_inputs_raise_one_line_errors(data):
         (ConfigError, "'gap' must be an integer >= 0", dict(gap=-1)),
         (ConfigError, "'n_targets_chunk' must be an integer >= 1", dict(n_targets_chunk=0)),
         (ConfigError, "'model.backend' must be one of auto, numpy", dict(backend="tensorflow")),
+        (ConfigError, "'solver' must be one of", dict(solver="lsqr")),
         (FitError, "'gap' = 1000 leaves no training samples", dict(gap=1000)),
     ]
     for error, message, override in cases:
@@ -279,6 +434,17 @@ def test_choose_backend_and_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="'model.backend' is 'torch_cuda' but no CUDA device"):
             choose_backend("torch_cuda")
+
+
+def test_blas_threads_are_restored():
+    import torch
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with blas_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError
+    assert torch.get_num_threads() == before
 
 
 def test_use_backend_restores_previous_backend_after_an_error():
