@@ -1,4 +1,7 @@
-"""Tests of the feature stage: language-model features, Lanczos resampling, FIR delays."""
+"""Tests of the feature stage: language-model features, Lanczos resampling, FIR delays.
+
+Other kinds: test_features_audio.py, test_features_lexical.py, test_features_registry.py.
+"""
 from __future__ import annotations
 
 import os
@@ -11,10 +14,12 @@ from pipelines.errors import ConfigError, ModelError
 from pipelines.features.align import average_within_tr, lanczos_resample, make_delays
 from pipelines.features.language_model import (
     LoadedModel,
+    causal_window_starts,
     extract_word_features,
     extract_word_features_per_word,
     load_language_model,
     strided_window_starts,
+    word_token_counts,
 )
 from pipelines.features.word_rate import word_rate_values
 
@@ -160,14 +165,64 @@ def test_causal_strided_context_differs_from_fixed_window(gpt2):
     assert not np.allclose(strided[~same], fixed[~same], atol=1e-3)
 
 
-def test_causal_windows_truncated_from_the_left(tiny_gpt2_dir):
+def test_token_limit_shortens_the_stride(tiny_gpt2_dir):
+    """A window that would not fit the model gets fewer new words, never less context."""
     lm = load_language_model(str(tiny_gpt2_dir))
     lm.max_tokens = 6  # word-level tokenizer, no special tokens: 6 words per window at most
-    truncated = extract_word_features(STORY, lm, [2], 4)[2]
+    starts = causal_window_starts(STORY, lm, 4)
+    seen = np.arange(len(STORY)) - starts
+    assert np.all((seen >= 4) | (starts == 0)) and seen.max() <= 5
+    limited = extract_word_features(STORY, lm, [2], 4)[2]
     lm.max_tokens = 1024
-    starts = np.maximum(strided_window_starts(len(STORY), 4), np.arange(len(STORY)) - 5)
     expected = extract_word_features_per_word(STORY, lm, [2], 4, window_starts=starts)[2]
-    np.testing.assert_allclose(truncated, expected, atol=1e-4)
+    np.testing.assert_allclose(limited, expected, atol=1e-4)
+
+
+def test_windows_truncated_from_the_left_when_context_exceeds_the_limit(tiny_gpt2_dir):
+    lm = load_language_model(str(tiny_gpt2_dir))
+    lm.max_tokens = 4  # 4 words: fewer than context_words + 1
+    truncated = extract_word_features(STORY, lm, [1, 2], 6)
+    lm.max_tokens = 1024
+    starts = np.maximum(np.arange(len(STORY)) - 3, 0)
+    expected = extract_word_features_per_word(STORY, lm, [1, 2], 6, window_starts=starts)
+    for layer in (1, 2):
+        np.testing.assert_allclose(truncated[layer], expected[layer], atol=1e-4)
+
+
+def test_strided_window_starts_with_token_counts():
+    counts = np.array([1, 3, 1, 1, 2, 1, 1, 1, 1, 1])
+    starts = strided_window_starts(10, 2, word_tokens=counts, max_tokens=5)
+    for i, s in enumerate(starts):
+        assert counts[s : i + 1].sum() <= 5 or i == s  # every window fits ...
+        assert i - s >= min(i, 2) or counts[i - 2 : i + 1].sum() > 5  # ... with its context when it can
+    np.testing.assert_array_equal(strided_window_starts(10, 2), strided_window_starts(10, 2, word_tokens=counts))
+    with pytest.raises(ValueError, match="word_tokens"):
+        strided_window_starts(10, 2, word_tokens=counts[:3], max_tokens=5)
+
+
+def test_word_token_counts(gpt2, bert):
+    counts, n_special = word_token_counts(STORY[:6], gpt2)
+    assert counts.tolist() == [1] * 6 and n_special == 0
+    counts, n_special = word_token_counts(["alice", "zzz", "was"], bert)
+    assert counts.tolist() == [1, 1, 1]  # "zzz" is one [UNK]
+    assert n_special == len(bert.tokenizer(["alice"], is_split_into_words=True)["input_ids"]) - 1
+
+
+def test_batching_does_not_change_features(gpt2, bert):
+    for lm in (gpt2, bert):
+        a = extract_word_features(STORY, lm, [2], 5, batch_tokens=1, batch_size=1)[2]
+        b = extract_word_features(STORY, lm, [2], 5, batch_tokens=100_000, batch_size=64)[2]
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        extract_word_features(STORY[:4], gpt2, [2], 2, batch_tokens=0)
+
+
+def test_per_word_indices_return_the_sampled_rows(gpt2):
+    full = extract_word_features_per_word(STORY, gpt2, [1], 4)[1]
+    some = extract_word_features_per_word(STORY, gpt2, [1], 4, indices=[30, 2, 17])[1]
+    np.testing.assert_allclose(some, full[[30, 2, 17]], atol=1e-5)
+    with pytest.raises(ValueError, match="indices"):
+        extract_word_features_per_word(STORY, gpt2, [1], 4, indices=[len(STORY)])
 
 
 def test_window_starts_validated(gpt2):
@@ -209,6 +264,9 @@ def test_packaged_minilm_features():
     last = extract_word_features(words, lm, [0, 6, -1], context_words=3)
     assert all(a.shape == (len(words), 384) and a.dtype == np.float32 for a in last.values())
     np.testing.assert_array_equal(last[6], last[-1])
+    counts, n_special = word_token_counts(words, lm)
+    assert n_special == 2  # [CLS] ... [SEP]
+    assert counts.tolist() == [len(lm.tokenizer.tokenize(w)) for w in words]
     mean = extract_word_features(words, lm, [6], context_words=3, pooling="mean")[6]
     n_tokens = [len(lm.tokenizer.tokenize(w)) for w in words]
     for i, n in enumerate(n_tokens):  # pooling only matters for words split into sub-tokens

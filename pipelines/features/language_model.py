@@ -15,16 +15,21 @@ state of its tokens when the model reads the word together with the words just b
   exactly the words ``start .. i`` of its window: between ``context_words`` and
   ``context_words + stride - 1`` (i.e. ``2 * context_words - 1``) preceding words, or all words
   from the story start when fewer exist. Each token passes through the model about twice.
-  :func:`strided_window_starts` gives the visible start of every word, so the per-word
+  When a window of ``context_words + stride`` words would exceed the tokens the model accepts,
+  its stride is shortened (fewer new words, same ``context_words`` of context) so it fits.
+  :func:`causal_window_starts` gives the visible start of every word, so the per-word
   reference can reproduce the strided features exactly.
 
 Windows longer than the model accepts (``max_position_embeddings`` / the tokenizer's
 ``model_max_length``) are truncated from the left: the oldest word tokens are dropped, the
-special tokens the tokenizer adds ([CLS], [SEP], BOS) are kept. In the strided scheme a window
-that would need truncation is replaced by per-word windows for the words it was to provide.
+special tokens the tokenizer adds ([CLS], [SEP], BOS) are kept. This happens only when
+``context_words + 1`` words alone exceed the limit (the strided scheme then degrades to one
+left-truncated window per word).
 
 All requested layers come from one forward pass per window batch. Hidden state index 0 is
 the embedding output, 1..n_layers the transformer layers; negative indices count from the end.
+Windows are batched by length under a token budget (``batch_tokens``): on a CPU, batches of
+about a thousand tokens run fastest (larger ones spill out of the caches).
 """
 from __future__ import annotations
 
@@ -44,6 +49,8 @@ __all__ = [
     "extract_word_features",
     "extract_word_features_per_word",
     "strided_window_starts",
+    "causal_window_starts",
+    "word_token_counts",
 ]
 
 #: ``config.model_type`` values of decoder-only (causal) language models.
@@ -79,6 +86,8 @@ class LoadedModel:
         Longest token sequence one window may hold.
     device : str
         Torch device the model lives on.
+    head : {"base", "causal_lm"}
+        ``"causal_lm"`` when the model also returns next-token logits (for surprisal).
     """
 
     tokenizer: Any
@@ -89,6 +98,7 @@ class LoadedModel:
     name: str
     max_tokens: int = 512
     device: str = "cpu"
+    head: str = "base"
 
 
 def _looks_like_path(model: str) -> bool:
@@ -142,7 +152,8 @@ def _max_tokens(config: Any, tokenizer: Any) -> int:
     return min(limits) if limits else 512
 
 
-def load_language_model(model: str, revision: str | None = None, *, device: str = "auto") -> LoadedModel:
+def load_language_model(model: str, revision: str | None = None, *, device: str = "auto",
+                        head: str = "base") -> LoadedModel:
     """Load a tokenizer and base model for feature extraction, safetensors weights only.
 
     Parameters
@@ -154,6 +165,9 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         Hub revision (branch, tag or commit); ignored for local folders.
     device : str
         ``"auto"`` (cuda when available, else cpu), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    head : {"base", "causal_lm"}
+        ``"base"``: the bare model (hidden states). ``"causal_lm"``: the model with its
+        language-modelling head (next-token logits, for surprisal); causal models only.
 
     Returns
     -------
@@ -167,8 +181,10 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         or an encoder-decoder model.
     """
     import torch
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    if head not in ("base", "causal_lm"):
+        raise ValueError(f"head = {head!r} is unknown: use 'base' or 'causal_lm'")
     if not isinstance(model, str) or not model.strip():
         raise ModelError(f"model {model!r} is not a model name: give a local folder or a hub id")
     name = model
@@ -213,14 +229,19 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
     # a leading space; pre-split words must be encoded as in running text (" word").
     if _byte_level_without_prefix_space(tokenizer):
         tokenizer = AutoTokenizer.from_pretrained(src, add_prefix_space=True, **kwargs)
+    if head == "causal_lm" and not _is_causal(config):
+        raise ModelError(f"model {model!r} is not a causal language model: surprisal needs one (GPT-2, Llama...)")
+    auto = AutoModelForCausalLM if head == "causal_lm" else AutoModel
     try:
-        net = AutoModel.from_pretrained(src, use_safetensors=True, dtype=torch.float32, **kwargs)
+        net = auto.from_pretrained(src, use_safetensors=True, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(
             f"weights of model {model!r} cannot be loaded ({_first_line(exc)}): "
             "safetensors weights are required, give a local folder or a hub id available offline"
         ) from None
     net.config.output_hidden_states = True
+    if hasattr(net.config, "use_cache"):
+        net.config.use_cache = False  # windows are independent: no key/value cache to build
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net = net.to(device=device, dtype=torch.float32).eval()
@@ -233,6 +254,7 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         name=name,
         max_tokens=_max_tokens(config, tokenizer),
         device=str(device),
+        head=head,
     )
 
 
@@ -316,6 +338,53 @@ def _tokenize(lm: LoadedModel, words: list[str]) -> tuple[list[int], list[int | 
     return ids[head] + body_ids + ids[tail], wids[head] + body_wids + wids[tail], True
 
 
+def _batch_tokens(lm: LoadedModel, batch_tokens: int | None) -> int:
+    if batch_tokens is None:
+        return 16384 if str(lm.device).startswith("cuda") else 1024
+    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, (int, np.integer)) or batch_tokens < 1:
+        raise ValueError(f"batch_tokens = {batch_tokens!r} must be an integer >= 1 (tokens per forward pass)")
+    return int(batch_tokens)
+
+
+def _batches(lengths: Sequence[int], batch_size: int, batch_tokens: int) -> list[list[int]]:
+    """Group sequences of similar length: at most ``batch_size`` rows and ``batch_tokens`` padded tokens.
+
+    A sequence longer than ``batch_tokens`` gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda k: lengths[k])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for k in order:  # ascending length: the new row is the widest of its batch
+        if current and (len(current) >= batch_size or (len(current) + 1) * lengths[k] > batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(k)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad_id(lm: LoadedModel) -> int:
+    pad_id = lm.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else 0
+    return int(pad_id)
+
+
+def _forward(lm: LoadedModel, seqs: list[list[int]]) -> Any:
+    """One forward pass on right-padded sequences; returns the model output (hidden states on)."""
+    import torch
+
+    width = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), _pad_id(lm), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    with torch.inference_mode():
+        return lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), output_hidden_states=True)
+
+
 def _run_windows(
     lm: LoadedModel,
     windows: list[_Window],
@@ -324,6 +393,7 @@ def _run_windows(
     out: np.ndarray,
     batch_size: int,
     pooling: str,
+    batch_tokens: int,
 ) -> None:
     """Run the model on windows (right-padded batches) and write pooled features into ``out``.
 
@@ -331,23 +401,9 @@ def _run_windows(
     """
     import torch
 
-    pad_id = lm.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else 0
-    # Sort by length so batches hold windows of similar length (less padding).
-    order = sorted(range(len(windows)), key=lambda k: len(tokenized[k][0]))
-    for b in range(0, len(order), batch_size):
-        chunk = order[b : b + batch_size]
-        width = max(len(tokenized[k][0]) for k in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, k in enumerate(chunk):
-            seq = tokenized[k][0]
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
+    for chunk in _batches([len(t[0]) for t in tokenized], batch_size, batch_tokens):
+        result = _forward(lm, [tokenized[k][0] for k in chunk])
         with torch.inference_mode():
-            result = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                              output_hidden_states=True)
             hidden = torch.stack([result.hidden_states[h] for h in hs_index])  # (L, B, T, H)
             hidden = hidden.float().cpu().numpy()
         for row, k in enumerate(chunk):
@@ -368,23 +424,15 @@ def _per_word_windows(words: list[str], starts: np.ndarray, indices: Sequence[in
     return [_Window(words=words[int(starts[i]) : i + 1], targets=[i - int(starts[i])], dest=[i]) for i in indices]
 
 
-def _extract(
-    lm: LoadedModel,
-    words: list[str],
-    layers: Sequence[int],
-    windows: list[_Window],
-    starts_for_fallback: np.ndarray | None,
-    batch_size: int,
-    pooling: str,
-) -> dict[int, np.ndarray]:
-    hs_index = _layer_indices(layers, lm)
-    uniq = sorted(set(hs_index))
+def _tokenize_windows(lm: LoadedModel, words: list[str], windows: list[_Window],
+                      starts_for_fallback: np.ndarray | None) -> tuple[list[_Window], list[tuple[list[int], list]]]:
+    """Tokenize every window; a truncated multi-word window is split into per-word windows."""
     tokenized: list[tuple[list[int], list[int | None]]] = []
     kept: list[_Window] = []
     fallback: list[int] = []
     for win in windows:
         ids, wids, truncated = _tokenize(lm, win.words)
-        if truncated and starts_for_fallback is not None:
+        if truncated and starts_for_fallback is not None and len(win.targets) > 1:
             fallback.extend(win.dest)  # strided window too long: do its words one by one
             continue
         if truncated and any(t not in wids for t in win.targets):
@@ -400,15 +448,85 @@ def _extract(
                                  f"model {lm.name!r} accepts: split it")
             kept.append(win)
             tokenized.append((ids, wids))
-    out = np.zeros((len(uniq), len(words), lm.hidden_size), dtype=np.float32)
-    _run_windows(lm, kept, tokenized, uniq, out, batch_size, pooling)
+    return kept, tokenized
+
+
+def _extract(
+    lm: LoadedModel,
+    words: list[str],
+    layers: Sequence[int],
+    windows: list[_Window],
+    starts_for_fallback: np.ndarray | None,
+    batch_size: int,
+    pooling: str,
+    batch_tokens: int | None = None,
+    n_rows: int | None = None,
+) -> dict[int, np.ndarray]:
+    hs_index = _layer_indices(layers, lm)
+    uniq = sorted(set(hs_index))
+    kept, tokenized = _tokenize_windows(lm, words, windows, starts_for_fallback)
+    out = np.zeros((len(uniq), len(words) if n_rows is None else n_rows, lm.hidden_size), dtype=np.float32)
+    _run_windows(lm, kept, tokenized, uniq, out, batch_size, pooling, _batch_tokens(lm, batch_tokens))
     return {layer: out[uniq.index(h)].copy() for layer, h in zip(layers, hs_index)}
 
 
-# ---------------------------------------------------------------------------- public API
+# ---------------------------------------------------------------------------- window plans
 
 
-def strided_window_starts(n_words: int, context_words: int) -> np.ndarray:
+def word_token_counts(words: Sequence[str], lm: LoadedModel) -> tuple[np.ndarray, int]:
+    """Tokens of each word as the extractor tokenizes it, and the special tokens of a window.
+
+    Words are pre-split (``is_split_into_words``), so a word's tokens do not depend on its
+    neighbours: a window of words ``a .. b`` holds ``counts[a:b + 1].sum() + n_special`` tokens.
+
+    Returns
+    -------
+    counts : np.ndarray of int, shape (n_words,)
+    n_special : int
+        Tokens the tokenizer adds around every window ([CLS]/[SEP], BOS...).
+    """
+    words = _check_words(words)
+    counts = np.zeros(len(words), dtype=np.int64)
+    chunk = 256  # keep each call under the tokenizer's length warning
+    for lo in range(0, len(words), chunk):
+        enc = lm.tokenizer(words[lo : lo + chunk], is_split_into_words=True, add_special_tokens=False)
+        wids = np.array([w for w in enc.word_ids() if w is not None], dtype=np.int64)
+        counts[lo : lo + chunk] = np.bincount(wids, minlength=min(chunk, len(words) - lo))
+    probe = lm.tokenizer(words[:1], is_split_into_words=True, add_special_tokens=True)
+    n_special = len(probe["input_ids"]) - int(counts[0])
+    return counts, max(n_special, 0)
+
+
+def _strided_plan(n_words: int, context_words: int, word_tokens: np.ndarray | None = None,
+                  max_tokens: int | None = None, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """Windows of the strided scheme as ``(start, first_target, end)``: words ``start .. end - 1``
+    are read, words ``first_target .. end - 1`` get their features from this window.
+
+    Without a token limit every window after the first reads ``context_words + stride`` words.
+    With ``word_tokens``/``max_tokens`` the stride of a window is shortened so that its words
+    fit in ``max_tokens`` (never below one new word).
+    """
+    c = int(context_words)
+    stride = max(c, 1) if stride is None else int(stride)
+    cum = None
+    if word_tokens is not None and max_tokens is not None:
+        cum = np.concatenate([[0], np.cumsum(np.asarray(word_tokens, dtype=np.int64))])
+    plan = []
+    first = 0
+    while first < n_words:
+        start = max(0, first - c)
+        end = min(n_words, start + c + stride) if first < c + stride else min(n_words, first + stride)
+        if cum is not None:
+            # largest end such that words start .. end - 1 fit in max_tokens (at least first + 1)
+            fit = int(np.searchsorted(cum, cum[start] + max_tokens, side="right")) - 1
+            end = max(first + 1, min(end, fit))
+        plan.append((start, first, end))
+        first = end
+    return plan
+
+
+def strided_window_starts(n_words: int, context_words: int, *, word_tokens: Sequence[int] | None = None,
+                          max_tokens: int | None = None) -> np.ndarray:
     """Index of the first word each word sees in the strided (causal) extractor.
 
     Parameters
@@ -417,6 +535,11 @@ def strided_window_starts(n_words: int, context_words: int) -> np.ndarray:
         Number of words in the story.
     context_words : int
         Minimum number of preceding words each word sees.
+    word_tokens : sequence of int, shape (n_words,), optional
+        Tokens per word (:func:`word_token_counts`); with ``max_tokens``, windows are shortened
+        to fit the model as the extractor does.
+    max_tokens : int, optional
+        Word tokens one window may hold (the model's limit minus its special tokens).
 
     Returns
     -------
@@ -424,35 +547,46 @@ def strided_window_starts(n_words: int, context_words: int) -> np.ndarray:
         Integer array of shape (n_words,): word ``i`` sees words ``starts[i] .. i``, where
         ``i - starts[i]`` is between ``context_words`` and ``2 * context_words - 1``
         (``i`` itself when ``i < 2 * context_words``; 0 preceding words when ``context_words == 0``).
+        With a token limit the upper bound shrinks; the lower bound holds whenever
+        ``context_words + 1`` words fit in ``max_tokens``.
     """
     if n_words < 1:
         raise ValueError(f"n_words = {n_words!r} must be >= 1")
     if context_words < 0:
         raise ValueError(f"context_words = {context_words!r} must be an integer >= 0")
-    stride = max(int(context_words), 1)
+    wt = None if word_tokens is None else np.asarray(word_tokens)
+    if wt is not None and wt.shape != (n_words,):
+        raise ValueError(f"word_tokens must hold {n_words} counts (one per word), got shape {wt.shape}")
     starts = np.zeros(n_words, dtype=np.int64)
-    first_len = context_words + stride
-    for s in range(stride, n_words, stride):
-        lo = s + context_words
-        if lo >= n_words:
-            break
-        starts[lo : min(lo + stride, n_words)] = s
-    starts[: min(first_len, n_words)] = 0
+    for start, first, end in _strided_plan(n_words, context_words, wt, max_tokens):
+        starts[first:end] = start
     return starts
 
 
-def _strided_windows(words: list[str], context_words: int) -> list[_Window]:
-    n = len(words)
-    stride = max(int(context_words), 1)
-    first = min(context_words + stride, n)
-    windows = [_Window(words=words[:first], targets=list(range(first)), dest=list(range(first)))]
-    s = stride
-    while s + context_words < n:
-        end = min(s + context_words + stride, n)
-        dest = list(range(s + context_words, end))
-        windows.append(_Window(words=words[s:end], targets=[d - s for d in dest], dest=dest))
-        s += stride
-    return windows
+def causal_window_starts(words: Sequence[str], model: str | LoadedModel, context_words: int, *,
+                         revision: str | None = None) -> np.ndarray:
+    """The exact first visible word of every word in :func:`extract_word_features` for a causal model.
+
+    Takes the model's token limit into account (see :func:`strided_window_starts`). Pass the
+    result as ``window_starts`` to :func:`extract_word_features_per_word` to reproduce the
+    strided features one word at a time.
+
+    Returns
+    -------
+    np.ndarray of int, shape (n_words,)
+    """
+    words = _check_words(words)
+    lm = _resolve_model(model, revision)
+    counts, n_special = word_token_counts(words, lm)
+    return strided_window_starts(len(words), int(context_words), word_tokens=counts,
+                                 max_tokens=lm.max_tokens - n_special)
+
+
+def _strided_windows(words: list[str], plan: list[tuple[int, int, int]]) -> list[_Window]:
+    return [_Window(words=words[s:e], targets=list(range(f - s, e - s)), dest=list(range(f, e))) for s, f, e in plan]
+
+
+# ---------------------------------------------------------------------------- public API
 
 
 def extract_word_features_per_word(
@@ -462,9 +596,11 @@ def extract_word_features_per_word(
     context_words: int,
     *,
     window_starts: Sequence[int] | np.ndarray | None = None,
+    indices: Sequence[int] | None = None,
     revision: str | None = None,
     batch_size: int = 32,
     pooling: str = "last",
+    batch_tokens: int | None = None,
 ) -> dict[int, np.ndarray]:
     """Hidden-state features of each word, one model window per word (the reference).
 
@@ -483,23 +619,30 @@ def extract_word_features_per_word(
         Number of preceding words each window holds (ignored when ``window_starts`` is given).
     window_starts : sequence of int, shape (n_words,), optional
         Exact first visible word of each word's window, ``0 <= window_starts[i] <= i``
-        (e.g. :func:`strided_window_starts` to reproduce the strided extractor).
+        (e.g. :func:`causal_window_starts` to reproduce the strided extractor).
+    indices : sequence of int, optional
+        Compute only these words (e.g. a sample, to time or check the extractor); the
+        arrays then have one row per index, in the order given.
     revision : str, optional
         Hub revision when ``model`` is a name.
     batch_size : int
-        Windows per forward pass.
+        Most windows per forward pass.
     pooling : {"last", "mean"}
         Last sub-token of the word, or the mean of its sub-tokens.
+    batch_tokens : int, optional
+        Most (padded) tokens per forward pass; default 1024 on a CPU, 16384 on a GPU.
+        Does not change the features.
 
     Returns
     -------
     dict[int, np.ndarray]
-        ``{layer: float32 array (n_words, hidden_size)}`` keyed by the layers as given.
+        ``{layer: float32 array (n_words, hidden_size)}`` (``(len(indices), hidden_size)`` with
+        ``indices``) keyed by the layers as given.
 
     Raises
     ------
     ValueError
-        Empty ``words``, bad ``context_words``/``batch_size``/``pooling``/``window_starts``.
+        Empty ``words``, bad ``context_words``/``batch_size``/``pooling``/``window_starts``/``indices``.
     ModelError
         Model cannot be loaded or a layer is out of range.
     """
@@ -515,8 +658,15 @@ def extract_word_features_per_word(
         if np.any(starts < 0) or np.any(starts > np.arange(n)):
             raise ValueError("window_starts[i] must satisfy 0 <= window_starts[i] <= i for every word i")
     lm = _resolve_model(model, revision)
-    windows = _per_word_windows(words, starts, range(n))
-    return _extract(lm, words, layers, windows, None, batch_size, pooling)
+    if indices is None:
+        return _extract(lm, words, layers, _per_word_windows(words, starts, range(n)), None, batch_size, pooling,
+                        batch_tokens)
+    idx = [int(i) for i in indices]
+    if not idx or any(not 0 <= i < n for i in idx):
+        raise ValueError(f"indices must be a non-empty list of word positions in 0..{n - 1}")
+    windows = [_Window(words=w.words, targets=w.targets, dest=[k]) for k, w in
+               enumerate(_per_word_windows(words, starts, idx))]
+    return _extract(lm, words, layers, windows, None, batch_size, pooling, batch_tokens, n_rows=len(idx))
 
 
 def extract_word_features(
@@ -528,6 +678,7 @@ def extract_word_features(
     revision: str | None = None,
     batch_size: int = 32,
     pooling: str = "last",
+    batch_tokens: int | None = None,
 ) -> dict[int, np.ndarray]:
     """Hidden-state features of each word given its preceding words, all layers in one pass.
 
@@ -535,7 +686,7 @@ def extract_word_features(
     special tokens included, so no word sees a later word. Causal models: the strided scheme
     described in the module docstring, in which word ``i`` sees between ``context_words`` and
     ``2 * context_words - 1`` preceding words (all words from the story start when fewer);
-    :func:`strided_window_starts` gives the exact start per word.
+    :func:`causal_window_starts` gives the exact start per word.
 
     Parameters
     ----------
@@ -550,9 +701,12 @@ def extract_word_features(
     revision : str, optional
         Hub revision when ``model`` is a name.
     batch_size : int
-        Windows per forward pass.
+        Most windows per forward pass.
     pooling : {"last", "mean"}
         Last sub-token of the word, or the mean of its sub-tokens.
+    batch_tokens : int, optional
+        Most (padded) tokens per forward pass; default 1024 on a CPU, 16384 on a GPU.
+        Does not change the features.
 
     Returns
     -------
@@ -571,6 +725,10 @@ def extract_word_features(
     lm = _resolve_model(model, revision)
     if not lm.is_causal:
         return extract_word_features_per_word(words, lm, layers, context_words, batch_size=batch_size,
-                                              pooling=pooling)
-    starts = strided_window_starts(len(words), int(context_words))
-    return _extract(lm, words, layers, _strided_windows(words, int(context_words)), starts, batch_size, pooling)
+                                              pooling=pooling, batch_tokens=batch_tokens)
+    counts, n_special = word_token_counts(words, lm)
+    plan = _strided_plan(len(words), int(context_words), counts, lm.max_tokens - n_special)
+    starts = np.zeros(len(words), dtype=np.int64)
+    for s, f, e in plan:
+        starts[f:e] = s
+    return _extract(lm, words, layers, _strided_windows(words, plan), starts, batch_size, pooling, batch_tokens)

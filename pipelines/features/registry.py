@@ -1,0 +1,626 @@
+"""Every feature ``kind``: its parameters (validated) and one function with a uniform signature.
+
+A feature space of the config (``features: [{name, kind, ...}]``) is computed in three steps:
+
+1. :func:`parse_feature` validates the mapping into the kind's spec (a frozen pydantic model
+   that forbids unknown keys and suggests the closest valid one), e.g. :class:`SpeechModelFeature`.
+2. :func:`compute_feature` ``(spec, stimulus, *, device="auto", models=None) -> FeatureResult``
+   runs the kind's function on a :class:`Stimulus` (what one run heard: word timings, audio,
+   a TextGrid with phones, events). Every kind's function has exactly this signature:
+
+   ``fn(spec, stimulus: Stimulus, *, device: str = "auto", models: ModelCache | None = None)
+   -> FeatureResult``
+
+   ``models`` lets several feature spaces (and several stories) share a loaded model.
+3. :func:`align_to_samples` puts a result on a run's sample times: Lanczos or TR averaging for
+   fMRI, the response rate for MEG / ECoG (then :func:`pipelines.features.lags.trf_design`
+   adds the TRF lags; :func:`pipelines.features.align.make_delays` the FIR delays of fMRI).
+
+A :class:`FeatureResult` holds one array per *space*: ``"values"`` for a kind with one
+output, or ``"layer{k}"`` for each layer of a layer sweep (``layer: [3, 6, 9]`` or
+``layer: all``), all from one pass over the stimulus, all sharing ``times``. Rows are either
+``"events"`` (one per word or phone, at its midpoint; Lanczos sums them) or ``"regular"``
+samples at ``sfreq`` (frame centres).
+
+:func:`cache_key` hashes (stimulus content, the spec minus its name and batch sizes, model
+folder contents, the kind's code version): runs of one story recorded twice (LeBel's repeated
+test story) have the same stimulus hash and so share one extraction.
+
+Importing this module imports neither torch nor transformers (DAG parsing stays light).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Mapping, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from pipelines.errors import ConfigError, DatasetError
+
+__all__ = [
+    "Stimulus",
+    "FeatureResult",
+    "ModelCache",
+    "FeatureKind",
+    "KINDS",
+    "FeatureSpec",
+    "parse_feature",
+    "compute_feature",
+    "align_to_samples",
+    "cache_params",
+    "cache_key",
+    "model_fingerprint",
+    "space_names",
+]
+
+_NAME = r"^[A-Za-z][A-Za-z0-9_]{0,31}$"
+Layers = Union[int, list[int], Literal["all"]]
+
+
+# ---------------------------------------------------------------------------- specs
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=_NAME)
+
+
+class WordRateFeature(_Spec):
+    """Words per TR: every word is a 1 at its midpoint."""
+
+    kind: Literal["word_rate"]
+
+
+class LanguageModelFeature(_Spec):
+    """Hidden states of a transformers language model, per word (see ``language_model``)."""
+
+    kind: Literal["language_model"]
+    model: str = Field(min_length=1)
+    revision: str | None = None
+    layer: Layers = -1
+    context_words: int = Field(32, ge=0, le=2048)
+    pooling: Literal["last", "mean"] = "last"
+    batch_size: int = Field(32, ge=1, le=4096)
+    batch_tokens: int | None = Field(None, ge=1, le=1_000_000)
+
+
+class SpeechModelFeature(_Spec):
+    """Hidden states of a speech encoder on causal audio windows (see ``speech_model``)."""
+
+    kind: Literal["speech_model"]
+    model: str = Field(min_length=1)
+    revision: str | None = None
+    layer: Layers = -1
+    window_s: float = Field(16.0, gt=0, le=600)
+    step_s: float = Field(0.1, gt=0, le=60)
+    pooling: Literal["mean", "last"] = "mean"
+    batch_size: int = Field(8, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _steps(self) -> "SpeechModelFeature":
+        if self.step_s > self.window_s:
+            raise ValueError(f"'step_s' ({self.step_s}) must not exceed 'window_s' ({self.window_s})")
+        return self
+
+
+class SpectrogramFeature(_Spec):
+    """Log-power (or power) spectrogram on mel bands or FFT frequencies (see ``acoustic``)."""
+
+    kind: Literal["spectrogram"]
+    scale: Literal["mel", "linear"] = "mel"
+    n_mels: int = Field(64, ge=1, le=512)
+    win_s: float = Field(0.025, gt=0, le=1.0)
+    hop_s: float = Field(0.010, gt=0, le=1.0)
+    fmin: float = Field(0.0, ge=0)
+    fmax: float | None = Field(None, gt=0)
+    log: bool = True
+    sample_rate: int | None = Field(None, ge=1000, le=192000)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SpectrogramFeature":
+        if self.hop_s > self.win_s:
+            raise ValueError(f"'hop_s' ({self.hop_s}) must not exceed 'win_s' ({self.win_s})")
+        if self.fmax is not None and self.fmax <= self.fmin:
+            raise ValueError(f"'fmax' ({self.fmax}) must be above 'fmin' ({self.fmin})")
+        return self
+
+
+class EnvelopeFeature(_Spec):
+    """Broadband amplitude envelope or sound power in dB (see ``acoustic``)."""
+
+    kind: Literal["envelope"]
+    measure: Literal["amplitude", "power_db"] = "amplitude"
+    sfreq: float = Field(100.0, gt=0, le=2000)
+    win_s: float = Field(0.025, gt=0, le=1.0)
+
+
+class PhonemeRateFeature(_Spec):
+    """Phones per TR from a TextGrid phone tier (see ``lexical``)."""
+
+    kind: Literal["phoneme_rate"]
+    tier: str | None = None
+
+
+class WordFrequencyFeature(_Spec):
+    """Zipf word frequency from the wordfreq lists (see ``lexical``)."""
+
+    kind: Literal["word_frequency"]
+    language: str = Field("en", pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]+)?$")
+    wordlist: Literal["best", "large", "small"] = "best"
+
+
+class SurprisalFeature(_Spec):
+    """Word surprisal in bits under a causal LM, strided windows (see ``lexical``)."""
+
+    kind: Literal["surprisal"]
+    model: str = Field(min_length=1)
+    revision: str | None = None
+    context_words: int = Field(32, ge=0, le=2048)
+    batch_size: int = Field(32, ge=1, le=4096)
+    batch_tokens: int | None = Field(None, ge=1, le=1_000_000)
+
+
+class EventsFeature(_Spec):
+    """One-hot of an events.tsv column on a regular grid (see ``events``)."""
+
+    kind: Literal["events"]
+    column: str = "trial_type"
+    trial_types: list[str] | None = Field(None, min_length=1)
+    mode: Literal["boxcar", "impulse"] = "boxcar"
+    sfreq: float = Field(10.0, gt=0, le=1000)
+
+
+FeatureSpec = Annotated[
+    Union[WordRateFeature, LanguageModelFeature, SpeechModelFeature, SpectrogramFeature, EnvelopeFeature,
+          PhonemeRateFeature, WordFrequencyFeature, SurprisalFeature, EventsFeature],
+    Field(discriminator="kind"),
+]
+_ADAPTER: TypeAdapter = TypeAdapter(FeatureSpec)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Stimulus:
+    """What one run heard, on the run's clock.
+
+    Attributes
+    ----------
+    words : pandas.DataFrame, optional
+        Columns ``onset``, ``offset``, ``word`` (seconds, already on the run clock, as
+        :func:`pipelines.stimulus.read_textgrid_words` returns with its ``offset``).
+    audio : str or Path, optional
+        WAV file of the stimulus; its time 0 is at ``offset`` seconds on the run clock.
+    textgrid : str or Path, optional
+        TextGrid holding a phone tier; its times plus ``offset`` are on the run clock.
+    events : pandas.DataFrame, str or Path, optional
+        The run's ``events.tsv`` (or the table read), on the run clock.
+    offset : float
+        Seconds added to times read from ``audio`` and ``textgrid``.
+    """
+
+    words: Any = None
+    audio: str | Path | None = None
+    textgrid: str | Path | None = None
+    events: Any = None
+    offset: float = 0.0
+
+
+@dataclass
+class FeatureResult:
+    """Feature values of one feature space on one stimulus.
+
+    Attributes
+    ----------
+    values : dict[str, np.ndarray]
+        Space name -> float32 array of shape (n_rows, n_dims): ``"values"``, or ``"layer{k}"``
+        per layer of a sweep. All arrays share ``times``.
+    times : np.ndarray, shape (n_rows,)
+        Seconds on the run clock: word/phone midpoints, or frame centres.
+    sampling : {"events", "regular"}
+        One row per event (summed by Lanczos, stick function at a response rate), or regular
+        samples at ``sfreq``.
+    sfreq : float or None
+        Rows per second when ``sampling == "regular"``.
+    columns : list of str or None
+        Name of each dimension when they have one (mel band centres, trial types).
+    """
+
+    values: dict[str, np.ndarray]
+    times: np.ndarray
+    sampling: str
+    sfreq: float | None = None
+    columns: list[str] | None = None
+
+    def single(self) -> np.ndarray:
+        """The only array (raises when the result holds several spaces)."""
+        if len(self.values) != 1:
+            raise ValueError(f"this result holds {len(self.values)} spaces ({', '.join(self.values)}): pick one")
+        return next(iter(self.values.values()))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat arrays for ``np.savez``: each space plus ``__times`` (and ``__sfreq``)."""
+        out = {k: np.asarray(v, dtype=np.float32) for k, v in self.values.items()}
+        out["__times"] = np.asarray(self.times, dtype=np.float64)
+        out["__sampling"] = np.asarray(self.sampling)
+        if self.sfreq is not None:
+            out["__sfreq"] = np.asarray(self.sfreq, dtype=np.float64)
+        if self.columns is not None:
+            out["__columns"] = np.asarray(self.columns, dtype=str)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "FeatureResult":
+        """Inverse of :meth:`to_arrays`."""
+        values = {k: np.asarray(v) for k, v in arrays.items() if not k.startswith("__")}
+        sfreq = float(arrays["__sfreq"]) if "__sfreq" in arrays else None
+        columns = [str(c) for c in arrays["__columns"]] if "__columns" in arrays else None
+        return cls(values=values, times=np.asarray(arrays["__times"]), sampling=str(arrays["__sampling"]),
+                   sfreq=sfreq, columns=columns)
+
+
+class ModelCache:
+    """Loaded models shared between feature spaces: ``get(key, loader)`` loads once per key."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, Any] = {}
+
+    def get(self, key: tuple, loader: Callable[[], Any]) -> Any:
+        if key not in self._models:
+            self._models[key] = loader()
+        return self._models[key]
+
+    def clear(self) -> None:
+        self._models.clear()
+
+
+@dataclass(frozen=True)
+class FeatureKind:
+    """One ``kind``: its spec class, compute function, the stimulus parts it reads, its code version."""
+
+    kind: str
+    spec: type[BaseModel]
+    compute: Callable[..., FeatureResult]
+    needs: tuple[str, ...]
+    version: str = "1"
+    model_field: str | None = None
+    batch_fields: tuple[str, ...] = field(default=())
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _need(stimulus: Stimulus, part: str, kind: str) -> Any:
+    value = getattr(stimulus, part)
+    if value is None:
+        raise DatasetError(f"feature kind {kind!r} needs the stimulus {part!r}, which this dataset/config does not "
+                           "give: add it to the config or drop the feature")
+    return value
+
+
+def _words(stimulus: Stimulus, kind: str) -> tuple[list[str], np.ndarray]:
+    table = _need(stimulus, "words", kind)
+    words = [str(w) for w in table["word"]]
+    times = ((table["onset"].to_numpy(np.float64) + table["offset"].to_numpy(np.float64)) / 2.0)
+    return words, times
+
+
+def _layer_list(layer: Any, n_layers: int) -> tuple[list[int], bool]:
+    """(layers, is_sweep) from a spec's ``layer``: an int, a list, or "all"."""
+    if layer == "all":
+        return list(range(n_layers + 1)), True
+    if isinstance(layer, list):
+        return [int(x) for x in layer], True
+    return [int(layer)], False
+
+
+def _spaces(feats: dict[int, np.ndarray], layers: list[int], sweep: bool) -> dict[str, np.ndarray]:
+    if not sweep:
+        return {"values": np.asarray(feats[layers[0]], dtype=np.float32)}
+    return {f"layer{k}": np.asarray(feats[k], dtype=np.float32) for k in layers}
+
+
+def space_names(spec: BaseModel, n_layers: int | None = None) -> list[str]:
+    """Names of the spaces a spec yields (``["values"]`` or ``["layer3", ...]``).
+
+    ``layer: all`` needs the model's ``n_layers``.
+    """
+    layer = getattr(spec, "layer", None)
+    if layer is None or isinstance(layer, int):
+        return ["values"]
+    if layer == "all":
+        if n_layers is None:
+            raise ValueError("layer: all needs the model's number of layers")
+        return [f"layer{k}" for k in range(n_layers + 1)]
+    return [f"layer{k}" for k in layer]
+
+
+def _audio(stimulus: Stimulus, kind: str, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+    from pipelines.features.acoustic import read_wav, resample_audio
+
+    audio, sr = read_wav(_need(stimulus, "audio", kind))
+    if sample_rate is not None and sample_rate != sr:
+        audio, sr = resample_audio(audio, sr, sample_rate), int(sample_rate)
+    return audio, sr
+
+
+# ---------------------------------------------------------------------------- compute functions
+
+
+def compute_word_rate(spec: WordRateFeature, stimulus: Stimulus, *, device: str = "auto",
+                      models: ModelCache | None = None) -> FeatureResult:
+    from pipelines.features.word_rate import word_rate_values
+
+    words, times = _words(stimulus, spec.kind)
+    return FeatureResult({"values": word_rate_values(len(words))}, times, "events")
+
+
+def compute_language_model(spec: LanguageModelFeature, stimulus: Stimulus, *, device: str = "auto",
+                           models: ModelCache | None = None) -> FeatureResult:
+    from pipelines.features.language_model import extract_word_features, load_language_model
+
+    words, times = _words(stimulus, spec.kind)
+    models = models or ModelCache()
+    lm = models.get(("language_model", spec.model, spec.revision, device, "base"),
+                    lambda: load_language_model(spec.model, spec.revision, device=device))
+    layers, sweep = _layer_list(spec.layer, lm.n_layers)
+    feats = extract_word_features(words, lm, layers, spec.context_words, batch_size=spec.batch_size,
+                                  pooling=spec.pooling, batch_tokens=spec.batch_tokens)
+    return FeatureResult(_spaces(feats, layers, sweep), times, "events")
+
+
+def compute_speech_model(spec: SpeechModelFeature, stimulus: Stimulus, *, device: str = "auto",
+                         models: ModelCache | None = None) -> FeatureResult:
+    from pipelines.features.speech_model import extract_speech_features, load_audio, load_speech_model
+
+    models = models or ModelCache()
+    sm = models.get(("speech_model", spec.model, spec.revision, device),
+                    lambda: load_speech_model(spec.model, spec.revision, device=device))
+    audio = load_audio(_need(stimulus, "audio", spec.kind), sm.sampling_rate)
+    layers, sweep = _layer_list(spec.layer, sm.n_layers)
+    times, feats = extract_speech_features(audio, sm.sampling_rate, sm, layers, window_s=spec.window_s,
+                                           step_s=spec.step_s, pooling=spec.pooling, batch_size=spec.batch_size)
+    return FeatureResult(_spaces(feats, layers, sweep), times + stimulus.offset, "regular", sfreq=1.0 / spec.step_s)
+
+
+def compute_spectrogram(spec: SpectrogramFeature, stimulus: Stimulus, *, device: str = "auto",
+                        models: ModelCache | None = None) -> FeatureResult:
+    from pipelines.features.acoustic import spectrogram
+
+    audio, sr = _audio(stimulus, spec.kind, spec.sample_rate)
+    values, times, freqs = spectrogram(audio, sr, scale=spec.scale, n_mels=spec.n_mels, win_s=spec.win_s,
+                                       hop_s=spec.hop_s, fmin=spec.fmin, fmax=spec.fmax, log=spec.log)
+    hop = max(1, int(round(spec.hop_s * sr))) / sr
+    return FeatureResult({"values": values}, times + stimulus.offset, "regular", sfreq=1.0 / hop,
+                         columns=[f"{f:.1f}Hz" for f in freqs])
+
+
+def compute_envelope(spec: EnvelopeFeature, stimulus: Stimulus, *, device: str = "auto",
+                     models: ModelCache | None = None) -> FeatureResult:
+    from pipelines.features.acoustic import envelope
+
+    audio, sr = _audio(stimulus, spec.kind)
+    values, times = envelope(audio, sr, sfreq=spec.sfreq, measure=spec.measure, win_s=spec.win_s)
+    return FeatureResult({"values": values}, times + stimulus.offset, "regular", sfreq=spec.sfreq,
+                         columns=[spec.measure])
+
+
+def compute_phoneme_rate(spec: PhonemeRateFeature, stimulus: Stimulus, *, device: str = "auto",
+                         models: ModelCache | None = None) -> FeatureResult:
+    from pipelines.features.lexical import phoneme_rate_values, read_phones
+
+    phones = read_phones(_need(stimulus, "textgrid", spec.kind), tier=spec.tier, offset=stimulus.offset)
+    values, times = phoneme_rate_values(phones)
+    return FeatureResult({"values": values}, times, "events")
+
+
+def compute_word_frequency(spec: WordFrequencyFeature, stimulus: Stimulus, *, device: str = "auto",
+                           models: ModelCache | None = None) -> FeatureResult:
+    from pipelines.features.lexical import word_frequency_values
+
+    words, times = _words(stimulus, spec.kind)
+    return FeatureResult({"values": word_frequency_values(words, spec.language, spec.wordlist)}, times, "events",
+                         columns=["zipf"])
+
+
+def compute_surprisal(spec: SurprisalFeature, stimulus: Stimulus, *, device: str = "auto",
+                      models: ModelCache | None = None) -> FeatureResult:
+    from pipelines.features.language_model import load_language_model
+    from pipelines.features.lexical import word_surprisal
+
+    words, times = _words(stimulus, spec.kind)
+    models = models or ModelCache()
+    lm = models.get(("language_model", spec.model, spec.revision, device, "causal_lm"),
+                    lambda: load_language_model(spec.model, spec.revision, device=device, head="causal_lm"))
+    values = word_surprisal(words, lm, spec.context_words, batch_size=spec.batch_size, batch_tokens=spec.batch_tokens)
+    return FeatureResult({"values": values}, times, "events", columns=["bits"])
+
+
+def compute_events(spec: EventsFeature, stimulus: Stimulus, *, device: str = "auto",
+                   models: ModelCache | None = None) -> FeatureResult:
+    from pipelines.features.events import events_on_grid, read_events
+
+    events = read_events(_need(stimulus, "events", spec.kind), column=spec.column)
+    values, times, columns = events_on_grid(events, spec.sfreq, trial_types=spec.trial_types, mode=spec.mode)
+    return FeatureResult({"values": values}, times, "regular", sfreq=spec.sfreq, columns=columns)
+
+
+KINDS: dict[str, FeatureKind] = {
+    k.kind: k for k in [
+        FeatureKind("word_rate", WordRateFeature, compute_word_rate, ("words",)),
+        FeatureKind("language_model", LanguageModelFeature, compute_language_model, ("words",), version="2",
+                    model_field="model", batch_fields=("batch_size", "batch_tokens")),
+        FeatureKind("speech_model", SpeechModelFeature, compute_speech_model, ("audio",), model_field="model",
+                    batch_fields=("batch_size",)),
+        FeatureKind("spectrogram", SpectrogramFeature, compute_spectrogram, ("audio",)),
+        FeatureKind("envelope", EnvelopeFeature, compute_envelope, ("audio",)),
+        FeatureKind("phoneme_rate", PhonemeRateFeature, compute_phoneme_rate, ("textgrid",)),
+        FeatureKind("word_frequency", WordFrequencyFeature, compute_word_frequency, ("words",)),
+        FeatureKind("surprisal", SurprisalFeature, compute_surprisal, ("words",), model_field="model",
+                    batch_fields=("batch_size", "batch_tokens")),
+        FeatureKind("events", EventsFeature, compute_events, ("events",)),
+    ]
+}
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def get_kind(kind: str) -> FeatureKind:
+    """The registry entry of ``kind``; ``ValueError`` naming the valid kinds otherwise."""
+    if not isinstance(kind, str) or kind not in KINDS:
+        close = difflib.get_close_matches(str(kind), list(KINDS), n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown feature kind {kind!r}.{hint} Valid kinds: {', '.join(KINDS)}")
+    return KINDS[kind]
+
+
+def parse_feature(params: Mapping[str, Any] | BaseModel, origin: str = "feature") -> BaseModel:
+    """Validate one feature mapping (``{name, kind, ...}``) into its kind's spec.
+
+    ``params`` may also be a spec already, or any pydantic model with the same fields (the
+    config's feature entries), which is validated again here.
+
+    Raises
+    ------
+    ConfigError
+        Unknown kind or key (with the closest valid one), or a value out of range; the
+        message names ``origin`` and the key.
+    """
+    if isinstance(params, tuple(k.spec for k in KINDS.values())):
+        return params
+    if isinstance(params, BaseModel):  # e.g. the config's own feature model: validate its fields here
+        params = params.model_dump(mode="json")
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{origin}: a feature must be a mapping with 'name' and 'kind'")
+    kind = params.get("kind")
+    try:
+        entry = get_kind(kind)
+    except ValueError as err:
+        raise ConfigError(f"{origin}: {err}") from None
+    try:
+        return _ADAPTER.validate_python(dict(params))
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = [p for p in first["loc"] if p != kind]
+        # keep the field name and list indices, not pydantic's union-member tags ("int", "list[int]")
+        parts = [str(loc[0])] + [str(p) for p in loc[1:] if isinstance(p, int)] if loc else []
+        key = ".".join(parts)
+        if first["type"] == "extra_forbidden":
+            valid = list(entry.spec.model_fields)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
+            raise ConfigError(f"{origin}: unknown key {key!r} for kind {kind!r}.{hint}") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        if loc and loc[0] == "layer":  # a union: pydantic's message names only one of its members
+            msg = f"must be a layer index, a list of layer indices, or 'all'; got {params.get('layer')!r}"
+        raise ConfigError(f"{origin}: {key or kind}: {msg}") from None
+
+
+def compute_feature(params: Mapping[str, Any] | BaseModel, stimulus: Stimulus, *, device: str = "auto",
+                    models: ModelCache | None = None) -> FeatureResult:
+    """Validate ``params`` and compute the feature on ``stimulus`` (see the module docstring).
+
+    Raises
+    ------
+    ConfigError
+        Invalid parameters.
+    DatasetError
+        The stimulus lacks what the kind reads (words, audio, phones, events), or its files are bad.
+    ModelError
+        A model cannot be loaded (missing, pickled weights, remote code, unknown layer).
+    """
+    spec = parse_feature(params)
+    result = KINDS[spec.kind].compute(spec, stimulus, device=device, models=models)
+    for key, arr in result.values.items():
+        if arr.shape[0] != result.times.shape[0]:
+            raise AssertionError(f"{spec.kind}: space {key} has {arr.shape[0]} rows for {result.times.size} times")
+        if not np.all(np.isfinite(arr)):
+            raise DatasetError(f"feature {spec.name!r} ({spec.kind}) produced NaN or Inf values")
+    return result
+
+
+def align_to_samples(result: FeatureResult, sample_times: np.ndarray, *, method: str = "lanczos",
+                     window: int = 3, tr: float | None = None, space: str | None = None) -> np.ndarray:
+    """One space of a result on a run's sample times.
+
+    Parameters
+    ----------
+    result : FeatureResult
+    sample_times : np.ndarray, shape (n_samples,)
+        The run's sample times (seconds, run clock), strictly increasing.
+    method : {"lanczos", "average", "samples"}
+        fMRI: Lanczos resampling (``window`` lobes) or the mean of the rows within each TR
+        (``tr`` seconds, default the median spacing); MEG / ECoG: ``"samples"`` (stick function
+        for events, anti-aliased resampling for regular series, see
+        :func:`pipelines.features.lags.to_sample_times`).
+    space : str, optional
+        Which space (default: the only one).
+
+    Returns
+    -------
+    np.ndarray, shape (n_samples, n_dims), float32
+    """
+    from pipelines.features.align import average_within_tr, lanczos_resample
+    from pipelines.features.lags import to_sample_times
+
+    values = result.single() if space is None else result.values[space]
+    t = np.asarray(sample_times, dtype=np.float64)
+    if method == "lanczos":
+        return lanczos_resample(values, result.times, t, window=window)
+    if method == "average":
+        step = float(np.median(np.diff(t))) if tr is None else float(tr)
+        return average_within_tr(values, result.times, t, step)
+    if method == "samples":
+        return to_sample_times(values, result.times, t, sampling=result.sampling)
+    raise ValueError(f"method = {method!r} is unknown: use 'lanczos', 'average' or 'samples'")
+
+
+def model_fingerprint(model: str, revision: str | None) -> str:
+    """Content hash of a local model folder (configs, tokenizer, weights), or ``hub:id@revision``."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.glob("*")):
+            if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".model"):
+                h.update(f.name.encode())
+                d = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        d.update(block)
+                h.update(d.hexdigest().encode())
+        return "dir:" + h.hexdigest()
+    return f"hub:{model}@{revision or 'main'}"
+
+
+def cache_params(params: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
+    """What the cache key covers: the spec without its name and batch sizes, the model's content."""
+    spec = parse_feature(params)
+    entry = KINDS[spec.kind]
+    out = spec.model_dump(mode="json")
+    out.pop("name")
+    for key in entry.batch_fields:
+        out.pop(key, None)
+    if entry.model_field:
+        out[entry.model_field] = model_fingerprint(getattr(spec, entry.model_field), getattr(spec, "revision", None))
+    out["code"] = entry.version
+    return out
+
+
+def cache_key(params: Mapping[str, Any] | BaseModel, stimulus_sha256: str, *, extra: Mapping[str, Any] | None = None
+              ) -> str:
+    """Hash of (stimulus content, :func:`cache_params`, ``extra``): 24 hex digits.
+
+    The run a stimulus was heard in is not part of the key, so a story heard in several runs
+    (or by several subjects) is extracted once.
+    """
+    blob = json.dumps({"stimulus": stimulus_sha256, "params": cache_params(params), "extra": dict(extra or {})},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
