@@ -10,7 +10,7 @@ import pytest
 
 from .conftest import REPO, demo_config
 
-DAG_IDS = {"neuroflow_encoding"}
+DAG_IDS = {"neuroflow_encoding", "neuroflow_watch", "neuroflow_maps_consumer"}
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +18,9 @@ def airflow_db():
     """`airflow db migrate` on the test's SQLite home (what `dag.test()` needs)."""
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, env=os.environ.copy(),
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the pool neuroflow_encoding's GPU-bound tasks run in (as on a real deployment)
+    subprocess.run([sys.executable, "-m", "airflow", "pools", "set", "gpu", "1", "GPU-bound tasks"], check=True,
+                   env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return os.environ["AIRFLOW_HOME"]
 
 
@@ -93,3 +96,218 @@ def test_dag_test_runs_the_analysis_and_publishes(airflow_db, dagbag, openneuro_
     manifest = read_manifest(f"{cfg.publish_prefix}/manifest.json")
     assert manifest["status"] == "complete" and manifest["subjects"] == ["18", "sim01"]
     assert manifest["provenance"]["airflow_run_id"] == run.run_id
+
+
+# --- schedules, pools, assets ------------------------------------------------------------
+
+def test_schedules_watch_on_a_timetable_and_the_consumer_on_the_results_asset(dagbag):
+    encoding, watch, consumer = (dagbag.dags[d] for d in ("neuroflow_encoding", "neuroflow_watch",
+                                                          "neuroflow_maps_consumer"))
+    assert encoding.timetable.__class__.__name__ == "NullTimetable"  # triggered by hand, CLI, API or the watcher
+    assert watch.timetable.__class__.__name__ == "CronTriggerTimetable"
+    assert watch.max_active_runs == 1
+    published = [o for o in encoding.task_dict["publish"].outlets
+                 if getattr(o, "name", "") == "neuroflow_published_maps"]
+    assert len(published) == 1
+    assert [a.name for a in consumer.timetable.asset_condition.objects] == ["neuroflow_published_maps"]
+    assert [a.uri for a in consumer.timetable.asset_condition.objects] == [published[0].uri]
+    aliases = [o.name for o in encoding.task_dict["publish"].outlets if o.__class__.__name__ == "AssetAlias"]
+    assert aliases == ["neuroflow_results"]  # resolved at run time to the dataset's Asset {output}/{dataset}
+
+
+def test_gpu_bound_tasks_queue_on_the_gpu_pool(dagbag):
+    dag = dagbag.dags["neuroflow_encoding"]
+    pools = {t.task_id: t.pool for t in dag.tasks}
+    assert pools["extract_features"] == pools["fit_subject"] == "gpu"
+    assert {p for t, p in pools.items() if t not in ("extract_features", "fit_subject")} == {"default_pool"}
+
+
+def test_mapped_tasks_have_readable_map_indexes(dagbag):
+    dag = dagbag.dags["neuroflow_encoding"]
+    assert dag.task_dict["fit_subject"].map_index_template == "sub-{{ subject_label }}"
+    assert dag.task_dict["extract_features"].map_index_template == "{{ feature_label }}"
+
+
+# --- dag.test(): the watcher and the consumer ------------------------------------------
+
+def _xcoms(run, task_id: str) -> dict[int, object]:
+    """{map_index: return value} of one task of a finished run."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.scalars(XComModel.get_many(run_id=run.run_id, dag_ids=run.dag_id, task_ids=task_id,
+                                                  key="return_value")).all()
+        return {r.map_index: XComModel.deserialize_value(r) for r in rows}
+
+
+def _encoding_runs(prefix: str) -> dict[str, dict]:
+    from sqlalchemy import select
+
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        runs = session.scalars(select(DagRun).where(DagRun.dag_id == "neuroflow_encoding",
+                                                    DagRun.run_id.like(f"{prefix}%"))).all()
+        return {r.run_id: r.conf for r in runs}
+
+
+def _asset_events(uri: str) -> list[dict]:
+    """The extras of every event on the Asset at `uri`."""
+    from sqlalchemy import select
+
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.scalars(select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                               .where(AssetModel.uri.in_([uri, uri + "/"]))).all()
+        return [dict(r.extra or {}) for r in rows]
+
+
+@pytest.fixture
+def watched_source(s3_url, request) -> str:
+    """A small dataset of its own (CHANGES says 1.0.4) that the test may bump."""
+    from .conftest import make_bucket
+    from pipelines.storage import s3_client
+
+    bucket = "watched-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    make_bucket(bucket)
+    client = s3_client(bucket)
+    for key, body in {"dataset_description.json": '{"Name": "x", "BIDSVersion": "1.9.0"}',
+                      "CHANGES": "1.0.4 2020-06-22\n", "sub-18/func/sub-18_task-alice_bold.json": "{}"}.items():
+        client.put_object(Bucket=bucket, Key=f"ds002322/{key}", Body=body.encode())
+    return f"s3://{bucket}/ds002322"
+
+
+@pytest.mark.integration
+def test_dag_test_watch_triggers_encoding_once_per_snapshot(airflow_db, dagbag, watched_source, tiny_bert_dir,
+                                                            results_bucket, monkeypatch):
+    from airflow.utils.state import DagRunState
+
+    from pipelines.storage import s3_client
+
+    config = demo_config(tiny_bert_dir, results_bucket, subjects=("18",))
+    monkeypatch.setenv("AIRFLOW_VAR_NEUROFLOW_WATCHLIST", json.dumps(
+        {"datasets": [{"source": watched_source, "config": config}]}))
+    dag = dagbag.dags["neuroflow_watch"]
+    prefix = "watch__ds002322__"
+    assert dag.test().state == DagRunState.SUCCESS
+    first = {k: v for k, v in _encoding_runs(prefix).items()
+             if v["config"]["dataset"]["source"] == watched_source}
+    assert len(first) == 1
+    (run_id, conf), = first.items()
+    assert "__1.0.4__" in run_id and conf["config"]["dataset"]["version"] == "1.0.4"
+    assert conf["config"]["output"] == results_bucket
+
+    assert dag.test().state == DagRunState.SUCCESS  # nothing new: nothing triggered
+    assert {k for k, v in _encoding_runs(prefix).items() if v["config"]["dataset"]["source"] == watched_source} \
+        == {run_id}
+
+    bucket, _, key = watched_source[5:].partition("/")
+    s3_client(bucket).put_object(Bucket=bucket, Key=f"{key}/CHANGES", Body=b"1.0.5 2026-01-02\n1.0.4 2020-06-22\n")
+    run = dag.test()
+    assert run.state == DagRunState.SUCCESS
+    now = {k: v for k, v in _encoding_runs(prefix).items() if v["config"]["dataset"]["source"] == watched_source}
+    assert len(now) == 2 and any("__1.0.5__" in k for k in now)
+    new_run_id = next(k for k in now if "__1.0.5__" in k)
+    assert _xcoms(run, "record")[-1]["triggered"] == [new_run_id]
+    assert _rendered_map_indexes(run, "trigger_encoding") == [new_run_id]  # readable: the run it triggered
+
+
+def _rendered_map_indexes(run, task_id: str) -> list[str]:
+    from sqlalchemy import select
+
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == run.dag_id,
+                                                         TaskInstance.run_id == run.run_id,
+                                                         TaskInstance.task_id == task_id)).all()
+        return sorted(t.rendered_map_index for t in tis)
+
+
+@pytest.mark.integration
+def test_dag_test_watch_fails_visibly_when_a_dataset_cannot_be_read(airflow_db, dagbag, tiny_bert_dir,
+                                                                     results_bucket, monkeypatch):
+    from airflow.utils.state import DagRunState
+
+    config = demo_config(tiny_bert_dir, results_bucket, subjects=("18",))
+    monkeypatch.setenv("AIRFLOW_VAR_NEUROFLOW_WATCHLIST", json.dumps(
+        {"datasets": [{"source": "s3://no-such-bucket-at-all/ds000001", "config": config}]}))
+    assert dagbag.dags["neuroflow_watch"].test().state == DagRunState.FAILED
+
+
+@pytest.mark.integration
+def test_dag_test_consumer_writes_the_gallery(airflow_db, dagbag, results_bucket):
+    from airflow.utils.state import DagRunState
+
+    from pipelines.storage import ResultStore
+
+    from .test_gallery import manifest, publish_fake
+
+    rel = publish_fake(results_bucket, manifest())
+    run = dagbag.dags["neuroflow_maps_consumer"].test(run_conf={"output": results_bucket})
+    assert run.state == DagRunState.SUCCESS
+    assert _rendered_map_indexes(run, "update_gallery") == [results_bucket]
+    store = ResultStore(results_bucket)
+    index = json.loads(store.get_bytes("index.json"))
+    assert [a["manifest"] for a in index["analyses"]] == [rel]
+    assert rel.replace("manifest.json", "report.html") in store.get_bytes("index.html").decode()
+
+
+# --- incremental reprocessing, counted --------------------------------------------------
+
+def _recomputed(run) -> list[str]:
+    """The stages a run actually computed: features per space, fits per (subject, space)."""
+    out = [f"features:{v['feature']}" for v in _xcoms(run, "extract_features").values() if v["computed"]]
+    for fit in _xcoms(run, "fit_subject").values():
+        # `computed_features` (per feature space) when fit_subject reports it, else all or nothing
+        done = fit.get("computed_features", [] if fit["reused"] else sorted(fit["metrics"]))
+        out += [f"fit:sub-{fit['subject']}:{f}" for f in done]
+    return sorted(out)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_retriggering_recomputes_nothing_and_a_layer_change_only_its_feature_space(
+        airflow_db, dagbag, openneuro_demo, tiny_bert_dir, results_bucket, tmp_path, monkeypatch):
+    from airflow.utils.state import DagRunState
+
+    from pipelines.config import parse_config
+    from pipelines.storage import ResultStore
+
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
+    dag = dagbag.dags["neuroflow_encoding"]
+    store = ResultStore(results_bucket)
+    config = demo_config(tiny_bert_dir, results_bucket, subjects=("18",))
+    manifest_rel = parse_config(config).publish_prefix[len(results_bucket) + 1:] + "/manifest.json"
+    lm = config["features"][1]["name"]
+
+    first = dag.test(run_conf={"config": config})
+    assert first.state == DagRunState.SUCCESS
+    assert _recomputed(first) == sorted(["features:wordrate", f"features:{lm}", "fit:sub-18:wordrate",
+                                         f"fit:sub-18:{lm}"])
+    manifest = store.get_bytes(manifest_rel)
+    # the publish task emitted an event on the dataset's results Asset, with the manifest URI
+    events = _asset_events(f"{results_bucket}/ds002322")
+    assert [e["manifest_uri"] for e in events] == [f"{results_bucket}/{manifest_rel}"]
+
+    again = dag.test(run_conf={"config": config})  # the same analysis, re-triggered
+    assert again.state == DagRunState.SUCCESS
+    assert _recomputed(again) == []
+    assert store.get_bytes(manifest_rel) == manifest  # identical, byte for byte
+
+    config["features"][1]["layer"] = 1  # one feature space's layer changes
+    changed = dag.test(run_conf={"config": config})
+    assert changed.state == DagRunState.SUCCESS
+    recomputed = _recomputed(changed)
+    assert [s for s in recomputed if s.startswith("features:")] == [f"features:{lm}"]
+    fits = [s for s in recomputed if s.startswith("fit:")]
+    per_feature = any("computed_features" in f for f in _xcoms(changed, "fit_subject").values())
+    if fits != [f"fit:sub-18:{lm}"] and not per_feature:
+        pytest.xfail(f"fit_subject fits every feature space of a subject together (recomputed {fits}); "
+                     "per-feature-space fit caching (issue 7) is not wired in pipelines.stages yet")
+    assert fits == [f"fit:sub-18:{lm}"]
