@@ -36,6 +36,11 @@ test: $(STAMP) browser
 reliability: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m reliability
 
+# Speed and memory, measured on this machine: tables in bench/results/ (40-60 min on 2 cores).
+bench: $(STAMP)
+	$(BIN)/python bench/bench_fit.py --out bench/results/fit.md
+	$(BIN)/python bench/bench_features.py --out bench/results/features.md
+
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .features.registry import KINDS, FeatureSpec, LanguageModelFeature, WordRateFeature  # noqa: F401
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
@@ -28,19 +29,42 @@ class _Strict(BaseModel):
 
 
 class ResponsesConfig(_Strict):
-    """Where a subject's responses live.
+    """Where a subject's responses live and how they are read (see ``pipelines.ingest``).
 
     Each subject's runs are looked up in the raw tree and in every folder listed in
     ``derivatives``: ``bold`` is ``sub-*/[ses-*/]func/*_task-<task>[_run-*]*_bold.nii.gz``
     (masked by a ``*_desc-brain_mask.nii.gz`` beside it, or by voxels that vary over time);
     ``timeseries`` is a table ``*_task-<task>*_timeseries.tsv`` (one column per ROI/parcel)
-    with a JSON sidecar giving ``RepetitionTime`` and ``StartTime`` (the time of the first
-    row on the stimulus clock). ``auto`` takes whichever a subject has.
+    with a JSON sidecar giving ``RepetitionTime`` and ``StartTime``; ``gifti`` are
+    ``*_hemi-L/R_*.func.gii`` surfaces; ``hdf5`` are derivative arrays named by ``files``
+    (LeBel's ``derivative/preprocessed_data/{subject}/{story}.hf5``); ``meg``, ``ieeg`` and
+    ``eeg`` are read with MNE / mne-bids (filtered, optionally a high-gamma envelope,
+    resampled to ``sfreq``, bad channels dropped). ``auto`` takes whichever a subject has.
     """
 
-    kind: Literal["auto", "bold", "timeseries"] = "auto"
+    kind: Literal["auto", "bold", "timeseries", "gifti", "hdf5", "meg", "ieeg", "eeg"] = "auto"
     derivatives: list[str] = Field(default_factory=list)
     desc: str | None = None
+    tasks: list[str] | None = None
+    sessions: list[str] | None = None
+    stories: list[str] | None = None
+    story_from: Literal["task", "events"] = "task"
+    story_trial_type: str = "story"
+    files: str | None = None
+    hdf5_dataset: str | None = None
+    repeats: Literal["mean", "first", "error"] = "mean"
+    tr: float | None = Field(None, gt=0, le=60)
+    start_time: float | None = None
+    tr_counts: str | None = None
+    tr_counts_trim: int = Field(0, ge=0, le=1000)
+    hemi: list[Literal["L", "R"]] = Field(default_factory=lambda: ["L", "R"], min_length=1)
+    space: str | None = None
+    sfreq: float | None = Field(None, gt=0, le=10000)
+    l_freq: float | None = Field(None, gt=0)
+    h_freq: float | None = Field(None, gt=0)
+    notch: float | None = Field(None, gt=0)
+    high_gamma: tuple[float, float] | None = None
+    bad_channels: list[str] = Field(default_factory=list)
 
     @field_validator("derivatives")
     @classmethod
@@ -49,23 +73,62 @@ class ResponsesConfig(_Strict):
             check_relative_key(item, "dataset.responses.derivatives")
         return [item.strip("/") for item in v]
 
+    @field_validator("files", "tr_counts")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_relative_key(v, "dataset.responses.files/tr_counts")
+        return v
+
+    @field_validator("high_gamma")
+    @classmethod
+    def _band(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (0 < v[0] < v[1]):
+            raise ValueError(f"'dataset.responses.high_gamma' is a band [low, high] in Hz with 0 < low < high; got {list(v)}")
+        return v
+
 
 class WordTimingsConfig(_Strict):
-    """Word timings of each task's stimulus (the story), relative to the run's clock."""
+    """Word timings of each story, relative to the run's clock.
 
-    format: Literal["textgrid"] = "textgrid"
-    files: dict[str, str]
+    ``files`` maps a story (or task) to its file; ``pattern`` builds the key of any story
+    (``derivative/TextGrids/{story}.TextGrid``); ``format: events`` takes the word rows of
+    each run's own events.tsv (MEG-MASC).
+    """
+
+    format: Literal["textgrid", "gentle", "words_tsv", "events"] = "textgrid"
+    files: dict[str, str] = Field(default_factory=dict)
+    pattern: str | None = None
     tier: str = "word"
     offset: float = 0.0
+    onset_from_events: bool = False
+    trial_type: str = "word"
+    word_column: str | None = None
+    onset_column: str | None = None
+    offset_column: str | None = None
+    unaligned: Literal["interpolate", "drop", "error"] = "interpolate"
+    bad_rows: Literal["error", "drop"] = "error"
 
     @field_validator("files")
     @classmethod
     def _files(cls, v: dict[str, str]) -> dict[str, str]:
-        if not v:
-            raise ValueError("'dataset.word_timings.files' must map each task to a file; got {}")
         for key in v.values():
             check_relative_key(key, "dataset.word_timings.files")
         return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_relative_key(v.replace("{", "").replace("}", ""), "dataset.word_timings.pattern")
+        return v
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> "WordTimingsConfig":
+        if self.format != "events" and not self.files and not self.pattern:
+            raise ValueError("'dataset.word_timings' needs 'files' (story -> file) or a 'pattern' such as "
+                             "'derivative/TextGrids/{story}.TextGrid' (or 'format: events')")
+        return self
 
 
 class DatasetConfig(_Strict):
@@ -73,8 +136,10 @@ class DatasetConfig(_Strict):
     version: str
     task: str
     subjects: list[str] = Field(min_length=1)
+    tasks: list[str] | None = None
     responses: ResponsesConfig = ResponsesConfig()
     word_timings: WordTimingsConfig
+    checksums: str | dict[str, str] | None = None
 
     @field_validator("source")
     @classmethod
@@ -114,23 +179,7 @@ class DatasetConfig(_Strict):
         return self.source.rstrip("/").rsplit("/", 1)[-1]
 
 
-class WordRateFeature(_Strict):
-    name: str
-    kind: Literal["word_rate"]
-
-
-class LanguageModelFeature(_Strict):
-    name: str
-    kind: Literal["language_model"]
-    model: str
-    revision: str | None = None
-    layer: int = -1
-    context_words: int = Field(32, ge=0, le=2048)
-    pooling: Literal["last", "mean"] = "last"
-    batch_size: int = Field(32, ge=1, le=4096)
-
-
-FeatureConfig = Annotated[Union[WordRateFeature, LanguageModelFeature], Field(discriminator="kind")]
+FeatureConfig = FeatureSpec  # every kind of pipelines.features.registry, validated there
 
 
 class ModelConfig(_Strict):
@@ -141,6 +190,9 @@ class ModelConfig(_Strict):
     n_folds: int = Field(5, ge=3, le=100)
     resample: Literal["lanczos", "average"] = "lanczos"
     lanczos_window: int = Field(3, ge=1, le=10)
+    tmin: float = Field(0.0, ge=-2.0, le=2.0)  # MEG/ECoG: TRF lags from tmin to tmax seconds
+    tmax: float = Field(0.5, ge=-2.0, le=2.0)
+    permutations: int = Field(0, ge=0, le=100_000)  # 0: no permutation p-values
 
     @field_validator("alphas")
     @classmethod
@@ -157,6 +209,12 @@ class ModelConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"'model.delays' lists a delay twice; got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _lags(self) -> "ModelConfig":
+        if self.tmin > self.tmax:
+            raise ValueError(f"'model.tmin' ({self.tmin}) must not exceed 'model.tmax' ({self.tmax})")
+        return self
 
 
 class DecodingConfig(_Strict):
@@ -210,11 +268,9 @@ class AnalysisConfig(_Strict):
                 raise ValueError(f"'features[].name' must be a short identifier; got {n!r}")
         if len(set(names)) != len(names):
             raise ValueError(f"'features' names must be unique; got {names}")
-        if self.dataset.task not in self.dataset.word_timings.files:
-            raise ValueError(
-                f"'dataset.word_timings.files' has no entry for task {self.dataset.task!r}; "
-                f"add '{self.dataset.task}: <path to its TextGrid>'"
-            )
+        wt = self.dataset.word_timings
+        if wt.format != "events" and not wt.pattern and not wt.files:
+            raise ValueError("'dataset.word_timings' names no file: add 'files' or 'pattern'")
         return self
 
     # --- derived values -------------------------------------------------------------
@@ -277,7 +333,7 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
             current = _first_model(ann)
         else:
             # discriminated union member names appear as loc parts
-            current = {"word_rate": WordRateFeature, "language_model": LanguageModelFeature}.get(part, current)
+            current = KINDS[part].spec if part in KINDS else current
     return list(getattr(current, "model_fields", {}) or [])
 
 
@@ -296,7 +352,7 @@ def _first_model(ann: Any) -> Any:
 def _format_error(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
     loc = tuple(first["loc"])
-    path = ".".join(str(p) for p in loc if p not in ("word_rate", "language_model"))
+    path = ".".join(str(p) for p in loc if p not in KINDS)
     if first["type"] == "extra_forbidden":
         key = str(loc[-1])
         valid = _valid_keys(AnalysisConfig, loc)

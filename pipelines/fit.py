@@ -866,8 +866,16 @@ def _run_chunks(func: Callable[..., dict], shared: Any, Y: np.ndarray, chunks: l
     the client never holds a second copy of ``Y``. Tasks are pure: a task lost with its
     worker is recomputed elsewhere and gives the same result.
     """
+    from .progress import Progress
+
+    progress = Progress(len(chunks), f"fit: {Y.shape[1]} targets in chunks", unit="chunks")
     if client is None:
-        return [func(shared, _columns(Y, c), *args) for c in chunks]
+        out = []
+        for c in chunks:
+            out.append(func(shared, _columns(Y, c), *args))
+            progress.update()
+        progress.close()
+        return out
     from distributed import as_completed
 
     remote = client.scatter(shared, broadcast=True)
@@ -890,7 +898,9 @@ def _run_chunks(func: Callable[..., dict], shared: Any, Y: np.ndarray, chunks: l
     for future in running:
         parts[index[future.key]] = future.result()
         future.release()
+        progress.update()
         submit()
+    progress.close()
     return parts  # type: ignore[return-value]
 
 

@@ -738,8 +738,7 @@ def _run_story(ingest: Ingest, rf: RunFiles, kind: str) -> tuple[str | None, str
     return story, events_key, meta
 
 
-def load_subject(ingest: Ingest, subject: str) -> SubjectResponses:
-    """Every run of one subject, as float32 arrays on their own clocks, each with its story."""
+def _planned(ingest: Ingest, subject: str) -> tuple[str, list[tuple]]:
     kind, run_files = find_runs(ingest, subject)
     opts = ingest.responses
     planned = []
@@ -750,6 +749,26 @@ def load_subject(ingest: Ingest, subject: str) -> SubjectResponses:
     if not planned:
         raise DatasetError(f"sub-{subject}: none of its {len(run_files)} {kind} runs is of the stories "
                            f"{list(opts.stories or [])}; fix 'dataset.responses.stories'")
+    return kind, planned
+
+
+def plan_runs(ingest: Ingest, subject: str) -> list[Run]:
+    """A subject's runs (story, events, stimulus onset) without reading their data.
+
+    The runs have empty ``data`` and ``times``; :func:`load_run_words` accepts them, so the
+    stimuli of an analysis can be listed (and their features extracted) before any response
+    is downloaded.
+    """
+    kind, planned = _planned(ingest, subject)
+    return [Run(label=label, data=np.zeros((0, 0), np.float32), times=np.zeros(0), tr=0.0, key=rf.key, story=story,
+                task=rf.entities.get("task"), session=rf.entities.get("ses"), events_key=events_key, meta=dict(stim))
+            for rf, label, story, events_key, stim in planned]
+
+
+def load_subject(ingest: Ingest, subject: str) -> SubjectResponses:
+    """Every run of one subject, as float32 arrays on their own clocks, each with its story."""
+    kind, planned = _planned(ingest, subject)
+    opts = ingest.responses
     runs: list[Run] = []
     names: list[str] = []
     mask_img = space = target_info = None

@@ -73,7 +73,7 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
         images = []
         if fit["kind"] == "bold":
             r_path = None
-            for stat in ("r", "r2", "alpha"):
+            for stat in [s for s in ("r", "r2", "alpha", "p", "significant") if f"{feat}__{s}" in arrays]:
                 path = sub_dir / bids_map_name(sub, task, fit.get("space"), desc, stat, ".nii.gz")
                 write_volume_map(arrays[f"{feat}__{stat}"], mask_img, path)
                 artifacts.append({"file": path, "kind": "statmap_nifti", "subject": sub,
@@ -84,9 +84,10 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
             render_volume_png(r_path, png, f"sub-{sub} {feat}: held-out r")
         else:
             path = sub_dir / bids_map_name(sub, task, fit.get("space"), desc, "r", ".tsv")
-            write_target_table({stat: arrays[f"{feat}__{stat}"] for stat in ("r", "r2", "alpha")}, names, path)
+            stats = [s for s in ("r", "r2", "alpha", "p", "q", "significant") if f"{feat}__{s}" in arrays]
+            write_target_table({stat: arrays[f"{feat}__{stat}"] for stat in stats}, names, path)
             artifacts.append({"file": path, "kind": "statmap_tsv", "subject": sub, "feature_space": feat,
-                              "stat": "r,r2,alpha"})
+                              "stat": ",".join(stats)})
             png = fig_dir / bids_map_name(sub, task, None, desc, "r", ".tsv").replace("_statmap.tsv", "_bar.png")
             render_targets_png(names, r, png, f"sub-{sub} {feat}: held-out r per target")
         artifacts.append({"file": png, "kind": "figure_png", "subject": sub, "feature_space": feat})
@@ -141,7 +142,8 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
         artifacts += subj_artifacts
         metrics[sub] = fit["metrics"]
         subject_info[sub] = {k: fit[k] for k in ("status", "simulated", "kind", "space", "n_targets",
-                                                  "n_invalid_targets", "n_samples", "n_runs")}
+                                                  "n_invalid_targets", "n_samples", "n_runs", "n_constant_targets",
+                                                  "stories") if k in fit}
         report_subjects.append({"label": sub, "simulated": bool(fit.get("simulated")), "feature_spaces": entries})
 
     backend = next((f.get("backend") for f in fits if f.get("backend")), "")
@@ -213,7 +215,19 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
             return _result(store, manifest_rel, winner, out_dir, reused=True)
         store.put_bytes(body, manifest_rel, content_type="application/json")
     (out_dir / "manifest.json").write_bytes(body)
+    _update_gallery(cfg.output)
     return _result(store, manifest_rel, manifest, out_dir, reused=False)
+
+
+def _update_gallery(output: str) -> None:
+    """Refresh the index of analyses at the output root; the manifest is already committed, so
+    a failure here is logged, never fatal (``neuroflow_maps_consumer`` refreshes it again)."""
+    from .gallery import update_index
+
+    try:
+        update_index(output)
+    except Exception as err:  # noqa: BLE001 - the index is derived data, rebuilt by the next update
+        log.warning("the index at %s was not updated (%s); neuroflow_maps_consumer will refresh it", output, err)
 
 
 def _complete_manifest(store: ResultStore, manifest_rel: str, config_hash: str) -> dict | None:

@@ -20,14 +20,18 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .config import AnalysisConfig, LanguageModelFeature, parse_config
+from .config import AnalysisConfig, parse_config
 from .errors import DatasetError, IntegrityError
-from .ingest import Ingest, check_run_timing, check_subjects, load_subject, load_words, open_dataset
-from .storage import ResultStore, sha256_file
+from .features.registry import KINDS, FeatureResult, ModelCache, Stimulus, align_to_samples, cache_key, compute_feature
+from .ingest import (Ingest, Run, check_run_timing, check_subjects, load_run_words, load_subject, open_dataset,
+                     plan_runs, word_timing_key)
+from .progress import Progress
+from .storage import ResultStore
 
 log = logging.getLogger("neuroflow")
 
-FEATURE_CODE_VERSION = "1"
+FEATURE_CODE_VERSION = "2"
+FIT_CODE_VERSION = "1"
 
 
 def default_cache_dir() -> Path:
@@ -49,14 +53,114 @@ def _load_npz(data: bytes) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
+# --- stimuli ----------------------------------------------------------------------
+
+def _sha_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_stimulus(ingest: Ingest, run: Run, needs: tuple[str, ...] | set[str]) -> tuple[Stimulus, str]:
+    """What ``run`` heard, on its clock, and a hash of the parts ``needs`` names.
+
+    ``words`` are the run's word timings (:func:`pipelines.ingest.load_run_words`); ``audio`` is
+    ``stimuli/<stim_file>`` of the run's events.tsv, starting at the events' onset (plus
+    ``word_timings.offset``); ``textgrid`` is the story's TextGrid (phone tier), shifted as its
+    words are; ``events`` is the run's events.tsv. The hash covers only what ``needs`` names, so
+    a story heard in several runs, sessions or subjects on the same clock is extracted once.
+    """
+    w = ingest.words
+    words = load_run_words(ingest, run)
+    shift = w.offset + (float(run.meta.get("stimulus_onset", 0.0)) if w.onset_from_events else 0.0)
+    parts: dict[str, Any] = {}
+    audio = textgrid = events = None
+    offset = shift
+    if "words" in needs:
+        table = words[["word", "onset", "offset"]]
+        parts["words"] = _sha_bytes(json.dumps([[str(a), round(float(b), 4), round(float(c), 4)]
+                                                for a, b, c in table.itertuples(index=False)]).encode())
+    if "textgrid" in needs:
+        if w.format != "textgrid":
+            raise DatasetError(f"{run.key}: a phone-based feature needs TextGrid word timings; "
+                               f"'dataset.word_timings.format' is {w.format!r}: drop the feature or use TextGrids")
+        key = word_timing_key(ingest, run.story, run.task, None, run.session, None)
+        textgrid = ingest.fetch(key)
+        parts["textgrid"] = ingest.files_read[key].sha256
+    if "audio" in needs:
+        stim_file = run.meta.get("stimulus_file")
+        key = f"stimuli/{stim_file}" if stim_file else None
+        if key is None or key not in ingest.listing:
+            raise DatasetError(f"{run.key}: an audio feature needs the run's sound: its events.tsv names "
+                               f"{stim_file!r}, and {key or 'stimuli/<stim_file>'} is not in the dataset; "
+                               "drop the audio feature or add the stimulus to the dataset")
+        audio = ingest.fetch(key)
+        offset = w.offset + float(run.meta.get("stimulus_onset", 0.0))
+        parts["audio"] = ingest.files_read[key].sha256
+    if "events" in needs:
+        if run.events_key is None:
+            raise DatasetError(f"{run.key}: an events feature needs the run's events.tsv, which it does not have; "
+                               "drop the feature or add the events")
+        events = ingest.fetch(run.events_key)
+        parts["events"] = ingest.files_read[run.events_key].sha256
+    if "audio" in needs or "textgrid" in needs:
+        parts["offset"] = round(offset, 6)
+    stim = Stimulus(words=words, audio=audio, textgrid=textgrid, events=events, offset=offset)
+    return stim, _sha_bytes(json.dumps(parts, sort_keys=True).encode())
+
+
+def _feature_spec(cfg: AnalysisConfig, feature_name: str):
+    spec = next((f for f in cfg.features if f.name == feature_name), None)
+    if spec is None:
+        raise DatasetError(f"no feature space {feature_name!r} in the config; it has "
+                           f"{[f.name for f in cfg.features]}")
+    return spec
+
+
+def _read_feature_cache(store: ResultStore, rel: str, feature_name: str) -> FeatureResult | None:
+    """A verified cache entry, or None (missing or corrupt: then it is recomputed)."""
+    if not store.exists(rel):
+        return None
+    try:
+        result = FeatureResult.from_arrays(_load_npz(store.get_bytes(rel)))
+        for arr in result.values.values():
+            if arr.ndim != 2 or arr.shape[0] != result.times.shape[0] or not np.isfinite(arr).all():
+                raise IntegrityError("shape or values do not match")
+        log.info("feature %s: reused cache entry %s", feature_name, rel)
+        return result
+    except Exception as err:  # noqa: BLE001 - a corrupt cache entry is recomputed, never trusted
+        log.warning("feature %s: cache entry %s is corrupt (%s); recomputing", feature_name, rel, err)
+        return None
+
+
+def stimulus_features(store: ResultStore, spec, stim: Stimulus, stim_sha: str, *,
+                      models: ModelCache | None = None) -> tuple[FeatureResult, bool, str]:
+    """(result, computed, cache rel) of one feature space on one stimulus, from the content cache."""
+    key = cache_key(spec, stim_sha, extra={"neuroflow_features": FEATURE_CODE_VERSION})
+    rel = f"_cache/features/{key}.npz"
+    cached = _read_feature_cache(store, rel, spec.name)
+    if cached is not None:
+        return cached, False, rel
+    result = compute_feature(spec, stim, models=models)
+    store.put_bytes(_save_npz(result.to_arrays()), rel)
+    return result, True, rel
+
+
 # --- prepare ----------------------------------------------------------------------
 
 def prepare(config: dict | AnalysisConfig, *, cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """Validate the config against the dataset: version, subjects, stimulus, output bucket."""
+    """Validate the config against the dataset: version, subjects, runs, word timings, output bucket."""
     cfg = _config(config)
     ingest = open_dataset(cfg, cache_dir or default_cache_dir())
     subjects = check_subjects(ingest)
-    words = load_words(ingest)
+    stories: dict[str, int] = {}
+    problems: dict[str, str] = {}
+    for subject in subjects:
+        try:
+            for run in plan_runs(ingest, subject):
+                stories[str(run.story)] = int(len(load_run_words(ingest, run)))
+        except DatasetError as err:  # reported as this subject's failure by its fit; the others go on
+            problems[subject] = str(err)
+    if problems and len(problems) == len(subjects):
+        raise DatasetError(next(iter(problems.values())))
     ResultStore(cfg.output).ensure_bucket()
     return {
         "analysis_id": cfg.analysis_id,
@@ -64,114 +168,97 @@ def prepare(config: dict | AnalysisConfig, *, cache_dir: str | Path | None = Non
         "publish_uri": cfg.publish_prefix,
         "subjects": subjects,
         "feature_spaces": [f.name for f in cfg.features],
-        "n_words": int(len(words)),
+        "stories": stories,
+        "n_words": int(sum(stories.values())),
+        "subject_problems": problems,
         "files_read": [r.as_dict() for r in ingest.files_read.values()],
     }
 
 
 # --- features ---------------------------------------------------------------------
 
-def _model_fingerprint(model: str, revision: str | None) -> str:
-    """Content fingerprint of a local model folder (config + weights), or id@revision."""
-    path = Path(model)
-    if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(path.glob("*")):
-            if f.suffix in (".json", ".safetensors", ".txt", ".model"):
-                h.update(f.name.encode())
-                h.update(sha256_file(f).encode())
-        return "dir:" + h.hexdigest()
-    return f"hub:{model}@{revision or 'main'}"
-
-
-def feature_cache_key(cfg: AnalysisConfig, feature_name: str, stimulus_sha256: str) -> str:
-    """Hash of (stimulus bytes, feature parameters, model content, feature code version)."""
-    spec = next(f for f in cfg.features if f.name == feature_name)
-    params = spec.model_dump(mode="json")
-    params.pop("name")
-    params.pop("batch_size", None)
-    if isinstance(spec, LanguageModelFeature):
-        params["model"] = _model_fingerprint(spec.model, spec.revision)
-    blob = json.dumps({"stimulus": stimulus_sha256, "params": params, "code": FEATURE_CODE_VERSION,
-                       "tier": cfg.dataset.word_timings.tier}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def compute_word_features(spec, words) -> np.ndarray:
-    """Word-level features (n_words, n_dims) of one feature space."""
-    if spec.kind == "word_rate":
-        from .features.word_rate import word_rate_values
-
-        return word_rate_values(len(words))
-    from .features.language_model import extract_word_features
-
-    out = extract_word_features(list(words["word"]), spec.model, [spec.layer], spec.context_words,
-                                revision=spec.revision, batch_size=spec.batch_size, pooling=spec.pooling)
-    return np.asarray(out[spec.layer], dtype=np.float32)
-
-
 def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
                      cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """Word-level features of the task's stimulus for one feature space, content-cached in S3."""
+    """One feature space on every distinct stimulus of the analysis, content-cached in S3.
+
+    Returns the cache entries by stimulus hash; ``computed`` says whether anything was
+    computed (a re-run of the same analysis computes nothing).
+    """
     cfg = _config(config)
-    spec = next((f for f in cfg.features if f.name == feature_name), None)
-    if spec is None:
-        raise DatasetError(f"no feature space {feature_name!r} in the config; it has "
-                           f"{[f.name for f in cfg.features]}")
+    spec = _feature_spec(cfg, feature_name)
+    needs = KINDS[spec.kind].needs
     ingest = open_dataset(cfg, cache_dir or default_cache_dir())
-    words = load_words(ingest)
-    stim_key = cfg.dataset.word_timings.files[cfg.dataset.task]
-    stim_sha = ingest.files_read[stim_key].sha256
-    key = feature_cache_key(cfg, feature_name, stim_sha)
-    rel = f"_cache/features/{key}.npz"
     store = ResultStore(cfg.output)
-    computed = False
-    if store.exists(rel):
+    models = ModelCache()
+    entries: dict[str, str] = {}
+    spaces: set[str] = set()
+    n_computed = 0
+    subjects = check_subjects(ingest)
+    progress = Progress(len(subjects), f"features {feature_name}: subjects' stimuli", unit="subjects")
+    for subject in subjects:
+        progress.update(detail=f"sub-{subject}, {n_computed} computed")
         try:
-            cached = _load_npz(store.get_bytes(rel))
-            if cached["values"].shape[0] != len(words) or not np.isfinite(cached["values"]).all():
-                raise IntegrityError("shape or values do not match")
-            log.info("feature %s: reused cache entry %s", feature_name, rel)
-        except Exception as err:  # noqa: BLE001 - a corrupt cache entry is recomputed, never trusted
-            log.warning("feature %s: cache entry %s is corrupt (%s); recomputing", feature_name, rel, err)
-            cached = None
-    else:
-        cached = None
-    if cached is None:
-        values = compute_word_features(spec, words)
-        if not np.isfinite(values).all():
-            raise DatasetError(f"feature {feature_name!r}: the model produced NaN or Inf values")
-        store.put_bytes(_save_npz({"values": values.astype(np.float32)}), rel)
-        computed = True
-        n_dims = int(values.shape[1])
-    else:
-        n_dims = int(cached["values"].shape[1])
-    return {"feature": feature_name, "uri": store.uri_of(rel), "rel": rel, "key": key,
-            "computed": computed, "n_words": int(len(words)), "n_dims": n_dims,
+            runs = plan_runs(ingest, subject)
+        except DatasetError as err:  # this subject's fit reports it; the others' features are still needed
+            log.warning("feature %s: skipping sub-%s: %s", feature_name, subject, err)
+            continue
+        for run in runs:
+            try:
+                stim, sha = run_stimulus(ingest, run, needs)
+            except DatasetError as err:
+                log.warning("feature %s: skipping sub-%s run %s: %s", feature_name, subject, run.label, err)
+                continue
+            if sha in entries:
+                continue
+            result, computed, rel = stimulus_features(store, spec, stim, sha, models=models)
+            entries[sha] = rel
+            spaces.update(result.values)
+            n_computed += int(computed)
+    models.clear()
+    progress.close()
+    key = _sha_bytes(json.dumps(sorted(entries.values())).encode())[:24]
+    return {"feature": feature_name, "kind": spec.kind, "key": key, "entries": entries, "spaces": sorted(spaces),
+            "computed": n_computed > 0, "n_computed": n_computed, "n_stimuli": len(entries),
             "files_read": [r.as_dict() for r in ingest.files_read.values()]}
 
 
 # --- fit --------------------------------------------------------------------------
 
-def design_matrix(cfg: AnalysisConfig, word_values: np.ndarray, words, runs) -> np.ndarray:
-    """Features aligned to every run's samples, z-scored per run, with FIR delays per run."""
-    from .features.align import average_within_tr, lanczos_resample, make_delays
+def is_ephys(runs: list[Run]) -> bool:
+    """MEG / EEG / iEEG runs (sampled faster than 4 Hz), aligned by samples and TRF lags."""
+    return min(r.tr for r in runs) < 0.25
+
+
+def design_matrix(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], space: str) -> np.ndarray:
+    """One space of a feature on every run's samples, z-scored per run, then FIR-delayed (fMRI) or
+    TRF-lagged from ``model.tmin`` to ``model.tmax`` (MEG / EEG / iEEG), never across runs."""
+    from .features.align import make_delays
+    from .features.lags import trf_design
     from .fit import zscore_by_group
 
-    times = ((words["onset"] + words["offset"]) / 2).to_numpy(np.float64)
-    blocks = []
-    for run in runs:
-        if cfg.model.resample == "lanczos":
-            blocks.append(lanczos_resample(word_values, times, run.times, window=cfg.model.lanczos_window))
-        else:
-            blocks.append(average_within_tr(word_values, times, run.times, run.tr))
     lengths = [len(r.times) for r in runs]
-    X = np.concatenate(blocks).astype(np.float32)
-    X = zscore_by_group(X, np.repeat(np.arange(len(runs)), lengths))
-    return make_delays(X, lengths, cfg.model.delays)
+    ephys = is_ephys(runs)
+    method = "samples" if ephys else cfg.model.resample
+    blocks = [align_to_samples(result, run.times, method=method, window=cfg.model.lanczos_window, tr=run.tr,
+                               space=space) for result, run in zip(results, runs)]
+    X = zscore_by_group(np.concatenate(blocks).astype(np.float32), np.repeat(np.arange(len(runs)), lengths))
+    if ephys:
+        X, _ = trf_design(X, lengths, runs[0].sfreq, cfg.model.tmin, cfg.model.tmax)
+    else:
+        X = make_delays(X, lengths, cfg.model.delays)
+    return np.asarray(X, dtype=np.float32)
 
 
-def cv_groups(cfg: AnalysisConfig, lengths: list[int], subject: str) -> tuple[np.ndarray, int]:
+def longest_lag(cfg: AnalysisConfig, runs: list[Run]) -> int:
+    """The longest delay or TRF lag, in samples."""
+    if is_ephys(runs):
+        sfreq = runs[0].sfreq
+        return int(max(abs(round(cfg.model.tmin * sfreq)), abs(round(cfg.model.tmax * sfreq))))
+    return max(abs(d) for d in cfg.model.delays)
+
+
+def cv_groups(cfg: AnalysisConfig, lengths: list[int], subject: str, longest: int | None = None
+              ) -> tuple[np.ndarray, int]:
     """Fold labels per sample and the gap (samples) kept between test and training data."""
     if cfg.model.cv == "leave_one_run_out":
         if len(lengths) < 3:
@@ -182,18 +269,18 @@ def cv_groups(cfg: AnalysisConfig, lengths: list[int], subject: str) -> tuple[np
         return np.repeat(np.arange(len(lengths)), lengths), 0
     n = sum(lengths)
     block = n // cfg.model.n_folds
-    longest = max(abs(d) for d in cfg.model.delays)
+    longest = max(abs(d) for d in cfg.model.delays) if longest is None else longest
     if block <= 2 * longest:
         raise DatasetError(
             f"sub-{subject}: {n} samples in {cfg.model.n_folds} blocks of {block} are too short for delays "
-            f"up to {longest} (each block must be longer than twice the longest delay); lower "
-            "'model.n_folds' or 'model.delays'"
+            f"up to {longest} samples (each block must be longer than twice the longest delay); lower "
+            "'model.n_folds' or 'model.delays' / 'model.tmax'"
         )
     edges = np.linspace(0, n, cfg.model.n_folds + 1).round().astype(int)
     groups = np.zeros(n, dtype=int)
     for k in range(cfg.model.n_folds):
         groups[edges[k]:edges[k + 1]] = k
-    return groups, max(abs(d) for d in cfg.model.delays)
+    return groups, longest
 
 
 def summarize(r: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
@@ -204,12 +291,41 @@ def summarize(r: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
             "max_r": round(float(good.max()), 6), "n_targets": int(r.size), "n_valid": int(valid.sum())}
 
 
+def fit_key(cfg: AnalysisConfig, subject: str, responses_sha: str, feature_rels: list[str], space: str) -> str:
+    """Content key of one (subject, feature space) fit: its inputs and the model settings only.
+
+    The analysis name, the other feature spaces and the output place are not part of it,
+    so changing one feature space refits that one alone.
+    """
+    model = cfg.model.model_dump(mode="json")
+    blob = json.dumps({"subject": subject, "responses": responses_sha, "features": feature_rels, "space": space,
+                       "model": model, "code": FIT_CODE_VERSION}, sort_keys=True)
+    return _sha_bytes(blob.encode())[:24]
+
+
+FIT_ARRAYS = ("r", "r2", "alpha", "valid", "p", "q", "significant")
+
+
+def _read_fit_cache(store: ResultStore, rel: str, n_targets: int) -> dict[str, np.ndarray] | None:
+    if not store.exists(rel):
+        return None
+    try:
+        arrays = _load_npz(store.get_bytes(rel))
+        if any(arrays[k].shape != (n_targets,) for k in ("r", "r2", "alpha", "valid")):
+            raise IntegrityError("shape does not match")
+        return arrays
+    except Exception as err:  # noqa: BLE001 - a corrupt fit cache entry is refitted, never trusted
+        log.warning("fit cache entry %s is corrupt (%s); refitting", rel, err)
+        return None
+
+
 def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict[str, Any]], *,
                 cache_dir: str | Path | None = None, client=None) -> dict[str, Any]:
-    """Fit one subject's encoding models (one per feature space) and store the scores.
+    """Fit one subject's encoding models (one per feature space and layer) and store the scores.
 
-    Results go to ``{output}/_work/{analysis_id}/sub-{subject}/results.npz``; a result
-    already there for the same inputs is reused (a retry never recomputes finished work).
+    Each (feature space, layer) fit is cached by content under ``{output}/_cache/fits/``; the
+    subject's results go to ``{output}/_work/{analysis_id}/sub-{subject}/``, metadata last, so
+    a retry or re-run never recomputes finished work.
     """
     cfg = _config(config)
     from .compute import get_client
@@ -218,12 +334,12 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
     ingest = open_dataset(cfg, cache_dir or default_cache_dir())
     store = ResultStore(cfg.output)
     responses = load_subject(ingest, subject)
-    words = load_words(ingest)
     for run in responses.runs:
-        check_run_timing(run, words, subject)
+        check_run_timing(run, load_run_words(ingest, run), subject)
+    responses_sha = _sha_bytes(json.dumps(sorted(r.sha256 for r in ingest.files_read.values())).encode())
     inputs_key = hashlib.sha256(json.dumps(
-        {"config": cfg.config_hash, "features": sorted(f["key"] for f in features),
-         "files": sorted(r.sha256 for r in ingest.files_read.values())}, sort_keys=True).encode()).hexdigest()[:16]
+        {"config": cfg.config_hash, "features": sorted(f["key"] for f in features), "files": responses_sha},
+        sort_keys=True).encode()).hexdigest()[:16]
     base = f"_work/{cfg.analysis_id}/sub-{subject}"
     rel = f"{base}/results-{inputs_key}.npz"
     meta_rel = f"{base}/results-{inputs_key}.json"
@@ -231,57 +347,108 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
         meta = json.loads(store.get_bytes(meta_rel))
         log.info("sub-%s: reusing finished fit %s", subject, rel)
         meta["reused"] = True
+        meta["computed_features"] = []
         return meta
 
-    lengths = [len(r.times) for r in responses.runs]
-    Y = np.concatenate([r.data for r in responses.runs]).astype(np.float32)
+    runs = responses.runs
+    lengths = [len(r.times) for r in runs]
+    Y = np.concatenate([r.data for r in runs]).astype(np.float32)
     run_ids = np.repeat(np.arange(len(lengths)), lengths)
     finite = np.isfinite(Y).all(axis=0)
     Y = np.where(np.isfinite(Y), Y, 0.0).astype(np.float32)
     Y = zscore_by_group(Y, run_ids)
+    constant = finite & ~(np.abs(Y).sum(axis=0) > 0)
     Y[:, ~finite] = np.nan  # NaN/Inf targets are reported invalid by the fit, never fitted
-    groups, gap = cv_groups(cfg, lengths, subject)
-    if client is None:
-        client = get_client(cfg.compute.dask, cfg.compute.n_workers) if Y.shape[1] > 64 else None
+    groups, gap = cv_groups(cfg, lengths, subject, longest_lag(cfg, runs))
 
     arrays: dict[str, np.ndarray] = {"target_names": np.asarray(responses.target_names, dtype=str)}
     metrics: dict[str, Any] = {}
+    computed_features: list[str] = []
     backend = ""
+    models = ModelCache()
+    progress = Progress(len(features), f"sub-{subject} fits", unit="feature spaces")
     for feat in sorted(features, key=lambda f: f["feature"]):
-        values = _load_npz(store.get_bytes(feat["rel"]))["values"]
-        if values.shape[0] != len(words):
-            raise IntegrityError(f"{feat['uri']}: {values.shape[0]} rows for {len(words)} words; "
-                                 "the feature cache entry does not match the stimulus")
-        X = design_matrix(cfg, values, words, responses.runs)
-        log.info("sub-%s: fitting %s (%d samples x %d features -> %d targets)", subject, feat["feature"],
-                 X.shape[0], X.shape[1], Y.shape[1])
-        result = fit_encoding(X, Y, groups, cfg.model.alphas, backend=cfg.compute.backend, gap=gap,
-                              client=client)
-        backend = result.backend
-        name = feat["feature"]
-        arrays[f"{name}__r"] = result.r.astype(np.float32)
-        arrays[f"{name}__r2"] = result.r2.astype(np.float32)
-        arrays[f"{name}__alpha"] = result.alpha.astype(np.float32)
-        arrays[f"{name}__valid"] = result.valid
-        metrics[name] = summarize(result.r, result.valid)
+        progress.update(detail=feat["feature"])
+        spec = _feature_spec(cfg, feat["feature"])
+        results, rels = [], []
+        for run in runs:
+            stim, sha = run_stimulus(ingest, run, KINDS[spec.kind].needs)
+            if sha in feat.get("entries", {}):
+                cached = _read_feature_cache(store, feat["entries"][sha], spec.name)
+            else:
+                cached = None
+            if cached is None:  # not extracted (or the entry went bad): computed here, cached for later
+                cached, _, entry_rel = stimulus_features(store, spec, stim, sha, models=models)
+            else:
+                entry_rel = feat["entries"][sha]
+            results.append(cached)
+            rels.append(entry_rel)
+        spaces = sorted(results[0].values)
+        for space in spaces:
+            name = spec.name if space == "values" else f"{spec.name}_{space}"
+            key = fit_key(cfg, subject, responses_sha, rels, space)
+            cache_rel = f"_cache/fits/sub-{subject}/{key}.npz"
+            fitted = _read_fit_cache(store, cache_rel, Y.shape[1])
+            if fitted is None:
+                X = design_matrix(cfg, results, runs, space)
+                if client is None and Y.shape[1] > 64:
+                    client = get_client(cfg.compute.dask, cfg.compute.n_workers)
+                log.info("sub-%s: fitting %s (%d samples x %d features -> %d targets)", subject, name,
+                         X.shape[0], X.shape[1], Y.shape[1])
+                result = fit_encoding(X, Y, groups, cfg.model.alphas, backend=cfg.compute.backend, gap=gap,
+                                      client=client)
+                backend = result.backend
+                fitted = {"r": result.r.astype(np.float32), "r2": result.r2.astype(np.float32),
+                          "alpha": result.alpha.astype(np.float32), "valid": result.valid,
+                          "backend": np.asarray(result.backend)}
+                if cfg.model.permutations > 0:
+                    fitted.update(_permutation_maps(cfg, Y, result))
+                store.put_bytes(_save_npz(fitted), cache_rel)
+                computed_features.append(name)
+            else:
+                log.info("sub-%s: reused fit %s of %s", subject, cache_rel, name)
+                backend = backend or str(fitted.get("backend", ""))
+            for stat in FIT_ARRAYS:
+                if stat in fitted:
+                    arrays[f"{name}__{stat}"] = fitted[stat]
+            metrics[name] = summarize(fitted["r"], fitted["valid"])
+            if "significant" in fitted:
+                metrics[name]["n_significant"] = int(fitted["significant"].sum())
+    models.clear()
+    progress.close()
+    mask_rel = None
     if responses.mask_img is not None:
         import nibabel as nib
 
+        mask_rel = f"{base}/mask-{inputs_key}.nii.gz"
         with tempfile.TemporaryDirectory() as tmp:
             mpath = Path(tmp) / "mask.nii.gz"
             nib.save(responses.mask_img, mpath)
-            store.put_file(mpath, f"{base}/mask-{inputs_key}.nii.gz")
+            store.put_file(mpath, mask_rel)
     store.put_bytes(_save_npz(arrays), rel)
     meta = {
         "subject": subject, "status": "ok", "kind": responses.kind, "space": responses.space,
         "simulated": responses.simulated, "n_samples": int(sum(lengths)), "n_runs": len(lengths),
+        "stories": sorted({str(r.story) for r in runs}),
         "n_targets": int(Y.shape[1]), "n_invalid_targets": int((~finite).sum()),
-        "result_rel": rel, "mask_rel": f"{base}/mask-{inputs_key}.nii.gz" if responses.mask_img is not None else None,
-        "metrics": metrics, "backend": backend, "reused": False,
+        "n_constant_targets": int(constant.sum()),
+        "result_rel": rel, "mask_rel": mask_rel, "metrics": metrics, "backend": backend, "reused": False,
+        "computed_features": sorted(computed_features),
         "files_read": [r.as_dict() for r in ingest.files_read.values()],
     }
     store.put_bytes(json.dumps(meta, sort_keys=True).encode(), meta_rel, content_type="application/json")
     return meta
+
+
+def _permutation_maps(cfg: AnalysisConfig, Y: np.ndarray, result) -> dict[str, np.ndarray]:
+    """Block-permutation p-values of the held-out r, and Benjamini-Hochberg FDR at 0.05."""
+    from .stats import fdr_bh, permutation_test
+
+    perm = permutation_test(Y, result.predictions, result.sample_fold, n_permutations=cfg.model.permutations,
+                            backend=cfg.compute.backend)
+    p = np.where(perm.valid, perm.p_values, np.nan).astype(np.float32)
+    significant, q = fdr_bh(p, 0.05)
+    return {"p": p, "q": np.asarray(q, dtype=np.float32), "significant": np.asarray(significant, dtype=bool)}
 
 
 def failed_fit(subject: str, error: Exception | str) -> dict[str, Any]:

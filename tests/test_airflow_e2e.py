@@ -106,7 +106,13 @@ class Api:
         self.http.headers["Authorization"] = f"Bearer {token}"
 
     def get(self, path: str, **params):
-        r = self.http.get(f"/api/v2{path}", params=params)
+        # SQLite serialises writers: under load a read can meet "database is locked" (500);
+        # reads are idempotent, so retry those a few times before failing.
+        for attempt in range(5):
+            r = self.http.get(f"/api/v2{path}", params=params)
+            if r.status_code < 500 or attempt == 4:
+                break
+            time.sleep(1 + attempt)
         r.raise_for_status()
         return r.json()
 

@@ -101,8 +101,26 @@ def test_overrides_and_file_errors(tmp_path):
         apply_overrides(base(), ["novalue"])
 
 
-def test_task_needs_word_timings():
+def test_word_timings_must_name_a_file_or_a_pattern():
     cfg = base()
-    cfg["dataset"]["task"] = "other"
-    with pytest.raises(ConfigError, match="no entry for task 'other'"):
+    cfg["dataset"]["word_timings"]["files"] = {}
+    with pytest.raises(ConfigError, match="needs 'files'.*or a 'pattern'"):
         parse_config(cfg)
+    cfg["dataset"]["word_timings"]["pattern"] = "derivative/TextGrids/{story}.TextGrid"
+    assert parse_config(cfg).dataset.word_timings.pattern.endswith("{story}.TextGrid")
+    cfg["dataset"]["word_timings"]["pattern"] = "../{story}.TextGrid"
+    with pytest.raises(ConfigError, match="contains '..'"):
+        parse_config(cfg)
+
+
+def test_reader_options_are_validated():
+    cfg = base()
+    cfg["dataset"]["responses"] = {"kind": "ieeg", "high_gamma": [150, 70]}
+    with pytest.raises(ConfigError, match="high_gamma"):
+        parse_config(cfg)
+    cfg["dataset"]["responses"] = {"kind": "ieeg", "hi_gamma": [70, 150]}
+    with pytest.raises(ConfigError, match="Did you mean 'high_gamma'"):
+        parse_config(cfg)
+    cfg["dataset"]["responses"] = {"kind": "hdf5", "files": "derivative/preprocessed_data/{subject}/{story}.hf5",
+                                   "tr_counts": "derivative/respdict.json", "tr_counts_trim": 20}
+    assert parse_config(cfg).dataset.responses.tr_counts_trim == 20

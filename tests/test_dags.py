@@ -306,8 +306,4 @@ def test_retriggering_recomputes_nothing_and_a_layer_change_only_its_feature_spa
     recomputed = _recomputed(changed)
     assert [s for s in recomputed if s.startswith("features:")] == [f"features:{lm}"]
     fits = [s for s in recomputed if s.startswith("fit:")]
-    per_feature = any("computed_features" in f for f in _xcoms(changed, "fit_subject").values())
-    if fits != [f"fit:sub-18:{lm}"] and not per_feature:
-        pytest.xfail(f"fit_subject fits every feature space of a subject together (recomputed {fits}); "
-                     "per-feature-space fit caching (issue 7) is not wired in pipelines.stages yet")
     assert fits == [f"fit:sub-18:{lm}"]

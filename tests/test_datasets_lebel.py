@@ -207,3 +207,39 @@ def test_checksums_from_a_git_annex_listing_are_enforced(lebel, tmp_path, ledger
         with pytest.raises(IntegrityError, match=r"inamoment\.hf5: the source's file is \d+ bytes, its checksum "
                                                  r"list \(git-annex key\) says 133048688"):
             ingest.fetch(key)
+
+
+@pytest.mark.slow
+def test_the_whole_analysis_runs_on_lebels_layout(lebel, tmp_path, results_bucket):
+    """prepare -> features per story -> fit (one fold per story) -> publish, on the real layout."""
+    import json as _json
+
+    from pipelines.run import run_analysis
+    from pipelines.storage import ResultStore
+
+    cfg = demo_config(tmp_path, results_bucket, subjects=("UTS01",))
+    cfg["dataset"].update(source=SOURCE, version="3.1.0", task="stories", responses=RESPONSES, word_timings=WORDS)
+    cfg["features"] = [{"name": "wordrate", "kind": "word_rate"}]
+    cfg["model"] = {"delays": [0, 1], "alphas": [0.1, 1, 10, 100, 1000]}
+    result = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
+    assert result["status"] == "complete"
+    (feat,) = result["features"]
+    assert feat["n_stimuli"] == 3  # one extraction per story, cached by content
+    (fit,) = result["fits"]
+    assert fit["kind"] == "hdf5" and fit["stories"] == sorted(STORIES) and fit["n_runs"] == 3
+    r = ResultStore(results_bucket)
+    manifest = _json.loads(r.get_bytes(result["manifest_uri"][len(results_bucket) + 1:]))
+    assert manifest["subject_info"]["UTS01"]["stories"] == sorted(STORIES)
+    table = next(a for a in manifest["artifacts"] if a["kind"] == "statmap_tsv")
+    import io
+
+    import pandas as pd
+
+    scores = pd.read_csv(io.BytesIO(r.get_bytes(result["manifest_uri"].rsplit("/", 1)[0][len(results_bucket) + 1:]
+                                                 + "/" + table["path"])), sep="\t")
+    assert scores["r"].iloc[PLANTED].min() > 0.5  # held-out stories, planted voxels found
+    assert scores["r"].drop(index=PLANTED).abs().mean() < 0.15
+    # every story's words and responses file is an input of the manifest
+    keys = {i["key"] for i in manifest["inputs"]}
+    assert {f"derivative/TextGrids/{s}.TextGrid" for s in STORIES} <= keys
+    assert {f"derivative/preprocessed_data/UTS01/{s}.hf5" for s in STORIES} <= keys

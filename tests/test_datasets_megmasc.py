@@ -138,3 +138,23 @@ def test_real_events_of_every_story_read_as_words():
             assert "None" in set(words["word"])
     assert counts["sub-01_ses-0_task-2_events.tsv"] == ("easy_money", 2637, 0)
     assert {v[0] for v in counts.values()} == {"lw1", "cable_spool_fort", "easy_money", "The_Black_Willow"}
+
+
+def test_the_whole_analysis_runs_on_meg_with_words_from_events(megmasc, tmp_path, results_bucket):
+    """MEG at 10 Hz, word rate from the run's own events.tsv, TRF lags, contiguous folds, published."""
+    from pipelines.run import run_analysis
+
+    cfg = demo_config(tmp_path, results_bucket, subjects=("01",))
+    cfg["dataset"].update(source=SOURCE, version="1.0.1", task="0", responses=RESPONSES, word_timings=WORDS)
+    cfg["features"] = [{"name": "wordrate", "kind": "word_rate"}]
+    cfg["model"] = {"cv": "contiguous_blocks", "n_folds": 5, "tmin": -0.3, "tmax": 0.3,
+                    "alphas": [1, 10, 100, 1000, 10000]}
+    result = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
+    (fit,) = result["fits"]
+    assert result["status"] == "complete" and fit["kind"] == "meg" and fit["n_targets"] == 208
+    assert fit["stories"] == ["lw1"]
+    from pipelines.stages import _load_npz
+    from pipelines.storage import ResultStore
+
+    r = _load_npz(ResultStore(results_bucket).get_bytes(fit["result_rel"]))["wordrate__r"]
+    assert r[:5].min() > 0.5 and np.abs(r[5:]).max() < 0.3  # the planted sensors, and only those

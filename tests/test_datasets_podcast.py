@@ -175,3 +175,24 @@ def test_bad_inputs(podcast, tmp_path, ledger):
         with pytest.raises(DatasetError, match=r"no subject sub-10; the dataset has: 01, 02, 03, 04, 05, 06, 07, "
                                                r"08, 09"):
             check_subjects(open_dataset(cfg, tmp_path / "cache"))
+
+
+def test_the_whole_analysis_runs_on_the_podcast_ecog(podcast, tmp_path, results_bucket):
+    """High-gamma ECoG at 5 Hz, words from the transcript, TRF lags, contiguous folds, published."""
+    from pipelines.run import run_analysis
+
+    cfg = demo_config(tmp_path, results_bucket, subjects=("01",))
+    cfg["dataset"].update(source=SOURCE, version="1.0.2", task="podcast", responses=DERIV, word_timings=WORDS)
+    cfg["features"] = [{"name": "wordrate", "kind": "word_rate"}]
+    cfg["model"] = {"cv": "contiguous_blocks", "n_folds": 5, "tmin": -0.4, "tmax": 0.4,
+                    "alphas": [1, 10, 100, 1000, 10000]}
+    result = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
+    (fit,) = result["fits"]
+    assert result["status"] == "complete" and fit["kind"] == "ieeg" and fit["n_targets"] == 99
+    m = result["metrics"]["01"]["wordrate"]
+    assert m["max_r"] > 0.5 and m["n_valid"] == 99
+    from pipelines.stages import _load_npz
+    from pipelines.storage import ResultStore
+
+    r = _load_npz(ResultStore(results_bucket).get_bytes(fit["result_rel"]))["wordrate__r"]
+    assert r[:5].min() > 0.5 and abs(float(np.median(r[5:]))) < 0.1  # the planted electrodes, not the rest

@@ -76,6 +76,12 @@ def test_two_identical_analyses_started_at_once_leave_one_manifest(openneuro_dem
         import hashlib
 
         assert hashlib.sha256(prefix.get_bytes(art["path"])).hexdigest() == art["sha256"]
+    # the index at the output root lists the analysis once, whichever racer updated it last
+    import json
+
+    index = json.loads(store.get_bytes("index.json"))
+    assert [a["manifest"] for a in index["analyses"]] == [manifests[0]]
+    assert b"report.html" in store.get_bytes("index.html")
 
 
 def test_two_different_configs_never_share_a_prefix(tiny_bert_dir):

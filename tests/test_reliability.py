@@ -169,11 +169,12 @@ def test_a_corrupt_feature_cache_entry_is_recomputed(openneuro_demo, tiny_bert_d
         cfg = parse_config(demo_config(tiny_bert_dir, results_bucket, subjects=["22"]))
         first = extract_features(cfg, "minilmL4", cache_dir=tmp_path)
         store = ResultStore(results_bucket)
-        good = store.get_bytes(first["rel"])
-        store.client.put_object(Bucket=store.bucket, Key=store.key(first["rel"]), Body=good[: len(good) // 2])
+        (rel,) = first["entries"].values()  # one story, one cache entry
+        good = store.get_bytes(rel)
+        store.client.put_object(Bucket=store.bucket, Key=store.key(rel), Body=good[: len(good) // 2])
         again = extract_features(cfg, "minilmL4", cache_dir=tmp_path)
         assert again["computed"] is True and again["key"] == first["key"]
-        np.testing.assert_array_equal(_load_npz(store.get_bytes(first["rel"]))["values"], _load_npz(good)["values"])
+        np.testing.assert_array_equal(_load_npz(store.get_bytes(rel))["values"], _load_npz(good)["values"])
         third = extract_features(cfg, "minilmL4", cache_dir=tmp_path)
         assert third["computed"] is False
 
