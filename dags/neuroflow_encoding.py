@@ -34,6 +34,19 @@ DEFAULT_ARGS = {
 }
 
 
+def _credentials() -> None:
+    """S3 credentials from the Airflow connection ``neuroflow_s3`` when it exists (plugins/neuroflow_aws.py)."""
+    import sys
+    from pathlib import Path
+
+    plugins = str(Path(__file__).resolve().parents[1] / "plugins")
+    if plugins not in sys.path:  # the repository's plugins folder, wherever Airflow's points
+        sys.path.append(plugins)
+    from neuroflow_aws import export_aws_connection
+
+    export_aws_connection()
+
+
 def _config_schema() -> dict:
     """The config's JSON Schema (pydantic), so a bad trigger is refused before a run starts."""
     from pipelines.config import AnalysisConfig  # light: pydantic + yaml only
@@ -57,6 +70,7 @@ def neuroflow_encoding():
     def prepare() -> dict:
         from pipelines.stages import prepare as run
 
+        _credentials()
         return run(get_current_context()["params"]["config"])
 
     @task
@@ -71,25 +85,45 @@ def neuroflow_encoding():
     def extract_features(feature: str) -> dict:
         from pipelines.stages import extract_features as run
 
+        _credentials()
         context = get_current_context()
         context["feature_label"] = feature
         return run(context["params"]["config"], feature)
 
     @task(map_index_template="sub-{{ subject_label }}", **GPU_TASK)
     def fit_subject(subject: str, features: list[dict]) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from pipelines.stages import SUBJECT_ERRORS, record_failed_fit
         from pipelines.stages import fit_subject as run
 
+        _credentials()
         context = get_current_context()
         context["subject_label"] = subject
-        return run(context["params"]["config"], subject, list(features))
+        config = context["params"]["config"]
+        try:
+            return run(config, subject, list(features))
+        except SUBJECT_ERRORS as err:
+            # this subject's own input is bad: a retry cannot help; the others go on, and publish
+            # records it as failed in a partial manifest
+            record_failed_fit(config, subject, err)
+            raise AirflowFailException(f"sub-{subject}: {err}") from err
 
-    @task(outlets=[PUBLISHED_MAPS, DATASET_RESULTS])
+    @task(outlets=[PUBLISHED_MAPS, DATASET_RESULTS], trigger_rule="all_done")
     def publish(prepared: dict, features: list[dict], fits: list[dict]) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from pipelines.stages import collect_fits
         from pipelines.stages import publish_from_config as run
 
+        _credentials()
         context = get_current_context()
         config = context["params"]["config"]
-        result = run(config, prepared, list(features), list(fits), airflow_run_id=context["run_id"])
+        everyone = collect_fits(config, prepared["subjects"], [f for f in fits if f])
+        if not any(f.get("status") == "ok" for f in everyone):
+            raise AirflowFailException("no subject was fitted; nothing is published: "
+                                       + "; ".join(f"sub-{f['subject']}: {f.get('error')}" for f in everyone))
+        result = run(config, prepared, list(features), everyone, airflow_run_id=context["run_id"])
         output = config["output"].rstrip("/")
         dataset_id = config["dataset"]["source"].rstrip("/").rsplit("/", 1)[-1]
         extra = {"manifest_uri": result["manifest_uri"], "output": output, "dataset": dataset_id,
@@ -99,10 +133,19 @@ def neuroflow_encoding():
         context["outlet_events"][DATASET_RESULTS].add(Asset(uri=f"{output}/{dataset_id}"), extra=extra)
         return result
 
+    @task
+    def check_complete(result: dict) -> None:
+        """Fail the run when the published analysis is partial, naming the failed subjects."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        if result["status"] != "complete":
+            raise AirflowFailException(f"published a partial analysis ({result['manifest_uri']}): subjects "
+                                       f"{result.get('failed_subjects')} failed; see their fit_subject logs")
+
     prepared = prepare()
     features = extract_features.expand(feature=feature_names(prepared))
     fits = fit_subject.partial(features=features).expand(subject=subject_labels(prepared))
-    publish(prepared, features, fits)
+    check_complete(publish(prepared, features, fits))
 
 
 neuroflow_encoding()

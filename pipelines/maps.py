@@ -31,7 +31,8 @@ __all__ = [
     "render_histogram_png",
 ]
 
-_EXT_SUFFIX = {".nii.gz": "_statmap.nii.gz", ".tsv": "_statmap.tsv"}
+_EXT_SUFFIX = {".nii.gz": "_statmap.nii.gz", ".tsv": "_statmap.tsv", ".func.gii": "_statmap.func.gii",
+               ".png": "_statmap.png"}
 _FIG_WIDTH_IN = 8.0
 _DPI = 100  # 8 in x 100 dpi = 800 px wide
 
@@ -290,4 +291,93 @@ def render_histogram_png(values_by_feature: dict[str, np.ndarray], png_path: str
     ax.set_ylabel("targets")
     ax.set_title(title)
     fig.tight_layout()
+    return _save(fig, png_path)
+
+
+# --- surfaces and electrodes -------------------------------------------------------------
+
+FSAVERAGE_VERTICES = {"fsaverage5": 10242, "fsaverage6": 40962, "fsaverage": 163842}
+
+
+def write_surface_map(values: np.ndarray, vertices: np.ndarray, n_vertices: int, path: str | Path) -> Path:
+    """Write one hemisphere's per-vertex values as a GIFTI ``.func.gii`` (NaN where not fitted).
+
+    Parameters
+    ----------
+    values : ndarray, shape (n_targets,)
+        One value per fitted vertex.
+    vertices : ndarray of int, shape (n_targets,)
+        Their vertex indices on the hemisphere's mesh.
+    n_vertices : int
+        Vertices of the mesh (e.g. 40962 for fsaverage6).
+    """
+    values = np.asarray(values, dtype=np.float32)
+    vertices = np.asarray(vertices, dtype=np.int64)
+    if values.shape != vertices.shape or (vertices.size and (vertices.min() < 0 or vertices.max() >= n_vertices)):
+        raise DatasetError(f"{Path(path).name}: {values.shape[0]} values for vertices outside 0..{n_vertices - 1}")
+    data = np.full(n_vertices, np.nan, dtype=np.float32)
+    data[vertices] = values
+    img = nib.gifti.GiftiImage(darrays=[nib.gifti.GiftiDataArray(
+        data, intent="NIFTI_INTENT_ESTIMATE", datatype="NIFTI_TYPE_FLOAT32")])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+def surface_view_values(full: np.ndarray) -> np.ndarray | None:
+    """Values on fsaverage5 (bundled with nilearn) from an fsaverage-family map, else None.
+
+    The fsaverage meshes are nested icosahedra: the first 10,242 vertices of fsaverage6 and
+    fsaverage are the vertices of fsaverage5, so the picture subsamples rather than resamples.
+    """
+    n = full.shape[0]
+    if n not in FSAVERAGE_VERTICES.values():
+        return None
+    return np.asarray(full[:FSAVERAGE_VERTICES["fsaverage5"]], dtype=np.float32)
+
+
+def render_surface_png(by_hemi: dict[str, np.ndarray], png_path: str | Path, title: str) -> Path | None:
+    """Lateral views of both hemispheres' inflated fsaverage5 surfaces coloured by value.
+
+    ``by_hemi`` maps ``"L"``/``"R"`` to full-length per-vertex arrays (NaN: not fitted). Returns
+    None when the maps are not on an fsaverage mesh (no picture; the GIFTI maps remain).
+    """
+    from nilearn import datasets, plotting
+
+    views = {h: surface_view_values(v) for h, v in by_hemi.items()}
+    if not views or any(v is None for v in views.values()):
+        return None
+    mesh = datasets.load_fsaverage("fsaverage5")
+    finite = np.concatenate([v[np.isfinite(v)] for v in views.values()])
+    vmax = float(np.nanmax(np.abs(finite))) if finite.size else 1.0
+    hemis = [h for h in ("L", "R") if h in views]
+    fig, axes = plt.subplots(1, len(hemis), figsize=(4.2 * len(hemis), 3.4), subplot_kw={"projection": "3d"})
+    axes = np.atleast_1d(axes)
+    for ax, h in zip(axes, hemis):
+        part = "left" if h == "L" else "right"
+        plotting.plot_surf_stat_map(mesh["inflated"].parts[part], np.nan_to_num(views[h]), hemi=part,
+                                    view="lateral", colorbar=h == hemis[-1], vmax=vmax or 1.0, axes=ax,
+                                    figure=fig, bg_map=None)
+        ax.set_title(f"{'left' if h == 'L' else 'right'} hemisphere", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, png_path)
+
+
+def render_electrodes_png(values: np.ndarray, coords: np.ndarray, png_path: str | Path, title: str) -> Path | None:
+    """Electrodes drawn at their (MNI) coordinates on a glass brain, coloured by value.
+
+    Electrodes without coordinates (NaN) are left out; None when none has any.
+    """
+    from nilearn import plotting
+
+    coords = np.asarray(coords, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    keep = np.isfinite(coords).all(axis=1) & np.isfinite(values)
+    if not keep.any():
+        return None
+    vmax = float(np.max(np.abs(values[keep]))) or 1.0
+    fig = plt.figure(figsize=(8, 3.2))
+    plotting.plot_markers(values[keep], coords[keep], node_cmap="RdBu_r", node_vmin=-vmax, node_vmax=vmax,
+                          node_size=18, display_mode="lzry", title=title, figure=fig)
     return _save(fig, png_path)

@@ -51,11 +51,37 @@ def _desc(name: str) -> str:
     return "".join(ch for ch in name if ch.isalnum())
 
 
+def _surface_maps(sub: str, task: str, space: str | None, desc: str, feat: str, arrays: dict[str, np.ndarray],
+                  sub_dir: Path, fig_dir: Path) -> tuple[list[dict], Path | None]:
+    """GIFTI maps per hemisphere and statistic, and one picture of r on the inflated surface."""
+    from .maps import FSAVERAGE_VERTICES, bids_map_name, render_surface_png, write_surface_map
+
+    hemi = arrays["info__hemi"].astype(str)
+    vertex = arrays["info__vertex"].astype(np.int64)
+    n_vertices = FSAVERAGE_VERTICES.get(space or "", int(vertex.max()) + 1)
+    artifacts, r_full = [], {}
+    valid = arrays[f"{feat}__valid"].astype(bool)
+    for h in sorted(set(hemi)):
+        rows = hemi == h
+        for stat in [s for s in ("r", "r2", "alpha", "p", "significant") if f"{feat}__{s}" in arrays]:
+            name = bids_map_name(sub, task, space, desc, stat, ".func.gii").replace(f"sub-{sub}_task-{task}_",
+                                                                                 f"sub-{sub}_task-{task}_hemi-{h}_")
+            values = np.where(valid, arrays[f"{feat}__{stat}"].astype(np.float32), np.nan)  # n/a: not fitted
+            path = write_surface_map(values[rows], vertex[rows], n_vertices, sub_dir / name)
+            artifacts.append({"file": path, "kind": "statmap_gifti", "subject": sub, "feature_space": feat,
+                              "stat": stat})
+        full = np.full(n_vertices, np.nan, dtype=np.float32)
+        full[vertex[rows]] = np.where(valid, arrays[f"{feat}__r"], np.nan)[rows]
+        r_full[h] = full
+    png = fig_dir / bids_map_name(sub, task, space, desc, "r", ".png").replace("_statmap.png", "_surface.png")
+    return artifacts, render_surface_png(r_full, png, f"sub-{sub} {feat}: held-out r")
+
+
 def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray], mask_img,
                    out_dir: Path) -> tuple[list[dict], list[dict]]:
     """Write one subject's maps and pictures; return (artifacts, report feature entries)."""
-    from .maps import (bids_map_name, render_histogram_png, render_targets_png, render_volume_png,
-                       write_target_table, write_volume_map)
+    from .maps import (bids_map_name, render_electrodes_png, render_histogram_png, render_targets_png,
+                       render_volume_png, write_target_table, write_volume_map)
 
     sub = fit["subject"]
     task = cfg.dataset.task
@@ -82,12 +108,26 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
             png = fig_dir / bids_map_name(sub, task, fit.get("space"), desc, "r", ".nii.gz").replace(
                 "_statmap.nii.gz", "_glassbrain.png")
             render_volume_png(r_path, png, f"sub-{sub} {feat}: held-out r")
-        else:
+        elif fit["kind"] == "gifti" and "info__hemi" in arrays:
+            surf, png = _surface_maps(sub, task, fit.get("space"), desc, feat, arrays, sub_dir, fig_dir)
+            artifacts += surf
+            if png is not None:
+                artifacts.append({"file": png, "kind": "figure_png", "subject": sub, "feature_space": feat})
+                images.append({"path": str(png), "caption": f"{feat}: held-out correlation on the surface"})
+        if fit["kind"] != "bold":
             path = sub_dir / bids_map_name(sub, task, fit.get("space"), desc, "r", ".tsv")
             stats = [s for s in ("r", "r2", "alpha", "p", "q", "significant") if f"{feat}__{s}" in arrays]
-            write_target_table({stat: arrays[f"{feat}__{stat}"] for stat in stats}, names, path)
+            info = {k[6:]: arrays[k] for k in sorted(arrays) if k.startswith("info__") and k[6:] != "name"}
+            write_target_table({**{stat: arrays[f"{feat}__{stat}"] for stat in stats}, **info}, names, path)
             artifacts.append({"file": path, "kind": "statmap_tsv", "subject": sub, "feature_space": feat,
                               "stat": ",".join(stats)})
+            if all(f"info__{c}" in arrays for c in ("x", "y", "z")):  # electrodes with coordinates
+                xyz = np.stack([arrays[f"info__{c}"] for c in ("x", "y", "z")], axis=1)
+                epng = fig_dir / bids_map_name(sub, task, None, desc, "r", ".tsv").replace(
+                    "_statmap.tsv", "_electrodes.png")
+                if render_electrodes_png(r, xyz, epng, f"sub-{sub} {feat}: held-out r per electrode") is not None:
+                    artifacts.append({"file": epng, "kind": "figure_png", "subject": sub, "feature_space": feat})
+                    images.append({"path": str(epng), "caption": f"{feat}: electrodes at their coordinates, by r"})
             png = fig_dir / bids_map_name(sub, task, None, desc, "r", ".tsv").replace("_statmap.tsv", "_bar.png")
             render_targets_png(names, r, png, f"sub-{sub} {feat}: held-out r per target")
         artifacts.append({"file": png, "kind": "figure_png", "subject": sub, "feature_space": feat})
@@ -254,6 +294,7 @@ def _result(store: ResultStore, manifest_rel: str, manifest: dict, local_dir: st
         (local_dir / "report.html").write_bytes(report)
     return {"manifest_uri": store.uri_of(manifest_rel), "report_path": str(local_dir / "report.html"),
             "local_dir": str(local_dir), "status": manifest["status"], "metrics": manifest["metrics"],
+            "failed_subjects": sorted(s for s, i in manifest["subject_info"].items() if i["status"] != "ok"),
             "reused": reused}
 
 

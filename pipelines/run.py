@@ -7,10 +7,7 @@ from typing import Any
 
 from .config import AnalysisConfig
 from .publish import _now, publish
-from .errors import DatasetError, FitError, IntegrityError
-from .stages import default_cache_dir, extract_features, failed_fit, fit_subject, prepare
-
-SUBJECT_ERRORS = (DatasetError, FitError, IntegrityError)
+from .stages import SUBJECT_ERRORS, default_cache_dir, extract_features, failed_fit, fit_subject, prepare
 
 log = logging.getLogger("neuroflow")
 

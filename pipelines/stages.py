@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__
 from .config import AnalysisConfig, parse_config
-from .errors import DatasetError, IntegrityError
+from .errors import DatasetError, FitError, IntegrityError
 from .features.registry import KINDS, FeatureResult, ModelCache, Stimulus, align_to_samples, cache_key, compute_feature
 from .ingest import (Ingest, Run, check_run_timing, check_subjects, load_run_words, load_subject, open_dataset,
                      plan_runs, word_timing_key)
@@ -362,6 +362,11 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
     groups, gap = cv_groups(cfg, lengths, subject, longest_lag(cfg, runs))
 
     arrays: dict[str, np.ndarray] = {"target_names": np.asarray(responses.target_names, dtype=str)}
+    if responses.target_info is not None:  # hemisphere/vertex of surfaces, channel type and coordinates
+        for col in responses.target_info.columns:
+            values = responses.target_info[col].to_numpy()
+            numeric = values.dtype.kind in "biuf"
+            arrays[f"info__{col}"] = values.astype(np.float64) if numeric else values.astype(str)
     metrics: dict[str, Any] = {}
     computed_features: list[str] = []
     backend = ""
@@ -451,9 +456,44 @@ def _permutation_maps(cfg: AnalysisConfig, Y: np.ndarray, result) -> dict[str, n
     return {"p": p, "q": np.asarray(q, dtype=np.float32), "significant": np.asarray(significant, dtype=bool)}
 
 
+SUBJECT_ERRORS = (DatasetError, FitError, IntegrityError)  # a subject's own bad input: others go on
+
+
 def failed_fit(subject: str, error: Exception | str) -> dict[str, Any]:
     """The record of a subject whose fit failed, for a partial manifest."""
     return {"subject": subject, "status": "failed", "error": str(error)[:1000], "metrics": {}}
+
+
+def record_failed_fit(config: dict | AnalysisConfig, subject: str, error: Exception | str) -> dict[str, Any]:
+    """Store a subject's failure under the analysis' work prefix, for publish to put in the manifest."""
+    cfg = _config(config)
+    record = failed_fit(subject, error)
+    ResultStore(cfg.output).put_bytes(json.dumps(record, sort_keys=True).encode(),
+                                      f"_work/{cfg.analysis_id}/sub-{subject}/failed.json",
+                                      content_type="application/json")
+    return record
+
+
+def collect_fits(config: dict | AnalysisConfig, subjects: list[str], fits: list[dict]) -> list[dict]:
+    """The fits that finished, plus a failed record for every other subject of the analysis.
+
+    A subject's failure is the one ``record_failed_fit`` stored, else "its fit task failed"
+    (e.g. retries exhausted): a subject is never silently left out of the manifest.
+    """
+    cfg = _config(config)
+    store = ResultStore(cfg.output)
+    done = {f["subject"]: f for f in fits if f}
+    out = []
+    for subject in subjects:
+        if subject in done:
+            out.append(done[subject])
+            continue
+        rel = f"_work/{cfg.analysis_id}/sub-{subject}/failed.json"
+        if store.exists(rel):
+            out.append(json.loads(store.get_bytes(rel)))
+        else:
+            out.append(failed_fit(subject, "its fit_subject task failed (see the task log)"))
+    return out
 
 
 # --- publish ----------------------------------------------------------------------

@@ -98,6 +98,79 @@ def test_dag_test_runs_the_analysis_and_publishes(airflow_db, dagbag, openneuro_
     assert manifest["provenance"]["airflow_run_id"] == run.run_id
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.reliability
+def test_one_bad_subject_publishes_the_others_and_fails_the_run(airflow_db, dagbag, demo_tree, tiny_bert_dir,
+                                                                results_bucket, tmp_path, monkeypatch, ledger):
+    import shutil
+
+    from airflow.utils.state import DagRunState
+
+    from pipelines.config import parse_config
+    from pipelines.consume import read_manifest
+    from pipelines.storage import copy_tree_to_s3
+
+    from .conftest import make_bucket
+
+    with ledger.fault("one bad subject among good ones (Airflow)"):
+        monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
+        tree = tmp_path / "ds"
+        shutil.copytree(demo_tree, tree)
+        tsv = tree / "derivatives/brennan2016roi/sub-23/func/sub-23_task-alice_desc-roi6mm_timeseries.tsv"
+        tsv.write_text("\n".join(tsv.read_text().splitlines()[:150]) + "\n")  # a truncated run
+        make_bucket("dag-bad-subject-src")
+        copy_tree_to_s3(tree, "s3://dag-bad-subject-src/ds002322")
+        config = demo_config(tiny_bert_dir, results_bucket, subjects=("22", "23"))
+        config["dataset"]["source"] = "s3://dag-bad-subject-src/ds002322"
+        run = dagbag.dags["neuroflow_encoding"].test(run_conf={"config": config})
+        assert run.state == DagRunState.FAILED  # the run state says a subject failed
+        states = {(ti.task_id, ti.map_index): ti.state for ti in run.get_task_instances()}
+        assert states[("fit_subject", 0)] == "success" and states[("fit_subject", 1)] == "failed"
+        assert states[("publish", -1)] == "success" and states[("check_complete", -1)] == "failed"
+        manifest = read_manifest(f"{parse_config(config).publish_prefix}/manifest.json")
+        assert manifest["status"] == "partial" and manifest["subjects"] == ["22", "23"]
+        assert manifest["subject_info"]["22"]["status"] == "ok" and "22" in manifest["metrics"]
+        bad = manifest["subject_info"]["23"]
+        assert bad["status"] == "failed" and "sub-23" in bad["error"] and "samples" in bad["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.reliability
+def test_s3_credentials_come_from_a_connection_and_its_secret_stays_out_of_logs(
+        airflow_db, dagbag, openneuro_demo, tiny_bert_dir, results_bucket, tmp_path, monkeypatch, capfd, caplog,
+        ledger):
+    import logging
+    import secrets
+    from pathlib import Path
+
+    from airflow.sdk.log import redact
+    from airflow.utils.state import DagRunState
+
+    with ledger.fault("S3 secret from an Airflow connection kept out of task logs"):
+        secret = "nf-" + secrets.token_hex(16)
+        monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("AIRFLOW_CONN_NEUROFLOW_S3", json.dumps({
+            "conn_type": "aws", "login": "neuroflow-ci-key", "password": secret,
+            "extra": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"], "region_name": "us-east-1"}}))
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+            monkeypatch.delenv(name)  # nothing but the connection says where S3 is and who we are
+        monkeypatch.setenv("AWS_DEFAULT_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+        capfd.readouterr()
+        caplog.set_level(logging.INFO)
+        run = dagbag.dags["neuroflow_encoding"].test(
+            run_conf={"config": demo_config(tiny_bert_dir, results_bucket, subjects=("18",))})
+        assert run.state == DagRunState.SUCCESS
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] == secret  # the tasks took the connection's credentials
+        out = capfd.readouterr()
+        logs = "".join(p.read_text(errors="replace") for p in Path(os.environ["AIRFLOW_HOME"]).rglob("*.log"))
+        everything = out.out + out.err + logs + caplog.text
+        assert "neuroflow-ci-key" in everything  # the task logs were captured
+        assert secret not in everything
+        assert secret not in str(redact(f"aws_secret_access_key={secret}"))  # masked wherever it is logged
+
+
 # --- schedules, pools, assets ------------------------------------------------------------
 
 def test_schedules_watch_on_a_timetable_and_the_consumer_on_the_results_asset(dagbag):

@@ -227,3 +227,54 @@ def test_gzip_truncation_in_a_nifti_is_named(narratives, tmp_path, s3_url):
     ingest = open_dataset(cfg, tmp_path / "cache", responses={"kind": "bold"})
     with pytest.raises(DatasetError, match=r"sub-002_task-pieman_run-1_bold\.nii\.gz: corrupt or truncated NIfTI"):
         load_subject(ingest, "002")
+
+
+@pytest.mark.slow
+def test_the_whole_analysis_on_surfaces_with_an_audio_feature(narratives, tmp_path, results_bucket):
+    """pieman runs on fsaverage6, word rate and the sound envelope of the story's WAV: GIFTI maps."""
+    import io
+    import wave
+
+    import nibabel as nib
+
+    from pipelines.consume import read_manifest
+    from pipelines.run import run_analysis
+    from pipelines.storage import ResultStore
+
+    from .datasets import smooth_rate
+
+    sr, seconds = 4000, 450
+    t = np.arange(sr * seconds) / sr
+    loud = 0.1 + smooth_rate(narratives["pieman"], t[::40], width=0.3).repeat(40)  # louder while words are spoken
+    sound = np.random.default_rng(5).standard_normal(t.size) * loud / loud.max() * 0.3
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes((np.clip(sound, -1, 1) * 32767).astype("<i2").tobytes())
+    stage(SOURCE, {"stimuli/pieman_audio.wav": buf.getvalue()})
+
+    cfg = demo_config(tmp_path, results_bucket, subjects=("001",))
+    cfg["dataset"].update(source=SOURCE, version="1.1.4", task="pieman", responses={**RESPONSES, "stories": ["pieman"]},
+                          word_timings=WORDS)
+    cfg["features"] = [{"name": "wordrate", "kind": "word_rate"},
+                       {"name": "envelope", "kind": "envelope", "sfreq": 10.0}]
+    cfg["model"] = {"cv": "contiguous_blocks", "n_folds": 4, "delays": [0, 1], "alphas": [0.1, 1, 10, 100, 1000]}
+    result = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
+    assert result["status"] == "complete"
+    (fit,) = result["fits"]
+    assert fit["kind"] == "gifti" and fit["n_targets"] == 2 * FS6 and fit["n_runs"] == 2
+    assert fit["n_constant_targets"] == 2 * (FS6 - 20)  # the all-zero vertices: reported, not fitted
+    manifest = read_manifest(result["manifest_uri"])
+    gii = [a for a in manifest["artifacts"] if a["kind"] == "statmap_gifti" and a["stat"] == "r"]
+    assert sorted(a["path"].split("_hemi-")[1][0] + a["feature_space"] for a in gii) == \
+        ["Lenvelope", "Lwordrate", "Renvelope", "Rwordrate"]
+    prefix = ResultStore(result["manifest_uri"].rsplit("/", 1)[0])
+    for art in gii:
+        path = tmp_path / art["path"].rsplit("/", 1)[-1]
+        path.write_bytes(prefix.get_bytes(art["path"]))
+        r = nib.load(str(path)).darrays[0].data
+        assert r.shape == (FS6,) and np.isnan(r[20:]).all()  # unfitted vertices are n/a
+        assert r[PLANTED].min() > (0.5 if art["feature_space"] == "wordrate" else 0.3)
+    assert any(a["path"].endswith("_surface.png") for a in manifest["artifacts"])

@@ -161,3 +161,26 @@ def test_report_opens_in_a_browser_with_every_image(published, browser):
     url = store.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=300)
     remote = browser.images(url)
     assert remote["n"] == local["n"] and remote["broken"] == []
+
+
+def test_a_layer_sweep_is_one_extraction_per_story_and_one_fit_per_layer(openneuro_demo, tiny_bert_dir,
+                                                                        results_bucket, tmp_path):
+    from pipelines.stages import _load_npz, extract_features, fit_subject
+
+    store = ResultStore(results_bucket)
+    sweep_cfg = demo_config(tiny_bert_dir, results_bucket, subjects=("18", "22"))
+    sweep_cfg["features"][1]["layer"] = [1, 2]
+    sweep = extract_features(parse_config(sweep_cfg), "minilmL4", cache_dir=tmp_path)
+    # two subjects heard the same story on the same clock: one extraction, one cache entry
+    assert sweep["n_stimuli"] == 1 and sweep["spaces"] == ["layer1", "layer2"] and sweep["computed"]
+    single_cfg = demo_config(tiny_bert_dir, results_bucket, subjects=("18", "22"))
+    single_cfg["features"][1]["layer"] = 2
+    single = extract_features(parse_config(single_cfg), "minilmL4", cache_dir=tmp_path)
+    (sweep_rel,), (single_rel,) = sweep["entries"].values(), single["entries"].values()
+    np.testing.assert_allclose(_load_npz(store.get_bytes(sweep_rel))["layer2"],
+                               _load_npz(store.get_bytes(single_rel))["values"], atol=1e-5)
+    fit = fit_subject(parse_config(sweep_cfg), "18", [sweep], cache_dir=tmp_path)
+    assert sorted(fit["metrics"]) == ["minilmL4_layer1", "minilmL4_layer2"]
+    assert fit["computed_features"] == ["minilmL4_layer1", "minilmL4_layer2"]
+    arrays = _load_npz(store.get_bytes(fit["result_rel"]))
+    assert not np.array_equal(arrays["minilmL4_layer1__r"], arrays["minilmL4_layer2__r"])

@@ -219,6 +219,8 @@ BAD_CONFIGS = {
                               "non-ASCII"),
     "private dask address from a trigger": (lambda c: c["compute"].update(dask="http://10.0.0.1:8786"),
                                             "compute.dask"),
+    "model URL to a link-local address": (lambda c: c["features"][1].update(
+        model="http://169.254.169.254/latest/meta-data"), "URLs are refused"),
     "output outside s3": (lambda c: c.update(output="/tmp/out"), "'output' must be s3://"),
     "delays beyond 50 TRs": (lambda c: c["model"].update(delays=[60]), "within ±50"),
     "folds shorter than the delays": (lambda c: c["model"].update(delays=[1, 2, 3, 4], n_folds=60),

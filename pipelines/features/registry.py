@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from pipelines.errors import ConfigError, DatasetError
 
@@ -62,6 +62,20 @@ _NAME = r"^[A-Za-z][A-Za-z0-9_]{0,31}$"
 Layers = Union[int, list[int], Literal["all"]]
 
 
+def _model_reference(value: str) -> str:
+    """A model is a hub id (``org/name``) or a local folder, never a URL: a URL in a trigger could
+    reach private or loopback addresses (cloud metadata, internal services)."""
+    if "://" in value or value.lower().startswith(("http:", "https:", "s3:", "file:", "ftp:")):
+        raise ValueError(f"'model' must be a HuggingFace hub id (org/name) or a local folder; got the URL "
+                         f"{value!r}: URLs are refused (they could reach private or loopback addresses)")
+    if "\x00" in value or not value.isascii():
+        raise ValueError(f"'model' must be plain ASCII; got {value!r}")
+    return value
+
+
+ModelRef = Annotated[str, Field(min_length=1), AfterValidator(_model_reference)]
+
+
 # ---------------------------------------------------------------------------- specs
 
 
@@ -81,7 +95,7 @@ class LanguageModelFeature(_Spec):
     """Hidden states of a transformers language model, per word (see ``language_model``)."""
 
     kind: Literal["language_model"]
-    model: str = Field(min_length=1)
+    model: ModelRef
     revision: str | None = None
     layer: Layers = -1
     context_words: int = Field(32, ge=0, le=2048)
@@ -94,7 +108,7 @@ class SpeechModelFeature(_Spec):
     """Hidden states of a speech encoder on causal audio windows (see ``speech_model``)."""
 
     kind: Literal["speech_model"]
-    model: str = Field(min_length=1)
+    model: ModelRef
     revision: str | None = None
     layer: Layers = -1
     window_s: float = Field(16.0, gt=0, le=600)
@@ -159,7 +173,7 @@ class SurprisalFeature(_Spec):
     """Word surprisal in bits under a causal LM, strided windows (see ``lexical``)."""
 
     kind: Literal["surprisal"]
-    model: str = Field(min_length=1)
+    model: ModelRef
     revision: str | None = None
     context_words: int = Field(32, ge=0, le=2048)
     batch_size: int = Field(32, ge=1, le=4096)
