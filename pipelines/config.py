@@ -183,7 +183,10 @@ FeatureConfig = FeatureSpec  # every kind of pipelines.features.registry, valida
 
 
 class ModelConfig(_Strict):
-    kind: Literal["ridge"] = "ridge"
+    kind: Literal["ridge", "banded_ridge"] = "ridge"  # banded: every feature space a band, fitted jointly
+    n_iter: int = Field(20, ge=1, le=1000)  # banded ridge: random-search draws of the band weights
+    test_stories: list[str] | None = None  # held out for the scores (e.g. LeBel's repeated story); needs
+    #                                         leave_one_run_out: alphas are chosen on the other runs only
     alphas: list[float] = Field(default_factory=lambda: [10.0 ** k for k in range(-1, 6)], min_length=1)
     delays: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], min_length=1)
     cv: Literal["leave_one_run_out", "contiguous_blocks"] = "leave_one_run_out"
@@ -211,6 +214,12 @@ class ModelConfig(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _test_stories(self) -> "ModelConfig":
+        if self.test_stories is not None and self.cv != "leave_one_run_out":
+            raise ValueError("'model.test_stories' holds out whole runs: it needs 'model.cv: leave_one_run_out'")
+        return self
+
+    @model_validator(mode="after")
     def _lags(self) -> "ModelConfig":
         if self.tmin > self.tmax:
             raise ValueError(f"'model.tmin' ({self.tmin}) must not exceed 'model.tmax' ({self.tmax})")
@@ -218,7 +227,21 @@ class ModelConfig(_Strict):
 
 
 class DecodingConfig(_Strict):
+    """Decoders the other way round: from the responses (at ``delays`` samples later) to each
+    feature space, scored per feature by held-out r and by identification of held-out segments
+    of ``segment_length`` samples (top-1 / top-5 against chance)."""
+
     enabled: bool = False
+    delays: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], min_length=1)
+    segment_length: int = Field(10, ge=1, le=1000)
+    max_targets: int = Field(5000, ge=1, le=1_000_000)  # responses read by the decoder (best by encoding r)
+
+    @field_validator("delays")
+    @classmethod
+    def _delays(cls, v: list[int]) -> list[int]:
+        if any(abs(d) > 50 for d in v) or len(set(v)) != len(v):
+            raise ValueError(f"'decoding.delays' are distinct samples within ±50; got {v}")
+        return v
 
 
 class ComputeConfig(_Strict):

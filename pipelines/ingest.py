@@ -799,6 +799,8 @@ def load_subject(ingest: Ingest, subject: str) -> SubjectResponses:
         elif kind == "hdf5":
             r, extra = _read_hdf5_run(ingest, rf, subject)
             meta.update(extra)
+            if "r_max" in r.meta:  # a story presented several times: its noise ceiling per target
+                meta["r_max"] = r.meta["r_max"]
             data, tr, start, cols = r.data, r.period, r.start, r.target_names
         else:  # meg / ieeg / eeg
             r, extra = _read_mne_run(ingest, rf)

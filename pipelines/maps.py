@@ -171,6 +171,27 @@ def _save(fig: plt.Figure, png_path: str | Path) -> Path:
     return png_path
 
 
+def render_slices_png(map_path: str | Path, png_path: str | Path, title: str, n_slices: int = 7) -> Path:
+    """Axial slices of a volume score map over the MNI template (signed, symmetric colour scale)."""
+    from nilearn import plotting
+
+    img = nib.load(Path(map_path))
+    data = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    img = nib.Nifti1Image(data, img.affine)
+    vmax = float(np.max(np.abs(data))) or 1.0
+    fig = plt.figure(figsize=(_FIG_WIDTH_IN, 2.4))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            plotting.plot_stat_map(img, display_mode="z", cut_coords=n_slices, figure=fig, title=title,
+                                   threshold=1e-6, cmap="RdBu_r", vmin=-vmax, vmax=vmax, symmetric_cbar=True,
+                                   colorbar=True, resampling_interpolation="nearest")
+    except BaseException:
+        plt.close(fig)
+        raise
+    return _save(fig, png_path)
+
+
 def render_volume_png(map_path: str | Path, png_path: str | Path, title: str,
                       threshold: float | None = None) -> Path:
     """Draw a volume score map as a glass brain (signed, symmetric colour scale) PNG ~800 px wide.
@@ -380,4 +401,28 @@ def render_electrodes_png(values: np.ndarray, coords: np.ndarray, png_path: str 
     fig = plt.figure(figsize=(8, 3.2))
     plotting.plot_markers(values[keep], coords[keep], node_cmap="RdBu_r", node_vmin=-vmax, node_vmax=vmax,
                           node_size=18, display_mode="lzry", title=title, figure=fig)
+    return _save(fig, png_path)
+
+
+def render_decoding_png(by_feature: dict[str, dict], png_path: str | Path, title: str) -> Path:
+    """Identification accuracy of each feature space's decoder: top-1 and top-5 against chance.
+
+    ``by_feature`` maps a feature space to its decoding summary (``top1``, ``top5``,
+    ``chance_top1``, ``chance_top5``, ``n_segments``).
+    """
+    names = sorted(by_feature)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(_FIG_WIDTH_IN, 3.2))
+    for offset, key, color in ((-0.2, "top1", "#3b6ea8"), (0.2, "top5", "#9bbbe0")):
+        values = [by_feature[n][key] for n in names]
+        ax.bar(x + offset, values, width=0.38, color=color, label=f"{key} identification")
+        for xi, n in zip(x, names):
+            ax.hlines(by_feature[n][f"chance_{key}"], xi + offset - 0.19, xi + offset + 0.19, colors="black",
+                      linestyles="dashed", linewidth=1)
+    ax.set_xticks(x, [f"{n}\n({by_feature[n]['n_segments']} segments)" for n in names], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction of held-out segments")
+    ax.set_title(title + " (dashed: chance)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
     return _save(fig, png_path)

@@ -63,7 +63,7 @@ def _surface_maps(sub: str, task: str, space: str | None, desc: str, feat: str, 
     valid = arrays[f"{feat}__valid"].astype(bool)
     for h in sorted(set(hemi)):
         rows = hemi == h
-        for stat in [s for s in ("r", "r2", "alpha", "p", "significant") if f"{feat}__{s}" in arrays]:
+        for stat in [s for s in ("r", "r2", "alpha", "p", "significant", "rnorm") if f"{feat}__{s}" in arrays]:
             name = bids_map_name(sub, task, space, desc, stat, ".func.gii").replace(f"sub-{sub}_task-{task}_",
                                                                                  f"sub-{sub}_task-{task}_hemi-{h}_")
             values = np.where(valid, arrays[f"{feat}__{stat}"].astype(np.float32), np.nan)  # n/a: not fitted
@@ -80,8 +80,8 @@ def _surface_maps(sub: str, task: str, space: str | None, desc: str, feat: str, 
 def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray], mask_img,
                    out_dir: Path) -> tuple[list[dict], list[dict]]:
     """Write one subject's maps and pictures; return (artifacts, report feature entries)."""
-    from .maps import (bids_map_name, render_electrodes_png, render_histogram_png, render_targets_png,
-                       render_volume_png, write_target_table, write_volume_map)
+    from .maps import (bids_map_name, render_electrodes_png, render_histogram_png, render_slices_png,
+                       render_targets_png, render_volume_png, write_target_table, write_volume_map)
 
     sub = fit["subject"]
     task = cfg.dataset.task
@@ -99,7 +99,7 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
         images = []
         if fit["kind"] == "bold":
             r_path = None
-            for stat in [s for s in ("r", "r2", "alpha", "p", "significant") if f"{feat}__{s}" in arrays]:
+            for stat in [s for s in ("r", "r2", "alpha", "p", "significant", "rnorm") if f"{feat}__{s}" in arrays]:
                 path = sub_dir / bids_map_name(sub, task, fit.get("space"), desc, stat, ".nii.gz")
                 write_volume_map(arrays[f"{feat}__{stat}"], mask_img, path)
                 artifacts.append({"file": path, "kind": "statmap_nifti", "subject": sub,
@@ -108,6 +108,10 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
             png = fig_dir / bids_map_name(sub, task, fit.get("space"), desc, "r", ".nii.gz").replace(
                 "_statmap.nii.gz", "_glassbrain.png")
             render_volume_png(r_path, png, f"sub-{sub} {feat}: held-out r")
+            slices = Path(str(png).replace("_glassbrain.png", "_slices.png"))
+            render_slices_png(r_path, slices, f"sub-{sub} {feat}: held-out r, axial slices")
+            artifacts.append({"file": slices, "kind": "figure_png", "subject": sub, "feature_space": feat})
+            images.append({"path": str(slices), "caption": f"{feat}: held-out correlation, axial slices"})
         elif fit["kind"] == "gifti" and "info__hemi" in arrays:
             surf, png = _surface_maps(sub, task, fit.get("space"), desc, feat, arrays, sub_dir, fig_dir)
             artifacts += surf
@@ -116,7 +120,7 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
                 images.append({"path": str(png), "caption": f"{feat}: held-out correlation on the surface"})
         if fit["kind"] != "bold":
             path = sub_dir / bids_map_name(sub, task, fit.get("space"), desc, "r", ".tsv")
-            stats = [s for s in ("r", "r2", "alpha", "p", "q", "significant") if f"{feat}__{s}" in arrays]
+            stats = [s for s in ("r", "r2", "alpha", "p", "q", "significant", "rnorm") if f"{feat}__{s}" in arrays]
             info = {k[6:]: arrays[k] for k in sorted(arrays) if k.startswith("info__") and k[6:] != "name"}
             write_target_table({**{stat: arrays[f"{feat}__{stat}"] for stat in stats}, **info}, names, path)
             artifacts.append({"file": path, "kind": "statmap_tsv", "subject": sub, "feature_space": feat,
@@ -133,11 +137,34 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
         artifacts.append({"file": png, "kind": "figure_png", "subject": sub, "feature_space": feat})
         images.append({"path": str(png), "caption": f"{feat}: held-out correlation"})
         entries.append({"name": feat, "metrics": fit["metrics"][feat], "images": images})
+    for key in sorted(k for k in arrays if k.endswith("__r2split")):  # banded ridge: R² split per band
+        band = key[: -len("__r2split")]
+        if fit["kind"] == "bold":
+            path = sub_dir / bids_map_name(sub, task, fit.get("space"), _desc(band), "r2split", ".nii.gz")
+            write_volume_map(arrays[key], mask_img, path)
+            artifacts.append({"file": path, "kind": "statmap_nifti", "subject": sub, "feature_space": band,
+                              "stat": "r2split"})
+        else:
+            path = sub_dir / bids_map_name(sub, task, fit.get("space"), _desc(band), "r2split", ".tsv")
+            write_target_table({"r2split": arrays[key]}, names, path)
+            artifacts.append({"file": path, "kind": "statmap_tsv", "subject": sub, "feature_space": band,
+                              "stat": "r2split"})
     hist = fig_dir / f"sub-{sub}_task-{task}_desc-all_histogram.png"
     render_histogram_png(by_feature, hist, f"sub-{sub}: held-out r per feature space")
     artifacts.append({"file": hist, "kind": "figure_png", "subject": sub})
     if entries:
         entries[0]["images"].append({"path": str(hist), "caption": "distribution of held-out r"})
+    decoded = {f: m["decoding"] for f, m in fit["metrics"].items() if m.get("decoding")}
+    if decoded:
+        from .maps import render_decoding_png
+
+        djson = sub_dir / "decoding.json"
+        djson.write_text(json.dumps(decoded, indent=2, sort_keys=True))
+        artifacts.append({"file": djson, "kind": "decoding_json", "subject": sub})
+        dpng = fig_dir / f"sub-{sub}_task-{task}_desc-all_decoding.png"
+        render_decoding_png(decoded, dpng, f"sub-{sub}: decoding, identification of held-out segments")
+        artifacts.append({"file": dpng, "kind": "figure_png", "subject": sub})
+        entries[0]["images"].append({"path": str(dpng), "caption": "decoding: identification accuracy"})
     return artifacts, entries
 
 
@@ -214,6 +241,7 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     for art in artifacts:
         rel = Path(art["file"]).relative_to(out_dir).as_posix()
         ctype = {"report_html": "text/html", "figure_png": "image/png", "config_yaml": "text/yaml",
+                 "decoding_json": "application/json",
                  "dataset_description": "application/json"}.get(art["kind"])
         failpoint("publish.upload")
         rec = store.put_file(art["file"], f"{prefix_rel}/{rel}", content_type=ctype)

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .config import AnalysisConfig, parse_config
 from .errors import DatasetError, FitError, IntegrityError
 from .features.registry import KINDS, FeatureResult, ModelCache, Stimulus, align_to_samples, cache_key, compute_feature
@@ -360,6 +359,13 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
     constant = finite & ~(np.abs(Y).sum(axis=0) > 0)
     Y[:, ~finite] = np.nan  # NaN/Inf targets are reported invalid by the fit, never fitted
     groups, gap = cv_groups(cfg, lengths, subject, longest_lag(cfg, runs))
+    test_groups = None
+    if cfg.model.test_stories:
+        test_groups = [i for i, r in enumerate(runs) if r.story in cfg.model.test_stories]
+        if not test_groups or len(test_groups) == len(runs):
+            raise DatasetError(f"sub-{subject}: 'model.test_stories' {cfg.model.test_stories} match "
+                               f"{len(test_groups)} of its {len(runs)} runs (stories "
+                               f"{sorted({str(r.story) for r in runs})}); name stories it heard, not all of them")
 
     arrays: dict[str, np.ndarray] = {"target_names": np.asarray(responses.target_names, dtype=str)}
     if responses.target_info is not None:  # hemisphere/vertex of surfaces, channel type and coordinates
@@ -372,6 +378,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
     backend = ""
     models = ModelCache()
     progress = Progress(len(features), f"sub-{subject} fits", unit="feature spaces")
+    bands: list[tuple[str, list[FeatureResult], str, list[str]]] = []
     for feat in sorted(features, key=lambda f: f["feature"]):
         progress.update(detail=feat["feature"])
         spec = _feature_spec(cfg, feat["feature"])
@@ -391,6 +398,9 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
         spaces = sorted(results[0].values)
         for space in spaces:
             name = spec.name if space == "values" else f"{spec.name}_{space}"
+            if cfg.model.kind == "banded_ridge":  # fitted jointly below, one band per space
+                bands.append((name, results, space, rels))
+                continue
             key = fit_key(cfg, subject, responses_sha, rels, space)
             cache_rel = f"_cache/fits/sub-{subject}/{key}.npz"
             fitted = _read_fit_cache(store, cache_rel, Y.shape[1])
@@ -401,7 +411,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
                 log.info("sub-%s: fitting %s (%d samples x %d features -> %d targets)", subject, name,
                          X.shape[0], X.shape[1], Y.shape[1])
                 result = fit_encoding(X, Y, groups, cfg.model.alphas, backend=cfg.compute.backend, gap=gap,
-                                      client=client)
+                                      client=client, test_groups=test_groups)
                 backend = result.backend
                 fitted = {"r": result.r.astype(np.float32), "r2": result.r2.astype(np.float32),
                           "alpha": result.alpha.astype(np.float32), "valid": result.valid,
@@ -417,10 +427,35 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
                 if stat in fitted:
                     arrays[f"{name}__{stat}"] = fitted[stat]
             metrics[name] = summarize(fitted["r"], fitted["valid"])
-            if "significant" in fitted:
-                metrics[name]["n_significant"] = int(fitted["significant"].sum())
+            # significant targets (permutations, BH-FDR 0.05); None when no permutations were asked for
+            metrics[name]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
+            if cfg.decoding.enabled:
+                decoded = _decode(cfg, results, runs, space, Y, fitted, groups, gap, client)
+                arrays[f"{name}__decoding_r"] = decoded.r.astype(np.float32)
+                metrics[name]["decoding"] = {**decoded.identification.as_dict(),
+                                             "mean_r": round(float(np.nanmean(np.where(decoded.valid, decoded.r,
+                                                                                       np.nan))), 6)
+                                             if decoded.valid.any() else None}
     models.clear()
     progress.close()
+    _ceiling_normalised(runs, arrays, metrics)
+    if bands:
+        if client is None and Y.shape[1] > 64:
+            client = get_client(cfg.compute.dask, cfg.compute.n_workers)
+        fitted, computed = _fit_banded(cfg, store, subject, responses_sha, bands, runs, Y, groups, gap, client,
+                                       test_groups)
+        backend = str(fitted.get("backend", ""))
+        computed_features += ["banded"] if computed else []
+        for stat in FIT_ARRAYS:
+            if stat in fitted:
+                arrays[f"banded__{stat}"] = fitted[stat]
+        metrics["banded"] = summarize(fitted["r"], fitted["valid"])
+        metrics["banded"]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
+        valid = fitted["valid"].astype(bool)
+        for i, (name, *_rest) in enumerate(bands):
+            arrays[f"{name}__r2split"] = fitted["r2_split"][i]
+            share = fitted["r2_split"][i][valid]
+            metrics["banded"][f"r2_split_mean:{name}"] = round(float(share.mean()), 6) if share.size else None
     mask_rel = None
     if responses.mask_img is not None:
         import nibabel as nib
@@ -443,6 +478,85 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
     }
     store.put_bytes(json.dumps(meta, sort_keys=True).encode(), meta_rel, content_type="application/json")
     return meta
+
+
+def _ceiling_normalised(runs: list[Run], arrays: dict[str, np.ndarray], metrics: dict[str, Any]) -> None:
+    """Add ``<space>__rnorm`` = r / r_max where a run's repeats give a noise ceiling (LeBel's test story).
+
+    The ceiling is that of the repeated story's averaged responses; the score it divides is the
+    held-out r over all folds, so it is an estimate of how close the model comes to the ceiling.
+    """
+    from .stats import normalise_by_ceiling
+
+    ceilings = [r.meta["r_max"] for r in runs if "r_max" in r.meta]
+    if not ceilings:
+        return
+    r_max = np.asarray(ceilings[0], dtype=np.float32)
+    arrays["noise_ceiling_r_max"] = r_max
+    for key in [k for k in arrays if k.endswith("__r")]:
+        name = key[:-3]
+        rnorm = normalise_by_ceiling(arrays[key], r_max).astype(np.float32)
+        arrays[f"{name}__rnorm"] = rnorm
+        finite = rnorm[np.isfinite(rnorm) & arrays[f"{name}__valid"].astype(bool)]
+        metrics[name]["mean_r_normalised"] = round(float(finite.mean()), 6) if finite.size else None
+        metrics[name]["n_with_ceiling"] = int(finite.size)
+
+
+def _fit_banded(cfg: AnalysisConfig, store: ResultStore, subject: str, responses_sha: str, bands: list[tuple],
+                runs: list[Run], Y: np.ndarray, groups: np.ndarray, gap: int, client,
+                test_groups: list[int] | None = None) -> tuple[dict, bool]:
+    """Banded ridge over every feature space (one band each), cached by content like single fits."""
+    from .fit import fit_banded_encoding
+
+    key = fit_key(cfg, subject, responses_sha, [r for band in bands for r in band[3]],
+                  "banded:" + ",".join(f"{name}/{space}" for name, _, space, _ in bands))
+    cache_rel = f"_cache/fits/sub-{subject}/{key}.npz"
+    fitted = _read_fit_cache(store, cache_rel, Y.shape[1])
+    if fitted is not None and "r2_split" in fitted:
+        return fitted, False
+    Xs = {name: design_matrix(cfg, results, runs, space) for name, results, space, _ in bands}
+    log.info("sub-%s: fitting banded ridge over %s (%d samples -> %d targets)", subject, list(Xs), Y.shape[0],
+             Y.shape[1])
+    result = fit_banded_encoding(Xs, Y, groups, cfg.model.alphas, n_iter=cfg.model.n_iter,
+                                 backend=cfg.compute.backend, gap=gap, client=client, test_groups=test_groups)
+    fitted = {"r": result.r.astype(np.float32), "r2": result.r2.astype(np.float32),
+              "alpha": result.alpha.astype(np.float32), "valid": result.valid,
+              "r2_split": np.asarray(result.r2_split, dtype=np.float32), "backend": np.asarray(result.backend)}
+    if cfg.model.permutations > 0:
+        fitted.update(_permutation_maps(cfg, Y, result))
+    store.put_bytes(_save_npz(fitted), cache_rel)
+    return fitted, True
+
+
+def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], space: str, Y: np.ndarray,
+            fitted: dict[str, np.ndarray], groups: np.ndarray, gap: int, client):
+    """A decoder of one feature space from the responses best predicted by its encoding model.
+
+    The decoder reads the ``decoding.max_targets`` valid targets of highest encoding r (chosen
+    on held-out data of the same folds, so identification is slightly optimistic when targets are
+    many; every target when they are fewer), at ``decoding.delays`` samples after each sample.
+    """
+    from .decoding import decoding_design, fit_decoding
+    from .fit import zscore_by_group
+
+    lengths = [len(r.times) for r in runs]
+    method = "samples" if is_ephys(runs) else cfg.model.resample
+    F = np.concatenate([align_to_samples(res, run.times, method=method, window=cfg.model.lanczos_window, tr=run.tr,
+                                         space=space) for res, run in zip(results, runs)]).astype(np.float32)
+    F = zscore_by_group(F, np.repeat(np.arange(len(runs)), lengths))
+    valid = fitted["valid"].astype(bool) & np.isfinite(Y).all(axis=0)
+    order = np.argsort(-np.where(valid, fitted["r"], -np.inf), kind="stable")[:cfg.decoding.max_targets]
+    order = order[valid[order]]
+    if order.size == 0:
+        raise FitError("decoding: no valid target to decode from; disable 'decoding.enabled'")
+    X = decoding_design(Y[:, np.sort(order)], lengths, cfg.decoding.delays)
+    test_groups = [i for i, r in enumerate(runs) if r.story in cfg.model.test_stories] \
+        if cfg.model.test_stories else None
+    return fit_decoding(X, F, groups, cfg.model.alphas, segment_length=cfg.decoding.segment_length,
+                        test_groups=test_groups,
+                        backend=cfg.compute.backend, gap=max(gap, max(abs(d) for d in cfg.decoding.delays)
+                                                             if cfg.model.cv != "leave_one_run_out" else 0),
+                        client=client, return_predictions=False)
 
 
 def _permutation_maps(cfg: AnalysisConfig, Y: np.ndarray, result) -> dict[str, np.ndarray]:

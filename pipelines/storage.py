@@ -86,6 +86,23 @@ def s3_client(bucket: str):
     return _client(bucket in UNSIGNED_BUCKETS, endpoint_url())
 
 
+def check_not_pointer(path: str | Path, where: str) -> None:
+    """Raise DatasetError when `path` is a git-annex/LFS pointer left where data was expected."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size >= POINTER_MAX_BYTES:
+        return
+    with open(path, "rb") as fh:
+        pointer = pointer_text(fh.read(1024))
+    if pointer is None:
+        return
+    annex = parse_annex_key(pointer)
+    real = f"; the real file is {annex[1]} bytes" if annex else ""
+    raise DatasetError(f"{where}: is a git-annex pointer ({size} bytes: {pointer[:120]}{real}), not data; the "
+                       "dataset was published without this file's content. Fetch it (`datalad get`) or use a "
+                       "source that has it")
+
+
 def translate_s3_error(err: Exception, what: str) -> Exception:
     """Map botocore errors to the project's errors with a message naming `what` and a fix."""
     from botocore.exceptions import ClientError, HTTPClientError
@@ -395,17 +412,7 @@ class DatasetSource:
         return path
 
     def _check_pointer(self, key: str, path: Path) -> None:
-        if path.stat().st_size >= POINTER_MAX_BYTES:
-            return
-        with open(path, "rb") as fh:
-            pointer = pointer_text(fh.read(1024))
-        if pointer is None:
-            return
-        annex = parse_annex_key(pointer)
-        real = f"; the real file is {annex[1]} bytes" if annex else ""
-        raise DatasetError(f"{self.source}/{key}: is a git-annex pointer ({path.stat().st_size} bytes: "
-                           f"{pointer[:120]}{real}), not data; the dataset was published without this "
-                           "file's content. Fetch it (`datalad get`) or use a source that has it")
+        check_not_pointer(path, f"{self.source}/{key}")
 
     def _download(self, key: str, info: ObjectInfo, part: Path) -> None:
         """Fill `part` with the object's bytes, resuming a previous partial transfer of the same ETag."""

@@ -243,3 +243,60 @@ def test_the_whole_analysis_runs_on_lebels_layout(lebel, tmp_path, results_bucke
     keys = {i["key"] for i in manifest["inputs"]}
     assert {f"derivative/TextGrids/{s}.TextGrid" for s in STORIES} <= keys
     assert {f"derivative/preprocessed_data/UTS01/{s}.hf5" for s in STORIES} <= keys
+
+
+@pytest.mark.slow
+def test_a_repeated_test_story_gives_ceiling_normalised_scores(lebel, tmp_path, results_bucket):
+    """UTS07: three stories plus the repeated test story (3 repeats): r, and r over the noise ceiling."""
+    import io
+
+    import pandas as pd
+
+    from pipelines.consume import read_manifest
+    from pipelines.run import run_analysis
+    from pipelines.stats import noise_ceiling
+    from pipelines.storage import ResultStore
+
+    rng = np.random.default_rng(7)
+    files = {}
+    for story in STORIES:
+        n = lebel["respdict"][story] - TRIM
+        files[f"derivative/preprocessed_data/UTS07/{story}.hf5"] = hf5_bytes(
+            planted(rng, word_rate(lebel["words"][story], START + TR * np.arange(n)), N_VOX, PLANTED, snr=2.0))
+    n = lebel["respdict"]["wheretheressmoke"] - TRIM
+    signal = word_rate(lebel["words"]["wheretheressmoke"], START + TR * np.arange(n))
+    repeats = np.stack([planted(rng, signal, N_VOX, PLANTED, snr=2.0) for _ in range(3)])
+    files["derivative/preprocessed_data/UTS07/wheretheressmoke.hf5"] = hf5_bytes(repeats)
+    stage(SOURCE, files)
+
+    cfg = demo_config(tmp_path, results_bucket, subjects=("UTS07",))
+    cfg["dataset"].update(source=SOURCE, version="3.1.0", task="stories", responses=RESPONSES, word_timings=WORDS)
+    cfg["features"] = [{"name": "wordrate", "kind": "word_rate"}]
+    cfg["model"] = {"delays": [0, 1], "alphas": [0.1, 1, 10, 100, 1000]}
+    result = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
+    m = result["metrics"]["UTS07"]["wordrate"]
+    assert m["n_with_ceiling"] >= len(PLANTED) and m["mean_r_normalised"] is not None
+    manifest = read_manifest(result["manifest_uri"])
+    table = next(a for a in manifest["artifacts"] if a["kind"] == "statmap_tsv")
+    scores = pd.read_csv(io.BytesIO(ResultStore(result["manifest_uri"].rsplit("/", 1)[0]).get_bytes(table["path"])),
+                         sep="\t")
+    r_max = noise_ceiling(repeats.astype(np.float32)).r_max
+    np.testing.assert_allclose(scores["rnorm"].iloc[PLANTED], scores["r"].iloc[PLANTED] / r_max[PLANTED], rtol=1e-4)
+    assert (r_max[PLANTED] > 0.7).all() and scores["rnorm"].iloc[PLANTED].min() > 0.5
+    # noise voxels have no repeatable signal: no ceiling, so no normalised score
+    assert scores["rnorm"].drop(index=PLANTED).isna().mean() > 0.5
+    # the repeated story as the held-out test story: alphas from the other three stories only
+    cfg["model"]["test_stories"] = ["wheretheressmoke"]
+    held = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
+    from pipelines.stages import _load_npz
+
+    (fit,) = held["fits"]
+    arrays = _load_npz(ResultStore(results_bucket).get_bytes(fit["result_rel"]))
+    assert arrays["wordrate__r"][PLANTED].min() > 0.5 and held["manifest_uri"] != result["manifest_uri"]
+    cfg["model"]["test_stories"] = ["nosuchstory"]
+    from pipelines.errors import DatasetError as _DatasetError
+
+    with pytest.raises(_DatasetError, match="'model.test_stories'"):
+        from pipelines.stages import fit_subject
+
+        fit_subject(parse_config(cfg), "UTS07", held["features"], cache_dir=tmp_path / "cache")

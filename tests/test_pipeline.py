@@ -161,6 +161,12 @@ def test_report_opens_in_a_browser_with_every_image(published, browser):
     url = store.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=300)
     remote = browser.images(url)
     assert remote["n"] == local["n"] and remote["broken"] == []
+    # the gallery at the output root, refreshed by publish, lists the analysis and links its report
+    root = ResultStore(cfg.output)
+    bucket, key = split_s3_uri(f"{cfg.output}/index.html")
+    gallery = browser.images(root.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                                ExpiresIn=300))
+    assert gallery["broken"] == [] and cfg.analysis_id in gallery["text"] and "ds002322" in gallery["text"]
 
 
 def test_a_layer_sweep_is_one_extraction_per_story_and_one_fit_per_layer(openneuro_demo, tiny_bert_dir,
@@ -184,3 +190,46 @@ def test_a_layer_sweep_is_one_extraction_per_story_and_one_fit_per_layer(openneu
     assert fit["computed_features"] == ["minilmL4_layer1", "minilmL4_layer2"]
     arrays = _load_npz(store.get_bytes(fit["result_rel"]))
     assert not np.array_equal(arrays["minilmL4_layer1__r"], arrays["minilmL4_layer2__r"])
+
+
+def test_decoding_identifies_held_out_segments_and_is_published(openneuro_demo, tiny_bert_dir, results_bucket,
+                                                                 tmp_path):
+    cfg = demo_config(tiny_bert_dir, results_bucket, subjects=("sim01",))
+    cfg["decoding"] = {"enabled": True, "segment_length": 10, "max_targets": 500}
+    result = run_analysis(parse_config(cfg), cache_dir=tmp_path)
+    dec = result["metrics"]["sim01"]["wordrate"]["decoding"]
+    # sim01's planted voxels carry the word rate: its held-out segments are identified far above chance
+    assert dec["n_segments"] >= 30 and dec["top1"] > 5 * dec["chance_top1"] and dec["auc"] > 0.8
+    manifest = read_manifest(result["manifest_uri"])
+    assert manifest["metrics"]["sim01"]["minilmL4"]["decoding"]["n_segments"] == dec["n_segments"]
+    assert any(a["path"].endswith("_decoding.png") for a in manifest["artifacts"])
+
+
+def test_banded_ridge_splits_the_variance_per_feature_space(openneuro_demo, tiny_bert_dir, results_bucket, tmp_path):
+    cfg = demo_config(tiny_bert_dir, results_bucket, subjects=("sim01",))
+    cfg["model"] = {**cfg["model"], "kind": "banded_ridge", "n_iter": 5}
+    result = run_analysis(parse_config(cfg), cache_dir=tmp_path)
+    banded = result["metrics"]["sim01"]["banded"]
+    assert set(result["metrics"]["sim01"]) == {"banded"}
+    assert {"r2_split_mean:wordrate", "r2_split_mean:minilmL4"} <= set(banded)
+    manifest = read_manifest(result["manifest_uri"])
+    split_maps = sorted(a["feature_space"] for a in manifest["artifacts"] if a.get("stat") == "r2split")
+    assert split_maps == ["minilmL4", "wordrate"]
+    from pipelines.simulate import demo_mask
+
+    from .conftest import SIM_RESOLUTION_MM
+
+    mask = demo_mask(SIM_RESOLUTION_MM)
+    in_mask = np.asarray(mask.dataobj) > 0
+    maps = {}
+    for art in manifest["artifacts"]:
+        if art.get("stat") in ("r2split", "r2") and art.get("subject") == "sim01" and art["kind"] == "statmap_nifti":
+            img = nib.load(get_artifact(result["manifest_uri"], art["path"], tmp_path / art["path"].rsplit("/")[-1]))
+            assert img.shape == mask.shape
+            maps[(art["feature_space"], art["stat"])] = np.asarray(img.dataobj)[in_mask]
+    # where the model explains variance, the bands' shares add up to its held-out R² (the split is of
+    # fold-centred predictions; on noise voxels the joint R² also carries the folds' mean offsets)
+    total = maps[("minilmL4", "r2split")] + maps[("wordrate", "r2split")]
+    explained = maps[("banded", "r2")] > 0.1
+    assert explained.sum() >= 20
+    np.testing.assert_allclose(total[explained], maps[("banded", "r2")][explained], atol=0.05)

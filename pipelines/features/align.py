@@ -198,23 +198,34 @@ def make_delays(X: np.ndarray, run_lengths: Sequence[int], delays: Sequence[int]
     ConfigError
         ``model.delays`` empty or not integers, or a run not longer than the largest ``|delay|``.
     """
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
-    runs = [int(r) for r in run_lengths]
-    if any(r < 1 for r in runs) or sum(runs) != X.shape[0]:
-        raise ValueError(f"run_lengths {runs} must be positive and sum to the {X.shape[0]} rows of X")
     delays = list(delays)
     if not delays:
         raise ConfigError("model.delays is empty: give at least one delay in TRs, e.g. [1, 2, 3, 4]")
     for d in delays:
         if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
             raise ConfigError(f"model.delays contains {d!r}: delays must be integers (TRs), e.g. [1, 2, 3, 4]")
-    max_d = max(abs(int(d)) for d in delays)
+    return stack_shifted(X, run_lengths, delays,
+                         too_long="model.delays reach {longest} TRs but run {run} has only {n} samples: "
+                                  "use smaller delays or drop the short run")
+
+
+def stack_shifted(X: np.ndarray, run_lengths: Sequence[int], shifts: Sequence[int], *, too_long: str) -> np.ndarray:
+    """Copies of ``X`` shifted forward by each of ``shifts`` samples within each run (zeros at run starts).
+
+    ``too_long`` is the error message (with ``{longest}``, ``{run}``, ``{n}``) for a run not
+    longer than the largest shift.
+    """
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
+    runs = [int(r) for r in run_lengths]
+    if any(r < 1 for r in runs) or sum(runs) != X.shape[0]:
+        raise ValueError(f"run_lengths {runs} must be positive and sum to the {X.shape[0]} rows of X")
+    delays = [int(d) for d in shifts]
+    max_d = max(abs(d) for d in delays)
     for i, r in enumerate(runs):
         if r <= max_d:
-            raise ConfigError(f"model.delays reach {max_d} TRs but run {i} has only {r} samples: "
-                              "use smaller delays or drop the short run")
+            raise ConfigError(too_long.format(longest=max_d, run=i, n=r))
     n, f = X.shape
     out = np.zeros((n, f * len(delays)), dtype=X.dtype)
     start = 0

@@ -136,38 +136,16 @@ def make_lags(X: np.ndarray, run_lengths: Sequence[int], lags: Sequence[int]) ->
     ConfigError
         No lags, non-integer lags, or a run not longer than the largest ``|lag|``.
     """
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
-    runs = [int(r) for r in run_lengths]
-    if any(r < 1 for r in runs) or sum(runs) != X.shape[0]:
-        raise ValueError(f"run_lengths {runs} must be positive and sum to the {X.shape[0]} rows of X")
+    from pipelines.features.align import stack_shifted
+
     lags = list(lags)
     if not lags:
         raise ConfigError("no TRF lags: give tmin <= tmax spanning at least one sample")
     for lag in lags:
         if isinstance(lag, bool) or not isinstance(lag, (int, np.integer)):
             raise ConfigError(f"TRF lag {lag!r} is not an integer number of samples")
-    longest = max(abs(int(lag)) for lag in lags)
-    for i, r in enumerate(runs):
-        if r <= longest:
-            raise ConfigError(f"TRF lags reach {longest} samples but run {i} has only {r}: "
-                              "narrow tmin..tmax or drop the short run")
-    n, f = X.shape
-    out = np.zeros((n, f * len(lags)), dtype=X.dtype)
-    start = 0
-    for r in runs:
-        block = X[start : start + r]
-        for k, d in enumerate(int(lag) for lag in lags):
-            cols = slice(k * f, (k + 1) * f)
-            if d > 0:
-                out[start + d : start + r, cols] = block[: r - d]
-            elif d < 0:
-                out[start : start + r + d, cols] = block[-d:]
-            else:
-                out[start : start + r, cols] = block
-        start += r
-    return out
+    return stack_shifted(X, run_lengths, lags, too_long="TRF lags reach {longest} samples but run {run} has only "
+                                                        "{n}: narrow tmin..tmax or drop the short run")
 
 
 def trf_design(X: np.ndarray, run_lengths: Sequence[int], sfreq: float, tmin: float, tmax: float

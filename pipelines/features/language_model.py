@@ -101,6 +101,46 @@ class LoadedModel:
     head: str = "base"
 
 
+def safe_model_config(model: str, revision: str | None, label: str) -> tuple[str, dict[str, Any], Any]:
+    """(source, from_pretrained kwargs, config) of a model that is safe to load, else ModelError.
+
+    A local folder must hold ``config.json`` and ``*.safetensors`` weights (pickled weights are
+    refused, as they can run code when unpickled); a hub id must be available offline; a config
+    asking for its own code (``auto_map``) is refused: ``trust_remote_code`` is never set.
+    ``label`` names the model in messages ("model", "speech model").
+    """
+    from transformers import AutoConfig
+
+    path = Path(os.path.expanduser(model))
+    local = path.is_dir()
+    if not local and _looks_like_path(model):
+        raise ModelError(f"{label} {model!r} not found: give a local folder or a hub id available offline")
+    if local:
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{label} folder {model!r} has no config.json: give a folder written by "
+                             "save_pretrained")
+        if not any(path.glob("*.safetensors")):
+            raise ModelError(
+                f"{label} folder {model!r} has no *.safetensors weights (pickled .bin files are refused): "
+                "convert it with save_pretrained(folder, safe_serialization=True) on a trusted machine"
+            )
+    src = str(path) if local else model
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if revision is not None and not local:
+        kwargs["revision"] = revision
+    try:
+        config = AutoConfig.from_pretrained(src, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{label} {model!r} cannot be loaded ({_first_line(exc)}): "
+                         "give a local folder or a hub id available offline") from None
+    if getattr(config, "auto_map", None):
+        raise ModelError(
+            f"{label} {model!r} asks for its own code (auto_map in config.json); neuroflow never runs "
+            "remote code (trust_remote_code): use a model whose architecture transformers ships"
+        )
+    return src, kwargs, config
+
+
 def _looks_like_path(model: str) -> bool:
     """True when ``model`` can only be a filesystem path (hub ids are ``name`` or ``org/name``)."""
     return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or Path(model).exists()
@@ -181,41 +221,14 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         or an encoder-decoder model.
     """
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if head not in ("base", "causal_lm"):
         raise ValueError(f"head = {head!r} is unknown: use 'base' or 'causal_lm'")
     if not isinstance(model, str) or not model.strip():
         raise ModelError(f"model {model!r} is not a model name: give a local folder or a hub id")
     name = model
-    path = Path(os.path.expanduser(model))
-    local = path.is_dir()
-    if not local and _looks_like_path(model):
-        raise ModelError(f"model {model!r} not found: give a local folder or a hub id available offline")
-    if local:
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model folder {model!r} has no config.json: give a folder written by save_pretrained")
-        if not any(path.glob("*.safetensors")):
-            raise ModelError(
-                f"model folder {model!r} has no *.safetensors weights (pickled .bin files are refused): "
-                "convert it with save_pretrained(folder, safe_serialization=True) on a trusted machine"
-            )
-    src = str(path) if local else model
-    kwargs: dict[str, Any] = {"trust_remote_code": False}
-    if revision is not None and not local:
-        kwargs["revision"] = revision
-    try:
-        config = AutoConfig.from_pretrained(src, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(
-            f"model {model!r} cannot be loaded ({_first_line(exc)}): "
-            "give a local folder or a hub id available offline"
-        ) from None
-    if getattr(config, "auto_map", None):
-        raise ModelError(
-            f"model {model!r} asks for its own code (auto_map in config.json); neuroflow never runs "
-            "remote code (trust_remote_code): use a model whose architecture transformers ships"
-        )
+    src, kwargs, config = safe_model_config(model, revision, "model")
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"model {model!r} is an encoder-decoder model: give an encoder (BERT-like) or a causal LM")
     try:

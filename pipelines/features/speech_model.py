@@ -36,7 +36,6 @@ chunk level.)
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -139,35 +138,13 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
         or a model type that is not a supported speech encoder.
     """
     import torch
-    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+    from transformers import AutoFeatureExtractor, AutoModel
 
     if not isinstance(model, str) or not model.strip():
         raise ModelError(f"speech model {model!r} is not a model name: give a local folder or a hub id")
-    path = Path(os.path.expanduser(model))
-    local = path.is_dir()
-    if not local and (model.startswith((".", "/", "~")) or model.count("/") > 1):
-        raise ModelError(f"speech model {model!r} not found: give a local folder or a hub id available offline")
-    if local:
-        if not (path / "config.json").is_file():
-            raise ModelError(f"speech model folder {model!r} has no config.json: give a folder written by "
-                             "save_pretrained")
-        if not any(path.glob("*.safetensors")):
-            raise ModelError(
-                f"speech model folder {model!r} has no *.safetensors weights (pickled .bin files are refused): "
-                "convert it with save_pretrained(folder, safe_serialization=True) on a trusted machine"
-            )
-    src = str(path) if local else model
-    kwargs: dict[str, Any] = {"trust_remote_code": False}
-    if revision is not None and not local:
-        kwargs["revision"] = revision
-    try:
-        config = AutoConfig.from_pretrained(src, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"speech model {model!r} cannot be loaded ({_first_line(exc)}): "
-                         "give a local folder or a hub id available offline") from None
-    if getattr(config, "auto_map", None):
-        raise ModelError(f"speech model {model!r} asks for its own code (auto_map in config.json); neuroflow "
-                         "never runs remote code (trust_remote_code): use an architecture transformers ships")
+    from .language_model import safe_model_config
+
+    src, kwargs, config = safe_model_config(model, revision, "speech model")
     mtype = getattr(config, "model_type", "")
     if mtype not in SPEECH_MODEL_TYPES:
         raise ModelError(f"model {model!r} has model_type {mtype!r}, not a supported speech encoder: use one of "

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DatasetError
-from ..storage import parse_annex_key, pointer_text
+from ..storage import check_not_pointer as _check_not_pointer
 
 
 @dataclass
@@ -48,19 +48,7 @@ class Responses:
 
 def check_not_pointer(path: str | Path, key: str) -> None:
     """Raise DatasetError when `path` is a git-annex/LFS pointer left where data was expected."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size >= 4096:
-        return
-    with open(path, "rb") as fh:
-        pointer = pointer_text(fh.read(1024))
-    if pointer is None:
-        return
-    annex = parse_annex_key(pointer)
-    real = f"; the real file is {annex[1]} bytes" if annex else ""
-    raise DatasetError(f"{key}: is a git-annex pointer ({size} bytes{real}), not data; "
-                       "the dataset was published without this file's content. Fetch it "
-                       "(`datalad get`) or use a source that has it")
+    _check_not_pointer(path, key)
 
 
 def as_float32(data: np.ndarray, key: str) -> np.ndarray:

@@ -90,12 +90,19 @@ def read_hdf5(path: str | Path, key: str, *, dataset: str | None = None, tr: flo
                 for r in range(n_repeats):
                     data += arr[r]
                 data = (data / n_repeats).astype(np.float32)
+                if n_repeats >= 2:  # the noise ceiling of the averaged repeats, for ceiling-normalised scores
+                    from pipelines.stats import noise_ceiling
+
+                    ceiling = noise_ceiling(np.asarray(arr[:n_repeats], dtype=np.float32))
+                    r_max = ceiling.r_max.astype(np.float32)
             else:
                 raise DatasetError(f"{key}: array {name!r} has shape {arr.shape}; expected "
                                    "[samples, targets] or [repeats, samples, targets]")
         except OSError as err:
             raise DatasetError(f"{key}: HDF5 array {name!r} is unreadable ({err}); the file is truncated or "
                                "damaged: re-download it") from None
+    meta = {"hdf5_dataset": name, "n_repeats": n_repeats}
+    if n_repeats >= 2:
+        meta["r_max"] = r_max
     return Responses(data=data, period=float(tr), start=float(start),
-                     target_names=[f"voxel{i}" for i in range(data.shape[1])],
-                     meta={"hdf5_dataset": name, "n_repeats": n_repeats})
+                     target_names=[f"voxel{i}" for i in range(data.shape[1])], meta=meta)
