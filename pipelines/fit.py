@@ -38,6 +38,7 @@ rounding of BLAS (a chunk re-run on the same machine gives the same bits).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ MEMORY_BUDGET_BYTES: int = 256 * 2**20
 SOLVERS: tuple[str, ...] = ("auto", "primal", "kernel", "himalaya")
 
 _MIN_GROUPS = 3
+SHARED_DECOMPOSITIONS_MAX = 1 << 30  # bytes of primal decompositions shipped to every chunk
 
 # --------------------------------------------------------------------------- helpers
 
@@ -473,13 +475,14 @@ class _PrimalDesign:
 
     name = "primal"
 
-    def __init__(self, bk: Any, X: np.ndarray):
+    def __init__(self, bk: Any, X: np.ndarray, decompositions: dict[str, tuple] | None = None):
         n, p = X.shape
         Xa = np.empty((n, p + 1), dtype=np.float32)
         Xa[:, :p] = X
         Xa[:, p] = 1.0
         self.bk, self.p = bk, p
         self.Xa = bk.asarray(Xa)
+        self.decompositions = decompositions or {}  # rows key -> (lam, V, mu, n), as numpy
 
     def _gram(self, rows: np.ndarray) -> Any:
         A = float64_of(self.bk, take_rows(self.bk, self.Xa, rows))
@@ -487,22 +490,44 @@ class _PrimalDesign:
 
     def outer(self, Y: Any, rows: np.ndarray) -> _Base:
         bk = self.bk
-        return _Base(rows, self._gram(rows), gemm(bk, take_rows(bk, self.Xa, rows).T, take_rows(bk, Y, rows)))
+        G = None if self.decompositions else self._gram(rows)  # shared decompositions need no Gram here
+        return _Base(rows, G, gemm(bk, take_rows(bk, self.Xa, rows).T, take_rows(bk, Y, rows)))
 
     def fold(self, Y: Any, base: _Base, rows: np.ndarray) -> tuple[_Decomposition, Any]:
-        bk, p = self.bk, self.p
+        bk = self.bk
         left_out = np.setdiff1d(base.rows, rows, assume_unique=True)
         if left_out.size:
-            G = base.G - self._gram(left_out)
             H = gemm(bk, take_rows(bk, self.Xa, left_out).T, take_rows(bk, Y, left_out), C=base.H, alpha=-1.0)
         else:
-            G, H = base.G, base.H
+            H = base.H
+        return self.decompose(base.rows, rows, base.G), H
+
+    def decompose(self, outer_rows: np.ndarray, rows: np.ndarray, outer_G: Any = None) -> _Decomposition:
+        """The eigendecomposition of the centred Gram of ``rows`` (within ``outer_rows``).
+
+        Taken from the shared ``decompositions`` when they hold it (computed once for every
+        chunk by :func:`_decompose_folds`, with these same operations), else computed here.
+        """
+        bk, p = self.bk, self.p
+        cached = self.decompositions.get(_rows_key(rows))
+        if cached is not None:
+            lam, V, mu, n = cached
+            return _Decomposition(bk.asarray_like(lam, self._gram_ref()), float32_like(bk, bk.asarray(V), self.Xa),
+                                  {"mu": float32_like(bk, bk.asarray(mu), self.Xa), "n": float(n)})
+        G = self._gram(outer_rows) if outer_G is None else outer_G
+        left_out = np.setdiff1d(outer_rows, rows, assume_unique=True)
+        if left_out.size:
+            G = G - self._gram(left_out)
         n = float(G[p, p])
         mu = G[:p, p] / n
         lam, V = eigh_float64(bk, G[:p, :p] - n * (mu[:, None] * mu[None, :]))
         lam = lam * (lam > 0)
         extra = {"mu": float32_like(bk, mu, self.Xa), "n": n}
-        return _Decomposition(lam, float32_like(bk, V, self.Xa), extra), H
+        return _Decomposition(lam, float32_like(bk, V, self.Xa), extra)
+
+    def _gram_ref(self) -> Any:
+        """A float64 array on the device the eigenvalues live on."""
+        return float64_of(self.bk, self.Xa[:1, :1])
 
     def left(self, dec: _Decomposition, rows: np.ndarray) -> Any:
         """``(X_r - mu) V``, float32 (n_rows, m)."""
@@ -537,8 +562,8 @@ class _KernelDesign:
 
     name = "kernel"
 
-    def __init__(self, bk: Any, X: np.ndarray):
-        self.bk = bk
+    def __init__(self, bk: Any, X: np.ndarray, decompositions: dict[str, tuple] | None = None):
+        self.bk = bk  # kernel decompositions (n_train² each) are not shared: too large to ship
         Xb = bk.asarray(np.ascontiguousarray(X, dtype=np.float32))
         self.K = Xb @ Xb.T
         self._ref = self.K
@@ -576,7 +601,44 @@ class _KernelDesign:
         return dec.Q.T @ H, H.mean(0)
 
 
-_DESIGNS: dict[str, Callable[[Any, np.ndarray], Any]] = {"primal": _PrimalDesign, "kernel": _KernelDesign}
+_DESIGNS: dict[str, Callable[..., Any]] = {"primal": _PrimalDesign, "kernel": _KernelDesign}
+
+
+def _rows_key(rows: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _fold_row_sets(split: OuterSplit) -> list[np.ndarray]:
+    """Every training set whose decomposition a split needs: its inner folds' and its own."""
+    return [split.train[tr] for tr, _ in split.inner] + [split.train]
+
+
+def _decompose_split(X: np.ndarray, split: OuterSplit, backend_name: str,
+                     n_threads: int | None = None) -> dict[str, tuple]:
+    """The primal decompositions of one outer split, as numpy (lam, V, mu, n) by rows key."""
+    with blas_threads(n_threads), use_backend(backend_name) as bk:
+        design = _PrimalDesign(bk, np.asarray(X, dtype=np.float32))
+        G = design._gram(split.train)
+        out = {}
+        for rows in _fold_row_sets(split):
+            dec = design.decompose(split.train, rows, G)
+            out[_rows_key(rows)] = (bk.to_numpy(dec.lam), bk.to_numpy(dec.Q), bk.to_numpy(dec.extra["mu"]),
+                                    dec.extra["n"])
+        return out
+
+
+def _decompose_folds(X: np.ndarray, splits: list[OuterSplit], backend_name: str, client: Client | None,
+                     n_threads: int | None) -> dict[str, tuple]:
+    """Every split's decompositions, computed once (one dask task per split) for all chunks to share."""
+    if client is None:
+        parts = [_decompose_split(X, split, backend_name) for split in splits]
+    else:
+        # hash=False: a key of its own, so releasing it never drops the chunks' copy of X
+        remote = client.scatter(X, broadcast=True, hash=False)
+        futures = [client.submit(_decompose_split, remote, split, backend_name, n_threads, pure=True)
+                   for split in splits]
+        parts = client.gather(futures)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def _shrinkage(bk: Any, lam: Any, alphas: np.ndarray, ref: Any) -> Any:
@@ -625,15 +687,19 @@ def _fit_chunk(X: np.ndarray, Y: np.ndarray, splits: list[OuterSplit], alphas: n
         ``r``, ``r2`` (n_chunk,), ``fold_alphas`` (n_folds, n_chunk) and ``predictions``
         (n_samples, n_chunk; NaN on rows no fold held out) or None.
     """
+    decompositions = None
+    if isinstance(X, (tuple, list)):  # (X, decompositions shared by every chunk; a list once scattered)
+        X, decompositions = X
     with blas_threads(n_threads):
         if solver == "himalaya":
             return _fit_chunk_himalaya(X, Y, splits, alphas, backend_name, return_predictions)
-        return _fit_chunk_eigen(X, Y, splits, alphas, backend_name, return_predictions, solver, mode)
+        return _fit_chunk_eigen(X, Y, splits, alphas, backend_name, return_predictions, solver, mode,
+                                decompositions)
 
 
 def _fit_chunk_eigen(X: np.ndarray, Y: np.ndarray, splits: list[OuterSplit], alphas: np.ndarray,
                      backend_name: str, return_predictions: bool, solver: str,
-                     mode: str) -> dict[str, np.ndarray | None]:
+                     mode: str, decompositions: dict[str, tuple] | None = None) -> dict[str, np.ndarray | None]:
     n_samples, n_targets = Y.shape
     n_alphas = alphas.size
     log_alphas = np.log(alphas.astype(np.float64))
@@ -642,7 +708,7 @@ def _fit_chunk_eigen(X: np.ndarray, Y: np.ndarray, splits: list[OuterSplit], alp
     fold_r = np.empty((len(splits), n_targets), dtype=np.float64)
     fold_r2 = np.empty((len(splits), n_targets), dtype=np.float64)
     with use_backend(backend_name) as bk:
-        design = _DESIGNS[solver](bk, np.asarray(X, dtype=np.float32))
+        design = _DESIGNS[solver](bk, np.asarray(X, dtype=np.float32), decompositions)
         Yb = bk.asarray(Y)
         for k, split in enumerate(splits):
             base = design.outer(Yb, split.train)
@@ -1061,7 +1127,12 @@ def fit_encoding(
         max(va.size for s in splits for _, va in s.inner), max(s.test.size for s in splits),
         solver_name, mode, return_predictions)
     chunks, n_threads = _plan_chunks(valid_idx, n_targets_chunk, per_target, backend_name, client)
-    parts = _run_chunks(_fit_chunk, X, Y, chunks, client, n_threads, splits, alphas_arr, backend_name,
+    shared: Any = X
+    n_sets = sum(len(s.inner) + 1 for s in splits)
+    if solver_name == "primal" and len(chunks) > 1 and n_sets * (X.shape[1] + 2) ** 2 * 4 <= SHARED_DECOMPOSITIONS_MAX:
+        # the decompositions depend on X alone: compute them once (in parallel on dask), not per chunk
+        shared = (X, _decompose_folds(X, splits, backend_name, client, n_threads))
+    parts = _run_chunks(_fit_chunk, shared, Y, chunks, client, n_threads, splits, alphas_arr, backend_name,
                         return_predictions, solver_name, mode)
 
     r = np.full(n_targets, np.nan, dtype=np.float32)
