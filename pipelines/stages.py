@@ -430,9 +430,9 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
             # significant targets (permutations, BH-FDR 0.05); None when no permutations were asked for
             metrics[name]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
             if cfg.decoding.enabled:
-                decoded = _decode(cfg, results, runs, space, Y, fitted, groups, gap, client)
+                decoded, word_auc = _decode(cfg, results, runs, space, Y, fitted, groups, gap, client)
                 arrays[f"{name}__decoding_r"] = decoded.r.astype(np.float32)
-                metrics[name]["decoding"] = {**decoded.identification.as_dict(),
+                metrics[name]["decoding"] = {**decoded.identification.as_dict(), "word_roc_auc": word_auc,
                                              "mean_r": round(float(np.nanmean(np.where(decoded.valid, decoded.r,
                                                                                        np.nan))), 6)
                                              if decoded.valid.any() else None}
@@ -552,11 +552,22 @@ def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], 
     X = decoding_design(Y[:, np.sort(order)], lengths, cfg.decoding.delays)
     test_groups = [i for i, r in enumerate(runs) if r.story in cfg.model.test_stories] \
         if cfg.model.test_stories else None
-    return fit_decoding(X, F, groups, cfg.model.alphas, segment_length=cfg.decoding.segment_length,
-                        test_groups=test_groups,
-                        backend=cfg.compute.backend, gap=max(gap, max(abs(d) for d in cfg.decoding.delays)
-                                                             if cfg.model.cv != "leave_one_run_out" else 0),
-                        client=client, return_predictions=False)
+    word_level = is_ephys(runs) and all(res.sampling == "events" for res in results)
+    decoded = fit_decoding(X, F, groups, cfg.model.alphas, segment_length=cfg.decoding.segment_length,
+                           test_groups=test_groups,
+                           backend=cfg.compute.backend, gap=max(gap, max(abs(d) for d in cfg.decoding.delays)
+                                                                if cfg.model.cv != "leave_one_run_out" else 0),
+                           client=client, return_predictions=word_level)
+    word_auc = None
+    if word_level:  # MEG / ECoG: does the decoder tell the samples where a word falls from the others?
+        from .decoding import roc_auc
+
+        raw = np.concatenate([align_to_samples(res, run.times, method="samples", space=space)
+                              for res, run in zip(results, runs)])
+        held = decoded.sample_fold >= 0
+        aucs = roc_auc(raw[held] != 0, decoded.predictions[held])
+        word_auc = round(float(np.nanmean(aucs)), 6) if np.isfinite(aucs).any() else None
+    return decoded, word_auc
 
 
 def _permutation_maps(cfg: AnalysisConfig, Y: np.ndarray, result) -> dict[str, np.ndarray]:

@@ -149,7 +149,11 @@ def test_the_whole_analysis_runs_on_meg_with_words_from_events(megmasc, tmp_path
     cfg["features"] = [{"name": "wordrate", "kind": "word_rate"}]
     cfg["model"] = {"cv": "contiguous_blocks", "n_folds": 5, "tmin": -0.3, "tmax": 0.3,
                     "alphas": [1, 10, 100, 1000, 10000]}
+    cfg["decoding"] = {"enabled": True, "delays": [0, 1, 2, 3], "segment_length": 20}
     result = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
+    # word-level decoding: the samples where a word falls are told from the others (chance 0.5)
+    dec = result["metrics"]["01"]["wordrate"]["decoding"]
+    assert dec["word_roc_auc"] > 0.6 and dec["top1"] > dec["chance_top1"]
     (fit,) = result["fits"]
     assert result["status"] == "complete" and fit["kind"] == "meg" and fit["n_targets"] == 208
     assert fit["stories"] == ["lw1"]
