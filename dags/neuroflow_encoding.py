@@ -68,10 +68,17 @@ def _config_schema() -> dict:
 def neuroflow_encoding():
     @task(execution_timeout=timedelta(minutes=30))
     def prepare() -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
         from pipelines.stages import prepare as run
 
+        context = get_current_context()
+        extra = sorted(set(context["dag_run"].conf or {}) - {"config"})
+        if extra:  # a typo'd or smuggled key would be silently ignored: refuse the run instead
+            raise AirflowFailException(f"the trigger conf has unknown keys {extra}; it takes only "
+                                       '{"config": {...}} (the analysis config)')
         _credentials()
-        return run(get_current_context()["params"]["config"])
+        return run(context["params"]["config"])
 
     @task
     def feature_names(prepared: dict) -> list[str]:
@@ -109,7 +116,8 @@ def neuroflow_encoding():
             record_failed_fit(config, subject, err)
             raise AirflowFailException(f"sub-{subject}: {err}") from err
 
-    @task(outlets=[PUBLISHED_MAPS, DATASET_RESULTS], trigger_rule="all_done")
+    # a failed subject must not stop the others from publishing; a failed prepare leaves nothing to publish
+    @task(outlets=[PUBLISHED_MAPS, DATASET_RESULTS], trigger_rule="all_done_min_one_success")
     def publish(prepared: dict, features: list[dict], fits: list[dict]) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 

@@ -78,6 +78,23 @@ def test_a_bad_trigger_conf_is_refused_before_a_run(dagbag, tiny_bert_dir):
         params.validate()
 
 
+@pytest.mark.integration
+@pytest.mark.reliability
+def test_a_trigger_conf_with_extra_keys_fails_before_any_work(airflow_db, dagbag, tiny_bert_dir, results_bucket,
+                                                              ledger):
+    from airflow.utils.state import DagRunState
+
+    from pipelines.storage import ResultStore
+
+    with ledger.bad_input("trigger conf with an extra top-level key"):
+        config = demo_config(tiny_bert_dir, results_bucket, subjects=("18",))
+        run = dagbag.dags["neuroflow_encoding"].test(run_conf={"config": config, "outptu": "s3://elsewhere"})
+        assert run.state == DagRunState.FAILED
+        states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+        assert states["prepare"] == "failed" and states.get("publish") != "success"
+        assert list(ResultStore(results_bucket).list()) == []  # nothing computed, nothing published
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_dag_test_runs_the_analysis_and_publishes(airflow_db, dagbag, openneuro_demo, tiny_bert_dir,
