@@ -149,14 +149,9 @@ def identification(F_true: np.ndarray, F_pred: np.ndarray, sample_fold: np.ndarr
     """
     if isinstance(segment_length, bool) or not isinstance(segment_length, (int, np.integer)) or segment_length < 1:
         raise ConfigError(f"'segment_length' must be an integer >= 1; got {segment_length!r}.")
-    T = np.asarray(F_true, dtype=np.float64)
-    P = np.asarray(F_pred, dtype=np.float64)
-    if T.ndim == 1:
-        T, P = T[:, None], P.reshape(-1, 1)
-    sample_fold = np.asarray(sample_fold)
-    if T.shape != P.shape or sample_fold.shape != (T.shape[0],):
-        raise FitError(f"F_true, F_pred and sample_fold must have shapes (n, k), (n, k), (n,); got {T.shape}, "
-                       f"{P.shape}, {sample_fold.shape}.")
+    from .stats import paired_held_out
+
+    T, P, sample_fold = paired_held_out(F_true, F_pred, sample_fold, np.float64, ("F_true", "F_pred"))
     held = sample_fold >= 0
     usable = held & np.isfinite(P).all(1) & np.isfinite(T).all(1)
     with np.errstate(invalid="ignore"):

@@ -217,6 +217,20 @@ def _circular_null(bk: Any, Yz: Any, Pz: Any, shifts: np.ndarray) -> tuple[Any, 
     return circular[0], circular[index_array(bk, shifts, circular)].T  # (t,), (t, n_perm)
 
 
+def paired_held_out(observed: np.ndarray, predicted: np.ndarray, sample_fold: np.ndarray, dtype: Any,
+                    names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Observed and predicted as 2-D arrays of one shape, with one fold label per row, else FitError."""
+    A = np.asarray(observed, dtype=dtype)
+    B = np.asarray(predicted, dtype=dtype)
+    if A.ndim == 1:
+        A, B = A[:, None], B.reshape(-1, 1)
+    sample_fold = np.asarray(sample_fold)
+    if A.shape != B.shape or sample_fold.shape != (A.shape[0],):
+        raise FitError(f"{names[0]}, {names[1]} and sample_fold must have shapes (n, k), (n, k), (n,); got "
+                       f"{A.shape}, {B.shape}, {sample_fold.shape}.")
+    return A, B, sample_fold
+
+
 def permutation_test(
     Y: np.ndarray,
     predictions: np.ndarray,
@@ -295,14 +309,7 @@ def permutation_test(
     for name, value in (("n_permutations", n_permutations), ("block_length", block_length)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ConfigError(f"'{name}' must be an integer >= 1; got {value!r}.")
-    Y = np.asarray(Y, dtype=np.float32)
-    P = np.asarray(predictions, dtype=np.float32)
-    if Y.ndim == 1:
-        Y, P = Y[:, None], P.reshape(-1, 1)
-    sample_fold = np.asarray(sample_fold)
-    if P.shape != Y.shape or sample_fold.shape != (Y.shape[0],):
-        raise FitError(f"Y, predictions and sample_fold must have shapes (n, t), (n, t), (n,); got {Y.shape}, "
-                       f"{P.shape}, {sample_fold.shape}.")
+    Y, P, sample_fold = paired_held_out(Y, predictions, sample_fold, np.float32, ("Y", "predictions"))
     folds = _fold_rows(sample_fold)
     for rows in folds:
         if rows.size // block_length < 2 or (method == "circular" and rows.size <= 2 * block_length):
