@@ -426,3 +426,33 @@ def render_decoding_png(by_feature: dict[str, dict], png_path: str | Path, title
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     return _save(fig, png_path)
+
+
+def sensor_plane(xyz: np.ndarray) -> np.ndarray:
+    """2-D positions of sensors on a helmet: azimuthal equidistant projection from its top (as MNE draws)."""
+    xyz = np.asarray(xyz, dtype=np.float64)
+    centred = xyz - np.array([xyz[:, 0].mean(), xyz[:, 1].mean(), xyz[:, 2].min()])
+    r = np.linalg.norm(centred, axis=1)
+    theta = np.arccos(np.clip(centred[:, 2] / np.where(r > 0, r, 1.0), -1.0, 1.0))
+    phi = np.arctan2(centred[:, 1], centred[:, 0])
+    return np.stack([theta * np.cos(phi), theta * np.sin(phi)], axis=1)
+
+
+def render_topomaps_png(weights: np.ndarray, xyz: np.ndarray, lag_times: np.ndarray, png_path: str | Path,
+                        title: str) -> Path:
+    """One sensor topomap (MNE) per TRF lag of the encoding weights' norm, on one colour scale."""
+    import mne
+
+    weights = np.asarray(weights, dtype=np.float64)
+    pos = sensor_plane(xyz)
+    radius = float(np.abs(pos).max()) * 1.08 or 1.0
+    vmax = float(np.nanmax(weights)) if np.isfinite(weights).any() else 1.0
+    n = weights.shape[0]
+    fig, axes = plt.subplots(1, n, figsize=(min(_FIG_WIDTH_IN * 1.5, 1.6 * n), 2.0))
+    axes = np.atleast_1d(axes)
+    for ax, w, t in zip(axes, weights, lag_times):
+        mne.viz.plot_topomap(np.nan_to_num(w), pos, axes=ax, show=False, vlim=(0.0, vmax or 1.0), cmap="Reds",
+                             sphere=np.array([0.0, 0.0, 0.0, radius]), contours=0, sensors=False)
+        ax.set_title(f"{t * 1000:+.0f} ms", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, png_path)

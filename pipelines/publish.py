@@ -81,7 +81,8 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
                    out_dir: Path) -> tuple[list[dict], list[dict]]:
     """Write one subject's maps and pictures; return (artifacts, report feature entries)."""
     from .maps import (bids_map_name, render_electrodes_png, render_histogram_png, render_slices_png,
-                       render_targets_png, render_volume_png, write_target_table, write_volume_map)
+                       render_targets_png, render_topomaps_png, render_volume_png, write_target_table,
+                       write_volume_map)
 
     sub = fit["subject"]
     task = cfg.dataset.task
@@ -125,7 +126,16 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
             write_target_table({**{stat: arrays[f"{feat}__{stat}"] for stat in stats}, **info}, names, path)
             artifacts.append({"file": path, "kind": "statmap_tsv", "subject": sub, "feature_space": feat,
                               "stat": ",".join(stats)})
-            if all(f"info__{c}" in arrays for c in ("x", "y", "z")):  # electrodes with coordinates
+            sensors = "info__coordinates" in arrays and str(arrays["info__coordinates"][0]) == "sensor"
+            if sensors and f"{feat}__lag_weights" in arrays:  # MEG/EEG: the TRF's weight per lag and sensor
+                xyz = np.stack([arrays[f"info__{c}"] for c in ("x", "y", "z")], axis=1)
+                tpng = fig_dir / bids_map_name(sub, task, None, desc, "r", ".tsv").replace(
+                    "_statmap.tsv", "_topomaps.png")
+                render_topomaps_png(arrays[f"{feat}__lag_weights"], xyz, arrays[f"{feat}__lag_times"], tpng,
+                                    f"sub-{sub} {feat}: TRF weight per lag")
+                artifacts.append({"file": tpng, "kind": "figure_png", "subject": sub, "feature_space": feat})
+                images.append({"path": str(tpng), "caption": f"{feat}: encoding weight per lag and sensor"})
+            elif all(f"info__{c}" in arrays for c in ("x", "y", "z")):  # electrodes with coordinates
                 xyz = np.stack([arrays[f"info__{c}"] for c in ("x", "y", "z")], axis=1)
                 epng = fig_dir / bids_map_name(sub, task, None, desc, "r", ".tsv").replace(
                     "_statmap.tsv", "_electrodes.png")

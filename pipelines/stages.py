@@ -302,7 +302,7 @@ def fit_key(cfg: AnalysisConfig, subject: str, responses_sha: str, feature_rels:
     return _sha_bytes(blob.encode())[:24]
 
 
-FIT_ARRAYS = ("r", "r2", "alpha", "valid", "p", "q", "significant")
+FIT_ARRAYS = ("r", "r2", "alpha", "valid", "p", "q", "significant", "lag_weights", "lag_times")
 
 
 def _read_fit_cache(store: ResultStore, rel: str, n_targets: int) -> dict[str, np.ndarray] | None:
@@ -418,6 +418,8 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
                           "backend": np.asarray(result.backend)}
                 if cfg.model.permutations > 0:
                     fitted.update(_permutation_maps(cfg, Y, result))
+                if is_ephys(runs):
+                    fitted.update(_lag_weights(cfg, X, Y, result, runs))
                 store.put_bytes(_save_npz(fitted), cache_rel)
                 computed_features.append(name)
             else:
@@ -526,6 +528,28 @@ def _fit_banded(cfg: AnalysisConfig, store: ResultStore, subject: str, responses
         fitted.update(_permutation_maps(cfg, Y, result))
     store.put_bytes(_save_npz(fitted), cache_rel)
     return fitted, True
+
+
+def _lag_weights(cfg: AnalysisConfig, X: np.ndarray, Y: np.ndarray, result, runs: list[Run]) -> dict[str, np.ndarray]:
+    """The TRF's weight per lag and target: the norm over features of the ridge weights at that lag.
+
+    Weights come from a refit on all samples with each target's alpha rounded to the grid
+    (targets sharing an alpha are fitted together); ``lag_times`` are the lags in seconds.
+    """
+    from .fit import fit_ridge_fixed_alpha
+
+    sfreq = runs[0].sfreq
+    lags = np.arange(int(round(cfg.model.tmin * sfreq)), int(round(cfg.model.tmax * sfreq)) + 1)
+    grid = np.asarray(cfg.model.alphas, dtype=np.float64)
+    valid = result.valid & np.isfinite(result.alpha)
+    nearest = np.full(Y.shape[1], -1)
+    nearest[valid] = np.abs(np.log(grid)[None, :] - np.log(result.alpha[valid].astype(np.float64))[:, None]).argmin(1)
+    weights = np.full((lags.size, Y.shape[1]), np.nan, dtype=np.float32)
+    for k in np.unique(nearest[valid]):
+        cols = np.flatnonzero(nearest == k)
+        coef = fit_ridge_fixed_alpha(X, Y[:, cols], float(grid[k]), backend=cfg.compute.backend)
+        weights[:, cols] = np.linalg.norm(coef.reshape(lags.size, -1, cols.size), axis=1)
+    return {"lag_weights": weights, "lag_times": (lags / sfreq).astype(np.float32)}
 
 
 def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], space: str, Y: np.ndarray,

@@ -23,7 +23,7 @@ from pipelines.errors import DatasetError
 from pipelines.ingest import check_run_timing, check_subjects, load_run_words, load_subject, open_dataset
 
 from .conftest import demo_config
-from .datasets import corr, fif_bytes, metadata_files, realdata, smooth_rate, stage
+from .datasets import corr, fif_bytes, helmet_positions, metadata_files, realdata, smooth_rate, stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -58,7 +58,8 @@ def megmasc(s3_url):
         data[:5] += 2e-13 * (rate - rate.mean()) / rate.std()
         base = MEG.format(s=ses, t="0")
         del files[base + ".con"]
-        files[base + ".fif"] = fif_bytes(ch["name"].tolist(), [TYPES[x] for x in ch["type"]], SFREQ, data)
+        files[base + ".fif"] = fif_bytes(ch["name"].tolist(), [TYPES[x] for x in ch["type"]], SFREQ, data,
+                                         positions=helmet_positions(len(ch)))
     side = json.loads(files[MEG.format(s="0", t="0") + ".json"].read_text())
     side["SamplingFrequency"] = SFREQ
     files[MEG.format(s="0", t="0") + ".json"] = json.dumps(side)
@@ -160,5 +161,17 @@ def test_the_whole_analysis_runs_on_meg_with_words_from_events(megmasc, tmp_path
     from pipelines.stages import _load_npz
     from pipelines.storage import ResultStore
 
-    r = _load_npz(ResultStore(results_bucket).get_bytes(fit["result_rel"]))["wordrate__r"]
+    arrays = _load_npz(ResultStore(results_bucket).get_bytes(fit["result_rel"]))
+    r = arrays["wordrate__r"]
     assert r[:5].min() > 0.5 and np.abs(r[5:]).max() < 0.3  # the planted sensors, and only those
+    # the TRF: the planted sensors follow the words without delay, so their weight peaks at lag 0 (+-100 ms)
+    lags, weights = arrays["wordrate__lag_times"], arrays["wordrate__lag_weights"]
+    np.testing.assert_allclose(lags, np.arange(-3, 4) / 10, atol=1e-6)
+    assert (np.abs(lags[weights[:, :5].argmax(axis=0)]) <= 0.1 + 1e-6).all()
+    assert weights[:, :5].max(axis=0).min() > 5 * np.nanmedian(weights[:, 5:].max(axis=0))
+    from pipelines.consume import read_manifest
+
+    manifest = read_manifest(result["manifest_uri"])
+    assert any(a["path"].endswith("_topomaps.png") for a in manifest["artifacts"])
+    table = next(a for a in manifest["artifacts"] if a["kind"] == "statmap_tsv" and a["feature_space"] == "wordrate")
+    assert "x" in ResultStore(result["manifest_uri"].rsplit("/", 1)[0]).get_bytes(table["path"]).decode().split("\n")[0]

@@ -152,6 +152,12 @@ def read_mne_raw(path: str | Path, key: str, *, kind: str = "ieeg", bids_root: s
                            "or list them in 'bad_channels'")
     names = list(raw.ch_names)
     info = pd.DataFrame({"name": names, "type": raw.get_channel_types()})
+    if electrodes is None and raw.get_channel_types() and set(raw.get_channel_types()) <= {"mag", "grad", "eeg"}:
+        # MEG / EEG sensor positions (device or head frame, metres), for topographic maps
+        loc = np.array([ch["loc"][:3] for ch in raw.info["chs"]], dtype=np.float64)
+        if np.isfinite(loc).all() and (np.abs(loc).sum(axis=1) > 0).all():
+            info["x"], info["y"], info["z"] = loc[:, 0], loc[:, 1], loc[:, 2]
+            info["coordinates"] = "sensor"
     if electrodes is not None and "name" in electrodes.columns:
         info = info.merge(electrodes.drop_duplicates("name"), on="name", how="left", suffixes=("", "_electrode"))
     return Responses(data=data, period=1.0 / float(raw.info["sfreq"]), target_names=names, target_info=info,

@@ -211,13 +211,29 @@ def nifti_bytes(data: np.ndarray, tr: float) -> bytes:
     return _via_file(".nii.gz", lambda p: nib.save(img, str(p)))
 
 
-def fif_bytes(ch_names: list[str], ch_types: list[str], sfreq: float, data: np.ndarray) -> bytes:
-    """A raw FIF written by MNE (float32 samples): data [n_channels, n_samples] in SI units."""
+def fif_bytes(ch_names: list[str], ch_types: list[str], sfreq: float, data: np.ndarray,
+              positions: np.ndarray | None = None) -> bytes:
+    """A raw FIF written by MNE (float32 samples): data [n_channels, n_samples] in SI units.
+
+    ``positions`` (n_channels, 3), metres: the sensors' locations (``loc[:3]``), if given.
+    """
     import mne
 
     info = mne.create_info(list(ch_names), float(sfreq), list(ch_types))
+    if positions is not None:
+        for ch, xyz in zip(info["chs"], np.asarray(positions, dtype=float)):
+            ch["loc"][:3] = xyz
     raw = mne.io.RawArray(np.asarray(data, float), info, verbose="error")
     return _via_file("_raw.fif", lambda p: raw.save(p, fmt="single", overwrite=True, verbose="error"))
+
+
+def helmet_positions(n: int, radius: float = 0.11) -> np.ndarray:
+    """``n`` sensor positions spread over the upper half of a sphere (a helmet), metres."""
+    k = np.arange(n) + 0.5
+    z = 1 - k / n  # 1 .. 0: the upper hemisphere, evenly in height
+    phi = np.pi * (1 + 5 ** 0.5) * k  # golden-angle spiral
+    rho = np.sqrt(1 - z ** 2)
+    return radius * np.stack([rho * np.cos(phi), rho * np.sin(phi), z], axis=1)
 
 
 def edf_bytes(ch_names: list[str], sfreq: int, data_uv: np.ndarray, limit_uv: float = 3000.0) -> bytes:
