@@ -114,6 +114,19 @@ def _feature_spec(cfg: AnalysisConfig, feature_name: str):
     return spec
 
 
+def write_entry(store: ResultStore, data: bytes, rel: str) -> None:
+    """Write a content-keyed cache or work entry once.
+
+    A concurrent writer of the same key writes the same content (the key hashes the inputs), so
+    when one is already there our write is dropped (conditional create) rather than racing its
+    read-back check; a corrupt entry found earlier is overwritten.
+    """
+    if store.exists(rel):
+        store.put_bytes(data, rel)  # only reached for an entry found corrupt and recomputed
+    else:
+        store.create_bytes(data, rel)
+
+
 def _read_feature_cache(store: ResultStore, rel: str, feature_name: str) -> FeatureResult | None:
     """A verified cache entry, or None (missing or corrupt: then it is recomputed)."""
     if not store.exists(rel):
@@ -139,7 +152,7 @@ def stimulus_features(store: ResultStore, spec, stim: Stimulus, stim_sha: str, *
     if cached is not None:
         return cached, False, rel
     result = compute_feature(spec, stim, models=models)
-    store.put_bytes(_save_npz(result.to_arrays()), rel)
+    write_entry(store, _save_npz(result.to_arrays()), rel)
     return result, True, rel
 
 
@@ -420,7 +433,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
                     fitted.update(_permutation_maps(cfg, Y, result))
                 if is_ephys(runs):
                     fitted.update(_lag_weights(cfg, X, Y, result, runs))
-                store.put_bytes(_save_npz(fitted), cache_rel)
+                write_entry(store, _save_npz(fitted), cache_rel)
                 computed_features.append(name)
             else:
                 log.info("sub-%s: reused fit %s of %s", subject, cache_rel, name)
@@ -467,7 +480,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
             mpath = Path(tmp) / "mask.nii.gz"
             nib.save(responses.mask_img, mpath)
             store.put_file(mpath, mask_rel)
-    store.put_bytes(_save_npz(arrays), rel)
+    write_entry(store, _save_npz(arrays), rel)
     meta = {
         "subject": subject, "status": "ok", "kind": responses.kind, "space": responses.space,
         "simulated": responses.simulated, "n_samples": int(sum(lengths)), "n_runs": len(lengths),
@@ -478,7 +491,10 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
         "computed_features": sorted(computed_features),
         "files_read": [r.as_dict() for r in ingest.files_read.values()],
     }
-    store.put_bytes(json.dumps(meta, sort_keys=True).encode(), meta_rel, content_type="application/json")
+    if store.create_bytes(json.dumps(meta, sort_keys=True).encode(), meta_rel, content_type="application/json") is None:
+        # the same fit finished concurrently (two identical analyses at once): keep its record
+        meta = json.loads(store.get_bytes(meta_rel))
+        meta["reused"], meta["computed_features"] = True, []
     return meta
 
 
@@ -526,7 +542,7 @@ def _fit_banded(cfg: AnalysisConfig, store: ResultStore, subject: str, responses
               "r2_split": np.asarray(result.r2_split, dtype=np.float32), "backend": np.asarray(result.backend)}
     if cfg.model.permutations > 0:
         fitted.update(_permutation_maps(cfg, Y, result))
-    store.put_bytes(_save_npz(fitted), cache_rel)
+    write_entry(store, _save_npz(fitted), cache_rel)
     return fitted, True
 
 
