@@ -241,20 +241,27 @@ def is_ephys(runs: list[Run]) -> bool:
     return min(r.tr for r in runs) < 0.25
 
 
+def aligned_features(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], space: str) -> np.ndarray:
+    """One space of a feature on every run's samples (Lanczos / TR average for fMRI, the response
+    rate for MEG / EEG / iEEG), runs concatenated, z-scored per run."""
+    from .fit import zscore_by_group
+
+    method = "samples" if is_ephys(runs) else cfg.model.resample
+    blocks = [align_to_samples(result, run.times, method=method, window=cfg.model.lanczos_window, tr=run.tr,
+                               space=space) for result, run in zip(results, runs)]
+    lengths = [len(r.times) for r in runs]
+    return zscore_by_group(np.concatenate(blocks).astype(np.float32), np.repeat(np.arange(len(runs)), lengths))
+
+
 def design_matrix(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], space: str) -> np.ndarray:
     """One space of a feature on every run's samples, z-scored per run, then FIR-delayed (fMRI) or
     TRF-lagged from ``model.tmin`` to ``model.tmax`` (MEG / EEG / iEEG), never across runs."""
     from .features.align import make_delays
     from .features.lags import trf_design
-    from .fit import zscore_by_group
 
     lengths = [len(r.times) for r in runs]
-    ephys = is_ephys(runs)
-    method = "samples" if ephys else cfg.model.resample
-    blocks = [align_to_samples(result, run.times, method=method, window=cfg.model.lanczos_window, tr=run.tr,
-                               space=space) for result, run in zip(results, runs)]
-    X = zscore_by_group(np.concatenate(blocks).astype(np.float32), np.repeat(np.arange(len(runs)), lengths))
-    if ephys:
+    X = aligned_features(cfg, results, runs, space)
+    if is_ephys(runs):
         X, _ = trf_design(X, lengths, runs[0].sfreq, cfg.model.tmin, cfg.model.tmax)
     else:
         X = make_delays(X, lengths, cfg.model.delays)
@@ -445,7 +452,8 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
             # significant targets (permutations, BH-FDR 0.05); None when no permutations were asked for
             metrics[name]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
             if cfg.decoding.enabled:
-                decoded, word_auc = _decode(cfg, results, runs, space, Y, fitted, groups, gap, client)
+                decoded, word_auc = _decode(cfg, results, runs, space, Y, fitted, groups, gap, client,
+                                            test_groups)
                 arrays[f"{name}__decoding_r"] = decoded.r.astype(np.float32)
                 metrics[name]["decoding"] = {**decoded.identification.as_dict(), "word_roc_auc": word_auc,
                                              "mean_r": round(float(np.nanmean(np.where(decoded.valid, decoded.r,
@@ -554,8 +562,10 @@ def _lag_weights(cfg: AnalysisConfig, X: np.ndarray, Y: np.ndarray, result, runs
     """
     from .fit import fit_ridge_fixed_alpha
 
+    from .features.lags import lag_samples
+
     sfreq = runs[0].sfreq
-    lags = np.arange(int(round(cfg.model.tmin * sfreq)), int(round(cfg.model.tmax * sfreq)) + 1)
+    lags = lag_samples(cfg.model.tmin, cfg.model.tmax, sfreq)
     grid = np.asarray(cfg.model.alphas, dtype=np.float64)
     valid = result.valid & np.isfinite(result.alpha)
     nearest = np.full(Y.shape[1], -1)
@@ -569,7 +579,8 @@ def _lag_weights(cfg: AnalysisConfig, X: np.ndarray, Y: np.ndarray, result, runs
 
 
 def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], space: str, Y: np.ndarray,
-            fitted: dict[str, np.ndarray], groups: np.ndarray, gap: int, client):
+            fitted: dict[str, np.ndarray], groups: np.ndarray, gap: int, client,
+            test_groups: list[int] | None = None):
     """A decoder of one feature space from the responses best predicted by its encoding model.
 
     The decoder reads the ``decoding.max_targets`` valid targets of highest encoding r (chosen
@@ -577,21 +588,15 @@ def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], 
     many; every target when they are fewer), at ``decoding.delays`` samples after each sample.
     """
     from .decoding import decoding_design, fit_decoding
-    from .fit import zscore_by_group
 
     lengths = [len(r.times) for r in runs]
-    method = "samples" if is_ephys(runs) else cfg.model.resample
-    F = np.concatenate([align_to_samples(res, run.times, method=method, window=cfg.model.lanczos_window, tr=run.tr,
-                                         space=space) for res, run in zip(results, runs)]).astype(np.float32)
-    F = zscore_by_group(F, np.repeat(np.arange(len(runs)), lengths))
+    F = aligned_features(cfg, results, runs, space)
     valid = fitted["valid"].astype(bool) & np.isfinite(Y).all(axis=0)
     order = np.argsort(-np.where(valid, fitted["r"], -np.inf), kind="stable")[:cfg.decoding.max_targets]
     order = order[valid[order]]
     if order.size == 0:
         raise FitError("decoding: no valid target to decode from; disable 'decoding.enabled'")
     X = decoding_design(Y[:, np.sort(order)], lengths, cfg.decoding.delays)
-    test_groups = [i for i, r in enumerate(runs) if r.story in cfg.model.test_stories] \
-        if cfg.model.test_stories else None
     word_level = is_ephys(runs) and all(res.sampling == "events" for res in results)
     decoded = fit_decoding(X, F, groups, cfg.model.alphas, segment_length=cfg.decoding.segment_length,
                            test_groups=test_groups,
