@@ -27,6 +27,7 @@ Usage::
 
     python bench/bench_features.py                 # the full table (about 15-20 min on 2 cores)
     python bench/bench_features.py --quick         # a 400-word smoke run, contexts 8 and 32
+    python bench/bench_features.py --device cuda --models gpt2-small gpt2-medium --out bench/results/features-gpu.md
 """
 from __future__ import annotations
 
@@ -72,8 +73,12 @@ def minilm_folder() -> str | None:
     return os.path.join(os.path.dirname(gt.__file__), "model")
 
 
-def gpt2_small_folder(words: list[str], dest: Path, vocab_size: int = 1500) -> str:
-    """A GPT-2-small-sized model with random weights and a BPE trained on the story."""
+GPT2_SIZES = {"gpt2-small": dict(), "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16)}
+
+
+def gpt2_small_folder(words: list[str], dest: Path, vocab_size: int = 1500, size: str = "gpt2-small") -> str:
+    """A GPT-2-sized model (small: 12 x 768; medium: 24 x 1024) with random weights and a BPE
+    trained on the story."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2Model, GPT2TokenizerFast
@@ -87,7 +92,7 @@ def gpt2_small_folder(words: list[str], dest: Path, vocab_size: int = 1500) -> s
                                 eos_token="<|endoftext|>", unk_token="<|endoftext|>")
         tok.save_pretrained(dest)
         torch.manual_seed(0)
-        GPT2Model(GPT2Config()).save_pretrained(dest, safe_serialization=True)
+        GPT2Model(GPT2Config(**GPT2_SIZES[size])).save_pretrained(dest, safe_serialization=True)
     return str(dest)
 
 
@@ -119,6 +124,14 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0, (start_load, load1())
 
 
+def sync(lm: LoadedModel) -> None:
+    """Wait for the GPU's queued work (timings on CUDA must not stop at the launch)."""
+    import torch
+
+    if str(lm.device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def one_pass(lm: LoadedModel, words: list[str], repeats: int = 2) -> float:
     """Seconds to run every token of the story through the model once (all hidden states)."""
     import torch
@@ -132,6 +145,7 @@ def one_pass(lm: LoadedModel, words: list[str], repeats: int = 2) -> float:
         with torch.inference_mode():
             for lo in range(0, ids.numel(), width):
                 lm.model(input_ids=ids[None, lo : lo + width].to(lm.device), output_hidden_states=True)
+        sync(lm)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -221,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest context at which the per-word loop runs over the whole story")
     parser.add_argument("--sample", type=int, default=150, help="words timed for larger contexts")
     parser.add_argument("--check", type=int, default=60, help="words checked strided vs per-word")
-    parser.add_argument("--models", nargs="+", default=["minilm", "gpt2-small"], choices=["minilm", "gpt2-small"])
+    parser.add_argument("--models", nargs="+", default=["minilm", "gpt2-small"], choices=["minilm", "gpt2-small", "gpt2-medium"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when torch sees one)")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown table to write (default bench/results/features.md; none with --quick)")
     args = parser.parse_args(argv)
@@ -234,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     words = story_words(args.words)
+    device = args.device
     table = Table()
     goals: list[str] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -247,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 label = "MiniLM-L6 (packaged, masked)"
             else:
-                folder = gpt2_small_folder(story_words(2127), Path(tmp) / "gpt2-small")
-                label = "GPT-2-small-sized (random, causal)"
-            lm = load_language_model(folder, device="cpu")
+                folder = gpt2_small_folder(story_words(2127), Path(tmp) / name, size=name)
+                label = f"GPT-2-{name.split('-')[1]}-sized (random, causal)"
+            lm = load_language_model(folder, device=args.device)
+            device = str(lm.device)
             bench_model(table, goals, label, lm, words, args.contexts, args.full_per_word_max, args.sample, args.check)
             del lm
     lines = [
@@ -257,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Written by `bench/bench_features.py` on {started} ({platform.node() or 'this machine'}): "
         f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, no GPU. "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+        f"{'device ' + torch.cuda.get_device_name(0) if device.startswith('cuda') else 'no GPU'}. "
         f"Story: {len(words)} words. All hidden states requested (layer sweep). "
         f"Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in load_start)}, "
         f"at end {tuple(round(x, 2) for x in os.getloadavg())}.",
@@ -267,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         "`vs one pass`: time over the time of running every token through the model once (for strided "
         "rows, best of 3 of each, timed alternately). "
         "Per-word rows timed on a sample are scaled linearly to the whole story (each window has "
-        "the same number of words once a word has its full context). A 1-minute load near 2.0 on "
-        "this 2-core machine is the benchmark's own two torch threads; more means other work ran.",
+        "the same number of words once a word has its full context). A 1-minute load near the number of "
+        "torch threads is the benchmark's own work; more means other work ran.",
         "",
         "Goals:",
         *goals,

@@ -36,6 +36,13 @@ Usage::
     python bench/bench_fit.py              # default and large sizes (about 20-40 min on 2 cores)
     python bench/bench_fit.py --quick      # a tiny smoke run (seconds): every row, meaningless timings
     python bench/bench_fit.py --sizes default --out /tmp/fit.md
+    python bench/bench_fit.py --gpu --sizes default,large,lebel --out bench/results/fit-gpu.md   # on a CUDA machine
+
+With ``--gpu`` the rows are the CUDA ones: neuroflow (auto backend: ``torch_cuda``), the
+reference solver in torch on the GPU, himalaya ``RidgeCV`` and ``KernelRidgeCV`` on
+``torch_cuda``, and neuroflow with torch on the machine's CPU cores for comparison; peak
+memory is then the GPU's (``torch.cuda.max_memory_allocated``) and the roofline uses the
+GPU's float32 matmul rate (TF32 off, torch's default).
 """
 from __future__ import annotations
 
@@ -59,6 +66,8 @@ SIZES = {
     "quick": dict(n_groups=5, run_length=40, n_test=40, n_features=16, n_targets=100, n_alphas=11),
     "default": dict(n_groups=5, run_length=600, n_test=300, n_features=1024, n_targets=20000, n_alphas=11),
     "large": dict(n_groups=5, run_length=1200, n_test=600, n_features=2048, n_targets=20000, n_alphas=11),
+    # one LeBel subject: ~9,000 training TRs, 3,072 delayed features, 80,000 cortical voxels (GPU)
+    "lebel": dict(n_groups=5, run_length=1800, n_test=300, n_features=3072, n_targets=80000, n_alphas=11),
 }
 
 METHODS = [
@@ -72,6 +81,15 @@ METHODS = [
     ("dask1", "neuroflow on dask, 1 worker x 1 thread"),
     ("dask2", "neuroflow on dask, 2 workers x 1 thread"),
 ]
+
+GPU_METHODS = [
+    ("neuroflow", "neuroflow fit_encoding (auto: torch_cuda)"),
+    ("reference_cuda", "reference solver (SVD per fold, torch CUDA)"),
+    ("himalaya_cuda", "himalaya RidgeCV (torch_cuda)"),
+    ("kernel_cuda", "himalaya KernelRidgeCV (torch_cuda)"),
+    ("neuroflow_cpu", "neuroflow fit_encoding (torch, CPU cores)"),
+]
+GPU_ROWS = {"reference_cuda", "himalaya_cuda", "kernel_cuda"}
 
 
 # --------------------------------------------------------------------------- data
@@ -130,6 +148,39 @@ def reference_solver(X, Y, groups, test_label, alphas):
     return alphas[best], pred
 
 
+def reference_solver_cuda(X, Y, groups, test_label, alphas, device: str = "cuda"):
+    """:func:`reference_solver` in torch on the GPU (float32, TF32 off)."""
+    import torch
+
+    dev = torch.device(device)
+    train = groups != test_label
+    Xtr, Ytr = torch.from_numpy(X[train]).to(dev), torch.from_numpy(Y[train]).to(dev)
+    losses = torch.zeros((alphas.size, Y.shape[1]), dtype=torch.float64, device=dev)
+    for tr, va in inner_cv(groups, test_label):
+        tr_t, va_t = torch.from_numpy(tr).to(dev), torch.from_numpy(va).to(dev)
+        Xf, Yf = Xtr[tr_t], Ytr[tr_t]
+        mx, my = Xf.mean(0), Yf.mean(0)
+        U, s, Vt = torch.linalg.svd(Xf - mx, full_matrices=False)
+        UtY = U.T @ (Yf - my)
+        del Xf, Yf
+        A = (Xtr[va_t] - mx) @ Vt.T
+        Yv = Ytr[va_t] - my
+        for a, alpha in enumerate(alphas):
+            d = (s / (s ** 2 + float(alpha)))[:, None]
+            losses[a] += ((Yv - A @ (d * UtY)) ** 2).mean(0)
+    best = losses.argmin(0).cpu().numpy()
+    mx, my = Xtr.mean(0), Ytr.mean(0)
+    U, s, Vt = torch.linalg.svd(Xtr - mx, full_matrices=False)
+    UtY = U.T @ (Ytr - my)
+    A = (torch.from_numpy(X[~train]).to(dev) - mx) @ Vt.T
+    pred = np.empty((A.shape[0], Y.shape[1]), dtype=np.float32)
+    for a in np.unique(best):
+        cols = torch.from_numpy(np.flatnonzero(best == a)).to(dev)
+        block = A @ ((s / (s ** 2 + float(alphas[a])))[:, None] * UtY[:, cols]) + my[cols]
+        pred[:, cols.cpu().numpy()] = block.cpu().numpy()
+    return alphas[best], pred
+
+
 def reference_flops(size: dict) -> float:
     """Matrix-product flops of :func:`reference_solver` (the SVDs left out)."""
     n_val, n_groups, p = size["run_length"], size["n_groups"], size["n_features"]
@@ -150,23 +201,26 @@ def run_method(method: str, data: dict, test_label: int):
     """Fit, predict the test run; returns (alphas per target, test predictions or r)."""
     X, Y, groups, alphas = data["X"], data["Y"], data["groups"], data["alphas"]
     train, test = groups != test_label, groups == test_label
-    if method in ("neuroflow", "neuroflow_numpy"):
+    if method in ("neuroflow", "neuroflow_numpy", "neuroflow_cpu"):
         from pipelines.fit import fit_encoding
 
-        res = fit_encoding(X, Y, groups, alphas, test_groups=[test_label], return_predictions=False,
-                           backend="numpy" if method == "neuroflow_numpy" else "auto")
+        backend = {"neuroflow_numpy": "numpy", "neuroflow_cpu": "torch"}.get(method, "auto")
+        res = fit_encoding(X, Y, groups, alphas, test_groups=[test_label], return_predictions=False, backend=backend)
         return res.alpha, res.r
     if method == "reference":
         best, pred = reference_solver(X, Y, groups, test_label, alphas)
         return best, pred
-    if method.startswith("himalaya") or method == "kernel_torch":
+    if method == "reference_cuda":
+        return reference_solver_cuda(X, Y, groups, test_label, alphas)
+    if method.startswith("himalaya") or method.startswith("kernel"):
         from himalaya.backend import set_backend
         from himalaya.kernel_ridge import KernelRidgeCV
         from himalaya.ridge import RidgeCV
 
-        bk = set_backend("numpy" if method == "himalaya_numpy" else "torch", on_error="raise")
+        name = {"himalaya_numpy": "numpy", "himalaya_cuda": "torch_cuda", "kernel_cuda": "torch_cuda"}.get(method, "torch")
+        bk = set_backend(name, on_error="raise")
         cv = inner_cv(groups, test_label)
-        if method == "kernel_torch":
+        if method.startswith("kernel"):
             model = KernelRidgeCV(alphas=alphas, kernel="linear", cv=cv, fit_intercept=True)
         else:
             model = RidgeCV(alphas=alphas, cv=cv, fit_intercept=True)
@@ -211,6 +265,17 @@ def cpu_pressure() -> str:
         return "n/a"
 
 
+def _gpu_row(method: str) -> bool:
+    """Rows that compute on the GPU: the CUDA peers, and neuroflow when its auto backend is CUDA."""
+    if method in GPU_ROWS:
+        return True
+    if method == "neuroflow":
+        from pipelines.backend import choose_backend
+
+        return choose_backend("auto") == "torch_cuda"
+    return False
+
+
 def child(method: str, data_dir: Path, out: Path, test_label: int, n_workers: int = 0) -> None:
     """One row, in its own process: load, warm up, reset the peak, time, save."""
     from pipelines.fit import pearson_r
@@ -230,6 +295,14 @@ def child(method: str, data_dir: Path, out: Path, test_label: int, n_workers: in
     else:
         run_method(method, small, test_label)  # warm up imports, thread pools, BLAS
     load = os.getloadavg()[0]
+    gpu = _gpu_row(method)
+    if gpu:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        gpu_before = torch.cuda.memory_allocated()
     _reset_peak()
     before = _proc_status()["VmRSS"]
     t0 = time.perf_counter()
@@ -241,14 +314,19 @@ def child(method: str, data_dir: Path, out: Path, test_label: int, n_workers: in
         alphas, scores = res.alpha, res.r
     else:
         alphas, scores = run_method(method, data, test_label)
+    if gpu:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     peak = _proc_status()["VmHWM"] - before
+    host_peak = peak
+    if gpu:
+        peak = torch.cuda.max_memory_allocated() - gpu_before
     test = groups == test_label
     r = scores if scores.ndim == 1 else pearson_r(Y[test], scores)
     np.save(out.with_suffix(".alpha.npy"), np.asarray(alphas, dtype=np.float32))
     np.save(out.with_suffix(".r.npy"), np.asarray(r, dtype=np.float32))
-    out.write_text(json.dumps({"wall": wall, "peak": peak, "load": [load, os.getloadavg()[0]],
-                               "pressure": cpu_pressure()}))
+    out.write_text(json.dumps({"wall": wall, "peak": peak, "host_peak": host_peak, "gpu": gpu,
+                               "load": [load, os.getloadavg()[0]], "pressure": cpu_pressure()}))
     if client is not None:
         client.close()
         cluster.close()
@@ -273,6 +351,26 @@ def child_permutations(data_dir: Path, out: Path, test_label: int) -> None:
         rows.append({"what": label, "method": method, "n_samples": int((fold >= 0).sum()),
                      "seconds": time.perf_counter() - t0, "load": [load, os.getloadavg()[0]]})
     out.write_text(json.dumps(rows))
+
+
+def matmul_rate_cuda(m: int = 1800, k: int = 3072, n: int = 8192) -> tuple[float, str]:
+    """Best float32 GEMM rate (flop/s) of torch on the GPU, TF32 off (torch's default)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    A = torch.randn(m, k, device="cuda")
+    B = torch.randn(k, n, device="cuda")
+    best = 0.0
+    for _ in range(3):
+        A @ B
+    for _ in range(10):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            A @ B
+        torch.cuda.synchronize()
+        best = max(best, 5 * 2.0 * m * k * n / (time.perf_counter() - t0))
+    return best, f"torch CUDA, {torch.cuda.get_device_name(0)}"
 
 
 def matmul_rate() -> tuple[float, str]:
@@ -332,6 +430,7 @@ def fmt_bytes(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (CI): every row, no meaningful timing")
+    parser.add_argument("--gpu", action="store_true", help="the CUDA rows (on a machine with an NVIDIA GPU)")
     parser.add_argument("--sizes", default=None, help="comma-separated sizes: default,large (default: both)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "fit.md"))
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds allowed per row")
@@ -353,7 +452,9 @@ def main() -> None:
     sizes = ["quick"] if args.quick else (args.sizes or "default,large").split(",")
     import torch
 
-    rate, rate_by = matmul_rate()
+    methods = GPU_METHODS if args.gpu else METHODS
+    rate, rate_by = matmul_rate_cuda() if args.gpu else matmul_rate()
+    device = f"GPU {torch.cuda.get_device_name(0)}" if args.gpu else "no GPU"
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     load_start = os.getloadavg()
     lines: list[str] = []
@@ -366,7 +467,7 @@ def main() -> None:
             f"Written by `bench/bench_fit.py{' --quick' if args.quick else ''}` on {started} ({platform.node()}): "
             f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), float32 matmul rate {rate / 1e9:.0f} Gflop/s (best of numpy / torch: "
-            f"{rate_by}, measured at the start), no GPU. **This machine is shared with other engineers' test runs**: "
+            f"{rate_by}, measured at the start), {device}. **This machine is shared with other engineers' test runs**: "
             f"load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in load_start)}, when written "
             f"{tuple(round(x, 2) for x in os.getloadavg())}; a 1-minute load above 2 on 2 cores, or a CPU stall share "
             "(`/proc/pressure/cpu`, some avg10) above 0, means other work competed for the cores during that row.",
@@ -396,7 +497,7 @@ def main() -> None:
             for key in ("X", "Y", "groups", "alphas"):
                 np.save(tmp_path / f"{key}.npy", data[key])
             del data
-            for method, label in METHODS:
+            for method, label in methods:
                 if method == "sklearn" and size_name == "large":
                     results[method] = {"skip": "skipped: leave-one-out on this size needs more memory than the "
                                                "machine has free for it (4 GB at the default size)"}
@@ -415,17 +516,17 @@ def main() -> None:
                 print(f"    {info['wall']:.1f} s, peak {fmt_bytes(info['peak'])}, load {info['load']}", flush=True)
             perm_out = tmp_path / "perm.json"
             perm_rows = []
-            if size_name != "large":
+            if size_name not in ("large", "lebel") or (args.gpu and size_name == "lebel"):
                 print(f"[{size_name}] permutations ...", flush=True)
                 _, error = run_child(["--child", "permutations", "--data", tmp, "--result", str(perm_out),
                                       "--test-label", str(test_label)], args.timeout)
                 perm_rows = json.loads(perm_out.read_text()) if not error else [{"error": error}]
 
-        ref = results.get("himalaya_torch", {})
+        ref = results.get("himalaya_cuda" if args.gpu else "himalaya_torch", {})
         if "alpha" not in ref:
             ref = results.get("himalaya_numpy", {})
-        reference_wall = results.get("reference", {}).get("wall")
-        for method, label in METHODS:
+        reference_wall = results.get("reference_cuda" if args.gpu else "reference", {}).get("wall")
+        for method, label in methods:
             info = results.get(method)
             if info is None:
                 continue
@@ -444,7 +545,7 @@ def main() -> None:
             vs_ref = f"{wall / reference_wall:.2f}x" if reference_wall else ""
             lines.append(
                 f"| {label} | {wall:.1f} | {size['n_targets'] / wall:,.0f} | {vs_ref} | {wall / roofline:.2f}x | "
-                f"{fmt_bytes(info['peak'])} ({info['peak'] / xy:.2f}) | {same} | {diff} | "
+                f"{'GPU ' if info.get('gpu') else ''}{fmt_bytes(info['peak'])} ({info['peak'] / xy:.2f}) | {same} | {diff} | "
                 f"{info['load'][0]:.2f} / {info['load'][1]:.2f} | {info['pressure']} |")
         d1, d2 = results.get("dask1", {}), results.get("dask2", {})
         if "wall" in d1 and "wall" in d2:
@@ -468,13 +569,17 @@ def main() -> None:
                 goals.append(f"- {size_name}: neuroflow = {ratio:.2f}x the reference solver; within 1.3x: "
                              f"{'yes' if ratio <= 1.3 else 'no'}")
             peers = {k: v["wall"] for k, v in results.items()
-                     if k in ("himalaya_torch", "himalaya_numpy", "kernel_torch", "sklearn") and "wall" in v}
+                     if k in ("himalaya_torch", "himalaya_numpy", "kernel_torch", "sklearn", "himalaya_cuda",
+                              "kernel_cuda") and "wall" in v}
             if peers:
                 fastest = min(peers, key=peers.get)
-                goals.append(f"- {size_name}: neuroflow {nf['wall']:.1f} s vs fastest peer {dict(METHODS)[fastest]} "
+                goals.append(f"- {size_name}: neuroflow {nf['wall']:.1f} s vs fastest peer {dict(methods)[fastest]} "
                              f"{peers[fastest]:.1f} s; faster than every peer: {'yes' if nf['wall'] < peers[fastest] else 'no'}")
             goals.append(f"- {size_name}: neuroflow peak memory {nf['peak'] / xy:.2f}x X+Y; under 2x: "
                          f"{'yes' if nf['peak'] < 2 * xy else 'no'}")
+            if args.gpu and size_name == "lebel":
+                goals.append(f"- {size_name}: neuroflow's whole fit with per-voxel alphas on the GPU {nf['wall']:.1f} s; "
+                             f"under 60 s: {'yes' if nf['wall'] < 60 else 'no'}")
         write()  # after every size: a partial table survives an interrupted run
 
     out = write()
