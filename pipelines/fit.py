@@ -87,7 +87,13 @@ MEMORY_BUDGET_BYTES: int = 256 * 2**20
 #: Solver names accepted by :func:`fit_encoding` (see the module docstring).
 SOLVERS: tuple[str, ...] = ("auto", "primal", "kernel", "himalaya")
 
+#: Most bytes of per-target arrays one chunk holds on a GPU, whatever the free device memory:
+#: the target matrix is never copied to the device whole, a chunk's copy-in and results stay
+#: bounded, and ~14,000 LeBel-sized targets per chunk still run the products at the GPU's rate.
+GPU_CHUNK_MAX_BYTES: int = 1 << 30
+
 _MIN_GROUPS = 3
+_GPU_BACKENDS = ("torch_cuda", "cupy")
 SHARED_DECOMPOSITIONS_MAX = 1 << 30  # bytes of primal decompositions shipped to every chunk
 
 # --------------------------------------------------------------------------- helpers
@@ -619,26 +625,47 @@ def _decompose_split(X: np.ndarray, split: OuterSplit, backend_name: str,
     with blas_threads(n_threads), use_backend(backend_name) as bk:
         design = _PrimalDesign(bk, np.asarray(X, dtype=np.float32))
         G = design._gram(split.train)
-        out = {}
-        for rows in _fold_row_sets(split):
-            dec = design.decompose(split.train, rows, G)
-            out[_rows_key(rows)] = (bk.to_numpy(dec.lam), bk.to_numpy(dec.Q), bk.to_numpy(dec.extra["mu"]),
-                                    dec.extra["n"])
-        return out
+        return dict(_decompose_one(bk, design, split.train, rows, G) for rows in _fold_row_sets(split))
+
+
+def _decompose_one(bk: Any, design: _PrimalDesign, outer_rows: np.ndarray, rows: np.ndarray,
+                   G: Any) -> tuple[str, tuple]:
+    dec = design.decompose(outer_rows, rows, G)
+    return _rows_key(rows), (bk.to_numpy(dec.lam), bk.to_numpy(dec.Q), bk.to_numpy(dec.extra["mu"]), dec.extra["n"])
+
+
+def _outer_gram(X: np.ndarray, rows: np.ndarray, backend_name: str, n_threads: int | None = None) -> np.ndarray:
+    """The float64 Gram ``[X, 1]^T [X, 1]`` of an outer training set, as numpy (a dask task)."""
+    with blas_threads(n_threads), use_backend(backend_name) as bk:
+        return bk.to_numpy(_PrimalDesign(bk, np.asarray(X, dtype=np.float32))._gram(rows))
+
+
+def _decompose_rows(X: np.ndarray, outer_rows: np.ndarray, rows: np.ndarray, G: np.ndarray, backend_name: str,
+                    n_threads: int | None = None) -> tuple[str, tuple]:
+    """One training set's decomposition from its outer set's Gram ``G`` (a dask task)."""
+    with blas_threads(n_threads), use_backend(backend_name) as bk:
+        design = _PrimalDesign(bk, np.asarray(X, dtype=np.float32))
+        return _decompose_one(bk, design, outer_rows, rows, bk.asarray(G))
 
 
 def _decompose_folds(X: np.ndarray, splits: list[OuterSplit], backend_name: str, client: Client | None,
                      n_threads: int | None) -> dict[str, tuple]:
-    """Every split's decompositions, computed once (one dask task per split) for all chunks to share."""
+    """Every split's decompositions, computed once for all chunks to share.
+
+    On dask, one task per outer split computes its Gram, then one task per training set
+    (every inner fold and the refit) its eigendecomposition, spread over the workers: the
+    same operations as in process, so the results are identical.
+    """
     if client is None:
-        parts = [_decompose_split(X, split, backend_name) for split in splits]
-    else:
-        # hash=False: a key of its own, so releasing it never drops the chunks' copy of X
-        remote = client.scatter(X, broadcast=True, hash=False)
-        futures = [client.submit(_decompose_split, remote, split, backend_name, n_threads, pure=True)
-                   for split in splits]
-        parts = client.gather(futures)
-    return {k: v for part in parts for k, v in part.items()}
+        return {k: v for split in splits for k, v in _decompose_split(X, split, backend_name).items()}
+    # hash=False: a key of its own, so releasing it never drops the chunks' copy of X
+    remote = client.scatter(X, broadcast=True, hash=False)
+    futures = []
+    for split in splits:
+        gram = client.submit(_outer_gram, remote, split.train, backend_name, n_threads, pure=True)
+        futures += [client.submit(_decompose_rows, remote, split.train, rows, gram, backend_name, n_threads,
+                                  pure=True) for rows in _fold_row_sets(split)]
+    return dict(client.gather(futures))
 
 
 def _shrinkage(bk: Any, lam: Any, alphas: np.ndarray, ref: Any) -> Any:
@@ -882,7 +909,12 @@ def _choose_solver(solver: str, n_features: int, splits: list[OuterSplit]) -> st
 
 
 def _choose_mode(solver: str, n_features: int, splits: list[OuterSplit], n_alphas: int, n_targets: int) -> str:
-    """Operators (cost independent of targets) when they cost less than rotating ``Y``."""
+    """Operators when they cost less than rotating ``Y``, for a chunk of ``n_targets``.
+
+    Per fold, operators cost ``n_alphas * n_val * m²`` flops for each chunk (they depend on
+    ``X`` only, but every chunk builds its own), rotation ``m² * n_targets``: operators win
+    when a chunk holds at least ``n_alphas * n_val`` targets.
+    """
     max_val = max(va.size for split in splits for _, va in split.inner)
     return "operator" if n_targets >= n_alphas * max_val else "rotation"
 
@@ -901,26 +933,44 @@ def _worker_threads(client: Client) -> dict[str, int]:
     return threads
 
 
+def _chunk_budget(backend_name: str, budget: int) -> int:
+    """A chunk's memory budget: on a GPU, never more than :data:`GPU_CHUNK_MAX_BYTES`."""
+    return min(budget, GPU_CHUNK_MAX_BYTES) if backend_name in _GPU_BACKENDS else budget
+
+
 def _plan_chunks(valid_idx: np.ndarray, n_targets_chunk: int | None, per_target: int, backend_name: str,
                  client: Client | None) -> tuple[list[np.ndarray], int | None]:
-    """Chunks of target indices, and the BLAS threads each dask task may use."""
+    """Chunks of target indices, and the BLAS threads each dask task may use.
+
+    With ``n_targets_chunk`` None, the chunk size comes from the memory free on this machine
+    (or on the most loaded dask worker) and on the GPU; then the chunks are made equal in
+    size (no small last chunk) and, on dask, their number a multiple of the worker threads,
+    so every thread gets the same share of the work.
+    """
     n_valid = valid_idx.size
     n_threads = None
     if client is None:
         if n_targets_chunk is None:
-            n_targets_chunk = max(1, memory_budget_bytes(backend_name) // per_target)
+            budget = _chunk_budget(backend_name, memory_budget_bytes(backend_name))
+            n_targets_chunk = _balanced(n_valid, max(1, budget // per_target), 1)
     else:
         threads = _worker_threads(client)
         total = sum(threads.values())
         if n_targets_chunk is None:
             budgets = client.run(memory_budget_bytes, backend_name, max(threads.values()))
-            budget = min(budgets.values()) if budgets else MEMORY_BUDGET_BYTES
-            # enough chunks to keep every worker thread busy, none over its memory share
-            n_targets_chunk = max(1, min(budget // per_target, math.ceil(n_valid / total)))
+            budget = _chunk_budget(backend_name, min(budgets.values()) if budgets else MEMORY_BUDGET_BYTES)
+            n_targets_chunk = _balanced(n_valid, max(1, budget // per_target), total)
         n_chunks = math.ceil(n_valid / n_targets_chunk)
         n_threads = max(1, min(min(threads.values()), total // max(1, min(n_chunks, total))))
     chunks = [valid_idx[i:i + n_targets_chunk] for i in range(0, n_valid, n_targets_chunk)]
     return chunks, n_threads
+
+
+def _balanced(n_valid: int, largest: int, multiple: int) -> int:
+    """Chunk size at most ``largest`` giving equal chunks, their number a multiple of ``multiple``."""
+    n_chunks = math.ceil(n_valid / largest)
+    n_chunks = min(max(1, n_valid), multiple * math.ceil(n_chunks / multiple))
+    return max(1, math.ceil(n_valid / n_chunks))
 
 
 def _run_chunks(func: Callable[..., dict], shared: Any, Y: np.ndarray, chunks: list[np.ndarray],
@@ -1120,13 +1170,13 @@ def fit_encoding(
     if not valid.any():
         raise FitError(f"All {n_targets} targets in Y are constant or contain NaN/Inf; nothing to fit.")
     valid_idx = np.flatnonzero(valid)
-    mode = _choose_mode(solver_name, X.shape[1], splits, alphas_arr.size, valid_idx.size)
 
-    per_target = _bytes_per_target(
+    per_target = _bytes_per_target(  # planned for the mode that holds more per target
         n_samples, X.shape[1], max(s.train.size for s in splits),
         max(va.size for s in splits for _, va in s.inner), max(s.test.size for s in splits),
-        solver_name, mode, return_predictions)
+        solver_name, "rotation", return_predictions)
     chunks, n_threads = _plan_chunks(valid_idx, n_targets_chunk, per_target, backend_name, client)
+    mode = _choose_mode(solver_name, X.shape[1], splits, alphas_arr.size, max(c.size for c in chunks))
     shared: Any = X
     n_sets = sum(len(s.inner) + 1 for s in splits)
     if solver_name == "primal" and len(chunks) > 1 and n_sets * (X.shape[1] + 2) ** 2 * 4 <= SHARED_DECOMPOSITIONS_MAX:

@@ -410,27 +410,44 @@ def _run_windows(
 ) -> None:
     """Run the model on windows (right-padded batches) and write pooled features into ``out``.
 
-    ``out`` has shape (n_layers_requested, n_words, hidden_size).
+    ``out`` has shape (n_layers_requested, n_words, hidden_size). Only the target words'
+    tokens are gathered (and mean-pooled) on the model's device and copied to the host, in
+    one transfer per batch: context tokens never leave the GPU.
     """
     import torch
 
     for chunk in _batches([len(t[0]) for t in tokenized], batch_size, batch_tokens):
         result = _forward(lm, [tokenized[k][0] for k in chunk])
-        with torch.inference_mode():
-            hidden = torch.stack([result.hidden_states[h] for h in hs_index])  # (L, B, T, H)
-            hidden = hidden.float().cpu().numpy()
+        rows: list[np.ndarray] = []
+        pos: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        dests: list[int] = []
         for row, k in enumerate(chunk):
             wids = np.array([-1 if w is None else w for w in tokenized[k][1]])
             win = windows[k]
             for local, dest in zip(win.targets, win.dest):
-                pos = np.flatnonzero(wids == local)
-                if pos.size == 0:
+                where = np.flatnonzero(wids == local)
+                if where.size == 0:
                     raise ModelError(f"word {win.words[local]!r} has no tokens in model {lm.name!r}: "
                                      "check the word list for empty entries")
                 if pooling == "last":
-                    out[:, dest, :] = hidden[:, row, pos[-1], :]
-                else:
-                    out[:, dest, :] = hidden[:, row, pos, :].mean(axis=1)
+                    where = where[-1:]
+                rows.append(np.full(where.size, row))
+                pos.append(where)
+                slots.append(np.full(where.size, len(dests)))
+                dests.append(dest)
+        device = result.hidden_states[0].device
+        r_idx = torch.from_numpy(np.concatenate(rows)).to(device)
+        p_idx = torch.from_numpy(np.concatenate(pos)).to(device)
+        with torch.inference_mode():
+            picked = torch.stack([result.hidden_states[h][r_idx, p_idx] for h in hs_index]).float()  # (L, n_tok, H)
+            if pooling == "mean":
+                s_idx = torch.from_numpy(np.concatenate(slots)).to(device)
+                counts = torch.bincount(s_idx, minlength=len(dests)).to(picked.dtype)
+                summed = picked.new_zeros((picked.shape[0], len(dests), picked.shape[2])).index_add_(1, s_idx, picked)
+                picked = summed / counts[None, :, None]
+            out[:, dests, :] = picked.cpu().numpy()
+        del result
 
 
 def _per_word_windows(words: list[str], starts: np.ndarray, indices: Sequence[int]) -> list[_Window]:
