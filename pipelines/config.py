@@ -257,6 +257,58 @@ class ComputeConfig(_Strict):
         return v
 
 
+_PYCORTEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+
+
+class PycortexConfig(_Strict):
+    """A pycortex flatmap of each voxel map, drawn on the subject's surfaces from the dataset.
+
+    The dataset holds a pycortex database (one folder per pycortex subject, as LeBel's
+    ``derivative/pycortex-db/UTS01/``: ``surfaces/{flat,pia,wm}_{lh,rh}.gii`` and
+    ``transforms/<transform>/{matrices.xfm,reference.nii.gz,mask_<mask>.nii.gz}``). ``subject``
+    and ``transform`` name them for each dataset subject (``{subject}`` is its label). HDF5
+    responses must be the voxels of ``mask``, in pycortex's order; bold volumes must be on the
+    transform's reference grid.
+    """
+
+    database: str = "derivative/pycortex-db"
+    subject: str = "{subject}"
+    transform: str = "{subject}_auto"
+    mask: str = "thick"
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, v: str) -> str:
+        check_relative_key(v, "maps.pycortex.database")
+        return v.strip("/")
+
+    @field_validator("subject", "transform")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        name = v.replace("{subject}", "S1")
+        if not _PYCORTEX_NAME.match(name) or ".." in name:
+            raise ValueError("a pycortex name of letters, digits, '.', '_' or '-', with '{subject}' standing for "
+                             f"the dataset subject's label; got {v!r}")
+        return v
+
+    @field_validator("mask")
+    @classmethod
+    def _mask(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", v):
+            raise ValueError(f"a pycortex mask type such as 'thick', 'thin' or 'cortical'; got {v!r}")
+        return v
+
+    def names(self, subject: str) -> tuple[str, str]:
+        """(pycortex subject, transform) of one dataset subject."""
+        return self.subject.replace("{subject}", subject), self.transform.replace("{subject}", subject)
+
+
+class MapsConfig(_Strict):
+    """Optional pictures beyond the default ones (``pycortex``: flatmaps; needs pycortex installed)."""
+
+    pycortex: PycortexConfig | None = None
+
+
 class AnalysisConfig(_Strict):
     name: str = "encoding"
     dataset: DatasetConfig
@@ -264,6 +316,7 @@ class AnalysisConfig(_Strict):
     model: ModelConfig = ModelConfig()
     decoding: DecodingConfig = DecodingConfig()
     compute: ComputeConfig = ComputeConfig()
+    maps: MapsConfig = MapsConfig()
     output: str
 
     @field_validator("name")
@@ -298,7 +351,10 @@ class AnalysisConfig(_Strict):
 
     # --- derived values -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        if self.maps == MapsConfig():  # no optional maps: left out, so the ids of such analyses stay as they were
+            out.pop("maps")
+        return out
 
     @property
     def config_hash(self) -> str:

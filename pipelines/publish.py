@@ -77,9 +77,34 @@ def _surface_maps(sub: str, task: str, space: str | None, desc: str, feat: str, 
     return artifacts, render_surface_png(r_full, png, f"sub-{sub} {feat}: held-out r")
 
 
+def _flatmap(sub: str, task: str, desc: str, feat: str, arrays: dict[str, np.ndarray], mask_img, kind: str,
+             flat: tuple[Path, Any], fig_dir: Path, artifacts: list[dict]) -> dict:
+    """One feature space's held-out r on the subject's pycortex flatmap; its report image."""
+    from .flatmap import render_flatmap_png
+    from .maps import _mask_bool, bids_map_name
+
+    filestore, pcs = flat
+    r = np.where(arrays[f"{feat}__valid"].astype(bool), arrays[f"{feat}__r"], np.nan).astype(np.float32)
+    if kind == "bold":  # volumes: r back on the reference grid, NaN outside the brain mask
+        mask = _mask_bool(mask_img)
+        values = np.full(mask.shape, np.nan, dtype=np.float32)
+        values[mask] = r
+    else:  # HDF5: r is already one value per voxel of the pycortex mask, in its order
+        values = r
+    png = fig_dir / bids_map_name(sub, task, None, desc, "r", ".png").replace("_statmap.png", "_flatmap.png")
+    render_flatmap_png(values, filestore, pcs, png, f"sub-{sub} {feat}: held-out r ({pcs.subject}, {pcs.transform})")
+    artifacts.append({"file": png, "kind": "flatmap_png", "subject": sub, "feature_space": feat, "stat": "r"})
+    return {"path": str(png), "caption": f"{feat}: held-out correlation on the flattened cortex of {pcs.subject} "
+                                         "(pycortex)"}
+
+
 def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray], mask_img,
-                   out_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Write one subject's maps and pictures; return (artifacts, report feature entries)."""
+                   out_dir: Path, flat: tuple[Path, Any] | None = None) -> tuple[list[dict], list[dict]]:
+    """Write one subject's maps and pictures; return (artifacts, report feature entries).
+
+    ``flat`` is (pycortex filestore, :class:`pipelines.flatmap.PycortexSubject`) when each
+    feature space's r is also drawn on the subject's flatmap.
+    """
     from .maps import (bids_map_name, render_electrodes_png, render_histogram_png, render_slices_png,
                        render_targets_png, render_topomaps_png, render_volume_png, write_target_table,
                        write_volume_map)
@@ -146,6 +171,8 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
             render_targets_png(names, r, png, f"sub-{sub} {feat}: held-out r per target")
         artifacts.append({"file": png, "kind": "figure_png", "subject": sub, "feature_space": feat})
         images.append({"path": str(png), "caption": f"{feat}: held-out correlation"})
+        if flat is not None:
+            images.append(_flatmap(sub, task, desc, feat, arrays, mask_img, fit["kind"], flat, fig_dir, artifacts))
         entries.append({"name": feat, "metrics": fit["metrics"][feat], "images": images})
     for key in sorted(k for k in arrays if k.endswith("__r2split")):  # banded ridge: R² split per band
         band = key[: -len("__r2split")]
@@ -179,8 +206,13 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
 
 
 def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: list[dict], *,
-            local_dir: str | Path, started: str | None = None, airflow_run_id: str | None = None) -> dict[str, Any]:
-    """Render, upload and commit one analysis; return the manifest URI and a summary."""
+            local_dir: str | Path, started: str | None = None, airflow_run_id: str | None = None,
+            cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """Render, upload and commit one analysis; return the manifest URI and a summary.
+
+    ``cache_dir`` is the download cache, read only for ``maps.pycortex`` (the dataset's pycortex
+    database; default :func:`pipelines.stages.default_cache_dir`).
+    """
     import nibabel as nib
 
     from .report import render_report
@@ -202,6 +234,7 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     report_subjects = []
     subject_info: dict[str, dict] = {}
     metrics: dict[str, dict] = {}
+    flatmaps = _Flatmaps(cfg, cache_dir)
     for fit in sorted(fits, key=lambda f: f["subject"]):
         sub = fit["subject"]
         if fit.get("status") != "ok":
@@ -215,7 +248,7 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
             mask_path = store.download(fit["mask_rel"], out_dir / ".work" / f"mask-{sub}.nii.gz")
             mask_img = nib.load(str(mask_path))
             mask_img = nib.Nifti1Image(np.asarray(mask_img.dataobj), mask_img.affine)
-        subj_artifacts, entries = render_subject(cfg, fit, arrays, mask_img, out_dir)
+        subj_artifacts, entries = render_subject(cfg, fit, arrays, mask_img, out_dir, flatmaps.of(sub, fit["kind"]))
         artifacts += subj_artifacts
         metrics[sub] = fit["metrics"]
         subject_info[sub] = {k: fit[k] for k in ("status", "simulated", "kind", "space", "n_targets",
@@ -250,7 +283,8 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     records = []
     for art in artifacts:
         rel = Path(art["file"]).relative_to(out_dir).as_posix()
-        ctype = {"report_html": "text/html", "figure_png": "image/png", "config_yaml": "text/yaml",
+        ctype = {"report_html": "text/html", "figure_png": "image/png", "flatmap_png": "image/png",
+                 "config_yaml": "text/yaml",
                  "decoding_json": "application/json",
                  "dataset_description": "application/json"}.get(art["kind"])
         failpoint("publish.upload")
@@ -260,7 +294,7 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     records.sort(key=lambda r: r["path"])
 
     inputs: dict[str, dict] = {}
-    for item in [prepared, *features, *fits]:
+    for item in [prepared, *features, *fits, flatmaps.files_read()]:
         for rec in item.get("files_read", []):
             inputs[rec["key"]] = rec
     failed = [s for s, info in subject_info.items() if info["status"] != "ok"]
@@ -295,6 +329,34 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     (out_dir / "manifest.json").write_bytes(body)
     _update_gallery(cfg.output)
     return _result(store, manifest_rel, manifest, out_dir, reused=False)
+
+
+class _Flatmaps:
+    """The pycortex filestore of each subject, fetched from the dataset when first needed."""
+
+    def __init__(self, cfg: AnalysisConfig, cache_dir: str | Path | None):
+        from .flatmap import KINDS, enabled
+
+        self.cfg, self.kinds, self.ingest = cfg, KINDS, None
+        self.on = enabled(cfg)
+        if cache_dir is None:
+            from .stages import default_cache_dir
+
+            cache_dir = default_cache_dir()
+        self.cache_dir = Path(cache_dir)
+
+    def of(self, subject: str, kind: str) -> tuple[Path, Any] | None:
+        if not self.on or kind not in self.kinds:
+            return None
+        from .flatmap import local_filestore
+        from .ingest import open_dataset
+
+        if self.ingest is None:
+            self.ingest = open_dataset(self.cfg, self.cache_dir)
+        return local_filestore(self.ingest, subject, kind, self.cache_dir / "pycortex")
+
+    def files_read(self) -> dict:
+        return {"files_read": [r.as_dict() for r in self.ingest.files_read.values()] if self.ingest else []}
 
 
 def _update_gallery(output: str) -> None:

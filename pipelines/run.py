@@ -45,7 +45,7 @@ def run_analysis(cfg: AnalysisConfig, *, cache_dir: str | Path | None = None,
         raise errors[0]
     step("publish", done, total)
     local_dir = Path(local_dir) if local_dir else cache_dir / "published" / cfg.analysis_id
-    result = publish(cfg, prepared, features, fits, local_dir=local_dir, started=started)
+    result = publish(cfg, prepared, features, fits, local_dir=local_dir, started=started, cache_dir=cache_dir)
     step("done", total, total)
     result["features"] = features
     result["fits"] = fits

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from . import flatmap
 from .config import AnalysisConfig, parse_config
 from .errors import DatasetError, FitError, IntegrityError
 from .features.registry import KINDS, FeatureResult, ModelCache, Stimulus, align_to_samples, cache_key, compute_feature
-from .ingest import (Ingest, Run, check_run_timing, check_subjects, load_run_words, load_subject, open_dataset,
-                     plan_runs, word_timing_key)
+from .ingest import (Ingest, Run, check_run_timing, check_subjects, find_runs, load_run_words, load_subject,
+                     open_dataset, plan_runs, word_timing_key)
 from .progress import Progress
 from .storage import ResultStore
 
@@ -159,16 +160,20 @@ def stimulus_features(store: ResultStore, spec, stim: Stimulus, stim_sha: str, *
 # --- prepare ----------------------------------------------------------------------
 
 def prepare(config: dict | AnalysisConfig, *, cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """Validate the config against the dataset: version, subjects, runs, word timings, output bucket."""
+    """Validate the config against the dataset: version, subjects, runs, word timings, output bucket
+    (and, with ``maps.pycortex``, each subject's pycortex database)."""
     cfg = _config(config)
     ingest = open_dataset(cfg, cache_dir or default_cache_dir())
     subjects = check_subjects(ingest)
     stories: dict[str, int] = {}
     problems: dict[str, str] = {}
+    flatmaps = flatmap.enabled(cfg)
     for subject in subjects:
         try:
             for run in plan_runs(ingest, subject):
                 stories[str(run.story)] = int(len(load_run_words(ingest, run)))
+            if flatmaps:
+                flatmap.check_database(ingest, subject, find_runs(ingest, subject)[0])
         except DatasetError as err:  # reported as this subject's failure by its fit; the others go on
             problems[subject] = str(err)
     if problems and len(problems) == len(subjects):
@@ -362,6 +367,8 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
     base = f"_work/{cfg.analysis_id}/sub-{subject}"
     rel = f"{base}/results-{inputs_key}.npz"
     meta_rel = f"{base}/results-{inputs_key}.json"
+    if flatmap.enabled(cfg):  # after responses_sha: the pycortex files are no part of the fit's cache key
+        flatmap.check_responses(ingest, subject, responses)
     if store.exists(meta_rel) and store.exists(rel):  # the metadata is written last: the fit is whole
         meta = json.loads(store.get_bytes(meta_rel))
         log.info("sub-%s: reusing finished fit %s", subject, rel)
@@ -675,4 +682,5 @@ def publish_from_config(config: dict | AnalysisConfig, prepared: dict, features:
 
     cfg = _config(config)
     local_dir = Path(cache_dir or default_cache_dir()) / "published" / cfg.analysis_id
-    return publish(cfg, prepared, features, fits, local_dir=local_dir, airflow_run_id=airflow_run_id)
+    return publish(cfg, prepared, features, fits, local_dir=local_dir, airflow_run_id=airflow_run_id,
+                   cache_dir=cache_dir or default_cache_dir())
