@@ -467,10 +467,12 @@ def main() -> None:
             f"Written by `bench/bench_fit.py{' --quick' if args.quick else ''}` on {started} ({platform.node()}): "
             f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), float32 matmul rate {rate / 1e9:.0f} Gflop/s (best of numpy / torch: "
-            f"{rate_by}, measured at the start), {device}. **This machine is shared with other engineers' test runs**: "
-            f"load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in load_start)}, when written "
-            f"{tuple(round(x, 2) for x in os.getloadavg())}; a 1-minute load above 2 on 2 cores, or a CPU stall share "
-            "(`/proc/pressure/cpu`, some avg10) above 0, means other work competed for the cores during that row.",
+            f"{rate_by}, measured at the start), {device}. "
+            + ("" if args.gpu else "**This machine is shared with other engineers' test runs**: ")
+            + f"load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in load_start)}, when written "
+            f"{tuple(round(x, 2) for x in os.getloadavg())}; a 1-minute load above the number of cores, or a CPU "
+            "stall share (`/proc/pressure/cpu`, some avg10) above 0, means other work competed for the cores during "
+            "that row" + (" (on the GPU machine the CPU row's own torch threads load all cores)." if args.gpu else "."),
         ]
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
