@@ -39,6 +39,9 @@ __all__ = [
 #: Names accepted by :func:`choose_backend` besides ``"auto"`` (himalaya's own list).
 BACKENDS: tuple[str, ...] = tuple(hb.ALL_BACKENDS)
 
+#: Backends whose arrays live on a GPU.
+GPU_BACKENDS: tuple[str, ...] = ("torch_cuda", "cupy")
+
 
 def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
@@ -233,7 +236,7 @@ def eigh_float64(bk: ModuleType, A):
     (``syevd``) is used also for the torch backend: torch's CPU ``eigh`` is several
     times slower here (0.35 s vs 0.17 s at m=1024, 10 s vs 1.2 s at m=2400).
     """
-    if bk.name in ("torch_cuda", "cupy"):
+    if bk.name in GPU_BACKENDS:
         lib = __import__("torch") if bk.name == "torch_cuda" else __import__("cupy")
         return lib.linalg.eigh(A)
     import numpy as np

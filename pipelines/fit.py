@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from .backend import (
+    GPU_BACKENDS,
     blas_threads,
     choose_backend,
     column_sq_norms,
@@ -93,7 +94,6 @@ SOLVERS: tuple[str, ...] = ("auto", "primal", "kernel", "himalaya")
 GPU_CHUNK_MAX_BYTES: int = 1 << 30
 
 _MIN_GROUPS = 3
-_GPU_BACKENDS = ("torch_cuda", "cupy")
 SHARED_DECOMPOSITIONS_MAX = 1 << 30  # bytes of primal decompositions shipped to every chunk
 
 # --------------------------------------------------------------------------- helpers
@@ -619,21 +619,6 @@ def _fold_row_sets(split: OuterSplit) -> list[np.ndarray]:
     return [split.train[tr] for tr, _ in split.inner] + [split.train]
 
 
-def _decompose_split(X: np.ndarray, split: OuterSplit, backend_name: str,
-                     n_threads: int | None = None) -> dict[str, tuple]:
-    """The primal decompositions of one outer split, as numpy (lam, V, mu, n) by rows key."""
-    with blas_threads(n_threads), use_backend(backend_name) as bk:
-        design = _PrimalDesign(bk, np.asarray(X, dtype=np.float32))
-        G = design._gram(split.train)
-        return dict(_decompose_one(bk, design, split.train, rows, G) for rows in _fold_row_sets(split))
-
-
-def _decompose_one(bk: Any, design: _PrimalDesign, outer_rows: np.ndarray, rows: np.ndarray,
-                   G: Any) -> tuple[str, tuple]:
-    dec = design.decompose(outer_rows, rows, G)
-    return _rows_key(rows), (bk.to_numpy(dec.lam), bk.to_numpy(dec.Q), bk.to_numpy(dec.extra["mu"]), dec.extra["n"])
-
-
 def _outer_gram(X: np.ndarray, rows: np.ndarray, backend_name: str, n_threads: int | None = None) -> np.ndarray:
     """The float64 Gram ``[X, 1]^T [X, 1]`` of an outer training set, as numpy (a dask task)."""
     with blas_threads(n_threads), use_backend(backend_name) as bk:
@@ -642,22 +627,27 @@ def _outer_gram(X: np.ndarray, rows: np.ndarray, backend_name: str, n_threads: i
 
 def _decompose_rows(X: np.ndarray, outer_rows: np.ndarray, rows: np.ndarray, G: np.ndarray, backend_name: str,
                     n_threads: int | None = None) -> tuple[str, tuple]:
-    """One training set's decomposition from its outer set's Gram ``G`` (a dask task)."""
+    """One training set's decomposition, as numpy (lam, V, mu, n) under its rows key, from its
+    outer set's Gram ``G`` (a dask task)."""
     with blas_threads(n_threads), use_backend(backend_name) as bk:
         design = _PrimalDesign(bk, np.asarray(X, dtype=np.float32))
-        return _decompose_one(bk, design, outer_rows, rows, bk.asarray(G))
+        dec = design.decompose(outer_rows, rows, bk.asarray(G))
+        return _rows_key(rows), (bk.to_numpy(dec.lam), bk.to_numpy(dec.Q), bk.to_numpy(dec.extra["mu"]),
+                                 dec.extra["n"])
 
 
 def _decompose_folds(X: np.ndarray, splits: list[OuterSplit], backend_name: str, client: Client | None,
                      n_threads: int | None) -> dict[str, tuple]:
     """Every split's decompositions, computed once for all chunks to share.
 
-    On dask, one task per outer split computes its Gram, then one task per training set
-    (every inner fold and the refit) its eigendecomposition, spread over the workers: the
-    same operations as in process, so the results are identical.
+    The Gram of each outer split, then each training set's (every inner fold's and the
+    refit's) eigendecomposition: in process, or on dask as one task each, spread over the
+    workers (the same functions, so the results are identical).
     """
     if client is None:
-        return {k: v for split in splits for k, v in _decompose_split(X, split, backend_name).items()}
+        grams = [_outer_gram(X, split.train, backend_name) for split in splits]
+        return dict(_decompose_rows(X, split.train, rows, G, backend_name)
+                    for split, G in zip(splits, grams) for rows in _fold_row_sets(split))
     # hash=False: a key of its own, so releasing it never drops the chunks' copy of X
     remote = client.scatter(X, broadcast=True, hash=False)
     futures = []
@@ -935,7 +925,7 @@ def _worker_threads(client: Client) -> dict[str, int]:
 
 def _chunk_budget(backend_name: str, budget: int) -> int:
     """A chunk's memory budget: on a GPU, never more than :data:`GPU_CHUNK_MAX_BYTES`."""
-    return min(budget, GPU_CHUNK_MAX_BYTES) if backend_name in _GPU_BACKENDS else budget
+    return min(budget, GPU_CHUNK_MAX_BYTES) if backend_name in GPU_BACKENDS else budget
 
 
 def _plan_chunks(valid_idx: np.ndarray, n_targets_chunk: int | None, per_target: int, backend_name: str,

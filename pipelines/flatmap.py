@@ -158,16 +158,9 @@ def check_database(ingest, subject: str, kind: str) -> PycortexSubject:
 
 
 def _fetch_nifti(ingest, key: str):
-    import nibabel as nib
+    from .readers.nifti import load_nifti
 
-    from .readers import check_not_pointer
-
-    path = ingest.fetch(key)
-    check_not_pointer(path, key)
-    try:
-        return nib.load(str(path))
-    except Exception as err:  # noqa: BLE001 - any unreadable image is the dataset's problem, named
-        raise DatasetError(f"{key}: not a readable NIfTI image ({err}); re-download the file") from None
+    return load_nifti(ingest.fetch(key), key)[0]
 
 
 def check_responses(ingest, subject: str, responses) -> PycortexSubject:

@@ -567,9 +567,8 @@ def _lag_weights(cfg: AnalysisConfig, X: np.ndarray, Y: np.ndarray, result, runs
     Weights come from a refit on all samples with each target's alpha rounded to the grid
     (targets sharing an alpha are fitted together); ``lag_times`` are the lags in seconds.
     """
-    from .fit import fit_ridge_fixed_alpha
-
     from .features.lags import lag_samples
+    from .fit import fit_ridge_fixed_alpha
 
     sfreq = runs[0].sfreq
     lags = lag_samples(cfg.model.tmin, cfg.model.tmax, sfreq)

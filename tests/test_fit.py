@@ -289,6 +289,21 @@ def test_results_do_not_depend_on_chunking(data, reference):
         np.testing.assert_allclose(res.r2, reference.r2, atol=1e-5)
 
 
+def test_chunk_plan_is_equal_chunks_and_caps_a_gpu_chunk(monkeypatch):
+    import pipelines.fit as fit_module
+
+    monkeypatch.setattr(fit_module, "memory_budget_bytes", lambda *args: 8 * 2**30)
+    idx = np.arange(80_000)
+    per_target = 4 * 10_000
+    cpu, _ = fit_module._plan_chunks(idx, None, per_target, "torch", None)
+    assert len(cpu) == 1  # 8 GiB holds every target
+    gpu, _ = fit_module._plan_chunks(idx, None, per_target, "torch_cuda", None)
+    assert len(gpu) > 1 and max(c.size for c in gpu) * per_target <= fit_module.GPU_CHUNK_MAX_BYTES
+    assert max(c.size for c in gpu) - min(c.size for c in gpu) <= 1  # no small last chunk
+    np.testing.assert_array_equal(np.concatenate(gpu), idx)
+    assert fit_module._balanced(20_000, 9_700, 2) == 5_000  # 3 chunks of at most 9,700 -> 4 equal, for 2 threads
+
+
 def test_default_chunk_respects_memory_budget():
     chunk = default_targets_chunk(3300, 1024, 600, 300)
     assert 5000 < chunk and 4 * chunk * (2 * 3300 + 2 * 1025 + 2 * 600 + 300) <= 256 * 2**20

@@ -11,7 +11,8 @@ from ..errors import DatasetError
 from . import Responses, check_not_pointer
 
 
-def _load(path: Path, key: str):
+def load_nifti(path: Path, key: str):
+    """A NIfTI file and its data as float32; DatasetError naming ``key`` when it is a pointer or corrupt."""
     import nibabel as nib
 
     check_not_pointer(path, key)
@@ -41,7 +42,7 @@ def read_bold(path: str | Path, key: str, *, tr: float | None = None, mask_path:
     """
     import nibabel as nib
 
-    img, vol = _load(Path(path), key)
+    img, vol = load_nifti(Path(path), key)
     if vol.ndim != 4:
         raise DatasetError(f"{key}: expected a 4-D NIfTI (x, y, z, time); got shape {vol.shape}")
     tr = float(tr or img.header.get_zooms()[3] or 0)
