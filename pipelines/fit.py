@@ -984,7 +984,9 @@ def _run_chunks(func: Callable[..., dict], shared: Any, Y: np.ndarray, chunks: l
         return out
     from distributed import as_completed
 
-    remote = client.scatter(shared, broadcast=True)
+    # hash=False: a key of its own; with a content hash, an earlier identical fit releasing its
+    # copy can delete this one's before its tasks run ("lost dependencies")
+    remote = client.scatter(shared, broadcast=True, hash=False)
     parts: list[dict | None] = [None] * len(chunks)
     order = iter(range(len(chunks)))
     index: dict[str, int] = {}
