@@ -39,7 +39,9 @@ rounding of BLAS (a chunk re-run on the same machine gives the same bits).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -92,6 +94,9 @@ SOLVERS: tuple[str, ...] = ("auto", "primal", "kernel", "himalaya")
 #: the target matrix is never copied to the device whole, a chunk's copy-in and results stay
 #: bounded, and ~14,000 LeBel-sized targets per chunk still run the products at the GPU's rate.
 GPU_CHUNK_MAX_BYTES: int = 1 << 30
+
+#: Times one chunk's columns of Y are sent again when a dask worker holding or receiving them died.
+CHUNK_RESUBMITS: int = 3
 
 _MIN_GROUPS = 3
 SHARED_DECOMPOSITIONS_MAX = 1 << 30  # bytes of primal decompositions shipped to every chunk
@@ -626,36 +631,58 @@ def _outer_gram(X: np.ndarray, rows: np.ndarray, backend_name: str, n_threads: i
 
 
 def _decompose_rows(X: np.ndarray, outer_rows: np.ndarray, rows: np.ndarray, G: np.ndarray, backend_name: str,
-                    n_threads: int | None = None) -> tuple[str, tuple]:
-    """One training set's decomposition, as numpy (lam, V, mu, n) under its rows key, from its
-    outer set's Gram ``G`` (a dask task)."""
+                    n_threads: int | None = None) -> tuple:
+    """One training set's decomposition, as numpy ``(lam, V, mu, n)``, from its outer
+    set's Gram ``G`` (a dask task)."""
     with blas_threads(n_threads), use_backend(backend_name) as bk:
         design = _PrimalDesign(bk, np.asarray(X, dtype=np.float32))
         dec = design.decompose(outer_rows, rows, bk.asarray(G))
-        return _rows_key(rows), (bk.to_numpy(dec.lam), bk.to_numpy(dec.Q), bk.to_numpy(dec.extra["mu"]),
-                                 dec.extra["n"])
+        return bk.to_numpy(dec.lam), bk.to_numpy(dec.Q), bk.to_numpy(dec.extra["mu"]), dec.extra["n"]
 
 
-def _decompose_folds(X: np.ndarray, splits: list[OuterSplit], backend_name: str, client: Client | None,
-                     n_threads: int | None) -> dict[str, tuple]:
-    """Every split's decompositions, computed once for all chunks to share.
+def _decompose_folds(X: Any, splits: list[OuterSplit], backend_name: str, client: Client | None,
+                     n_threads: int | None) -> dict[str, Any]:
+    """Every split's decompositions under their rows keys, computed once for all chunks to share.
 
     The Gram of each outer split, then each training set's (every inner fold's and the
-    refit's) eigendecomposition: in process, or on dask as one task each, spread over the
-    workers (the same functions, so the results are identical).
+    refit's) eigendecomposition: in process, or on dask (``X`` then a future of it) as one
+    task each, spread over the workers, and left there as futures for the chunks' tasks to
+    take (the same functions, so the results are identical).
     """
     if client is None:
         grams = [_outer_gram(X, split.train, backend_name) for split in splits]
-        return dict(_decompose_rows(X, split.train, rows, G, backend_name)
-                    for split, G in zip(splits, grams) for rows in _fold_row_sets(split))
-    # hash=False: a key of its own, so releasing it never drops the chunks' copy of X
-    remote = client.scatter(X, broadcast=True, hash=False)
-    futures = []
+        return {_rows_key(rows): _decompose_rows(X, split.train, rows, G, backend_name)
+                for split, G in zip(splits, grams) for rows in _fold_row_sets(split)}
+    futures = {}
     for split in splits:
-        gram = client.submit(_outer_gram, remote, split.train, backend_name, n_threads, pure=True)
-        futures += [client.submit(_decompose_rows, remote, split.train, rows, gram, backend_name, n_threads,
-                                  pure=True) for rows in _fold_row_sets(split)]
-    return dict(client.gather(futures))
+        gram = client.submit(_outer_gram, X, split.train, backend_name, n_threads, pure=True)
+        futures.update({_rows_key(rows): client.submit(_decompose_rows, X, split.train, rows, gram, backend_name,
+                                                       n_threads, pure=True)
+                        for rows in _fold_row_sets(split)})
+    return futures
+
+
+def _scatter(client: Client, data: Any, **kwargs: Any) -> Any:
+    """``client.scatter(data, hash=False, **kwargs)``, tried again when a worker it was
+    sending to died (the next try asks the scheduler for the workers alive then).
+
+    ``hash=False``: a key of its own; with a content hash, an earlier identical fit releasing
+    its copy can delete this one's before its tasks run ("lost dependencies").
+    """
+    for attempt in range(CHUNK_RESUBMITS + 1):
+        try:
+            return client.scatter(data, hash=False, **kwargs)
+        # a worker dead mid-send: connection refused or reset (OSError, as distributed's
+        # CommClosedError), or the scheduler no longer knowing the worker (its KeyError)
+        except (OSError, KeyError):
+            if attempt == CHUNK_RESUBMITS:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def _broadcast(client: Client | None, data: Any) -> Any:
+    """``data`` itself in process; on dask, a future of it held by every worker."""
+    return data if client is None else _scatter(client, data, broadcast=True)
 
 
 def _shrinkage(bk: Any, lam: Any, alphas: np.ndarray, ref: Any) -> Any:
@@ -967,10 +994,13 @@ def _run_chunks(func: Callable[..., dict], shared: Any, Y: np.ndarray, chunks: l
                 client: Client | None, n_threads: int | None, *args: Any) -> list[dict]:
     """``func(shared, Y[:, chunk], *args)`` for every chunk, in process or on dask.
 
-    On dask, ``shared`` is scattered once to every worker and at most two tasks per
-    worker thread are in flight (each carries its own copy of its columns of ``Y``), so
-    the client never holds a second copy of ``Y``. Tasks are pure: a task lost with its
-    worker is recomputed elsewhere and gives the same result.
+    On dask, ``shared`` holds futures placed by the caller (:func:`_broadcast`); each
+    chunk's columns of ``Y`` are scattered straight to a worker (not embedded in the task
+    graph, which would route them through the scheduler) and at most two chunks per worker
+    thread are in flight, so the cluster never holds a second copy of ``Y``. Tasks are pure:
+    a task lost with its worker is recomputed elsewhere, and a chunk whose columns were lost
+    with their worker is scattered again (:data:`CHUNK_RESUBMITS` times at most); either
+    gives the same result.
     """
     from .progress import Progress
 
@@ -984,30 +1014,33 @@ def _run_chunks(func: Callable[..., dict], shared: Any, Y: np.ndarray, chunks: l
         return out
     from distributed import as_completed
 
-    # hash=False: a key of its own; with a content hash, an earlier identical fit releasing its
-    # copy can delete this one's before its tasks run ("lost dependencies")
-    remote = client.scatter(shared, broadcast=True, hash=False)
     parts: list[dict | None] = [None] * len(chunks)
     order = iter(range(len(chunks)))
     index: dict[str, int] = {}
+    resubmits = [0] * len(chunks)
     running = as_completed()
 
-    def submit() -> None:
-        i = next(order, None)
-        if i is None:
-            return
-        future = client.submit(func, remote, np.ascontiguousarray(_columns(Y, chunks[i])), *args,
-                               n_threads=n_threads, pure=True)
-        index[future.key] = i
-        running.add(future)
+    def submit(batch: list[int]) -> None:
+        # one scatter call for the batch: the blocks travel to their workers concurrently
+        blocks = _scatter(client, [np.ascontiguousarray(_columns(Y, chunks[i])) for i in batch],
+                          direct=True) if batch else []
+        for i, block in zip(batch, blocks):
+            future = client.submit(func, shared, block, *args, n_threads=n_threads, pure=True)
+            index[future.key] = i
+            running.add(future)
 
-    for _ in range(2 * sum(_worker_threads(client).values())):
-        submit()
+    submit(list(itertools.islice(order, 2 * sum(_worker_threads(client).values()))))
     for future in running:
-        parts[index[future.key]] = future.result()
+        i = index.pop(future.key)
+        if future.cancelled() and resubmits[i] < CHUNK_RESUBMITS:
+            # its columns of Y were lost with their worker: send them again
+            resubmits[i] += 1
+            submit([i])
+            continue
+        parts[i] = future.result()
         future.release()
         progress.update()
-        submit()
+        submit([i for i in (next(order, None),) if i is not None])
     progress.close()
     return parts  # type: ignore[return-value]
 
@@ -1169,11 +1202,12 @@ def fit_encoding(
         solver_name, "rotation", return_predictions)
     chunks, n_threads = _plan_chunks(valid_idx, n_targets_chunk, per_target, backend_name, client)
     mode = _choose_mode(solver_name, X.shape[1], splits, alphas_arr.size, max(c.size for c in chunks))
-    shared: Any = X
+    shared: Any = _broadcast(client, X)
     n_sets = sum(len(s.inner) + 1 for s in splits)
     if solver_name == "primal" and len(chunks) > 1 and n_sets * (X.shape[1] + 2) ** 2 * 4 <= SHARED_DECOMPOSITIONS_MAX:
         # the decompositions depend on X alone: compute them once (in parallel on dask), not per chunk
-        shared = (X, _decompose_folds(X, splits, backend_name, client, n_threads))
+        # (on dask: tasks, left on the workers, that run while the chunks' columns of Y are sent)
+        shared = (shared, _decompose_folds(shared, splits, backend_name, client, n_threads))
     parts = _run_chunks(_fit_chunk, shared, Y, chunks, client, n_threads, splits, alphas_arr, backend_name,
                         return_predictions, solver_name, mode)
 
@@ -1335,7 +1369,7 @@ def fit_banded_encoding(
                                    max(s.test.size for s in splits), "himalaya", "operator",
                                    return_predictions) + 4 * len(arrays) * max(s.test.size for s in splits)
     chunks, n_threads = _plan_chunks(valid_idx, n_targets_chunk, per_target, backend_name, client)
-    parts = _run_chunks(_fit_banded_chunk, arrays, Y, chunks, client, n_threads, splits, alphas_arr,
+    parts = _run_chunks(_fit_banded_chunk, _broadcast(client, arrays), Y, chunks, client, n_threads, splits, alphas_arr,
                         backend_name, return_predictions, n_iter, random_state)
 
     n_bands = len(arrays)

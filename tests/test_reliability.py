@@ -117,6 +117,43 @@ def test_dask_worker_killed_during_a_sharded_fit(ledger):
         scope.lost = 0
 
 
+def _slow_column_sums(offset: float, Y: np.ndarray, n_threads: int | None = None) -> dict:
+    """A chunk task slow enough for its worker to die while holding its columns."""
+    time.sleep(0.5)
+    return {"sums": Y.sum(axis=0) + offset}
+
+
+@pytest.mark.slow
+def test_chunk_columns_lost_with_their_worker_are_sent_again(ledger):
+    """A killed worker takes its scattered columns of Y with it: dask cancels the chunks
+    that needed them, and neuroflow sends those columns again (each chunk exactly once)."""
+    from dask.distributed import Client, LocalCluster
+
+    from pipelines.fit import _run_chunks
+
+    with ledger.fault("dask worker holding chunks' columns of Y SIGKILLed") as scope:
+        Y = np.arange(6 * 80, dtype=np.float32).reshape(6, 80)
+        chunks = [np.arange(i, i + 4) for i in range(0, 80, 4)]
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            victim = min(client.run(os.getpid).items())
+
+            def kill_when_busy():
+                deadline = time.monotonic() + 30
+                while not client.processing().get(victim[0]) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                os.kill(victim[1], signal.SIGKILL)
+
+            killer = threading.Thread(target=kill_when_busy)
+            killer.start()
+            parts = _run_chunks(_slow_column_sums, 1.0, Y, chunks, client, 1)
+            killer.join()
+            assert victim[0] not in client.nthreads()  # the worker did die during the run
+        got = np.concatenate([p["sums"] for p in parts])
+        np.testing.assert_array_equal(got, Y.sum(axis=0) + 1.0)  # every column once, none missing
+        scope.lost = 0
+
+
 @pytest.fixture
 def proxied(s3_url, monkeypatch):
     """The S3 endpoint seen by neuroflow goes through a fault-injecting proxy."""
