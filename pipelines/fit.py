@@ -764,9 +764,8 @@ def _fit_chunk_eigen(X: np.ndarray, Y: np.ndarray, splits: list[OuterSplit], alp
                 d = _shrinkage(bk, dec.lam, alphas, B)
                 Yv = take_rows(bk, Yb, val)
                 R = bk.zeros_like(Yv)
-                if mode == "operator":
-                    O = design.operators(dec, B, d)
-                    terms = ((O[a], H, Yv) for a in range(n_alphas))
+                if mode == "operator":  # one alpha's (n_val, m) operator at a time, made as it is used
+                    terms = ((design.operators(dec, B, d[a:a + 1])[0], H, Yv) for a in range(n_alphas))
                 else:
                     Z, nu = design.rotate(dec, H)
                     Yc = Yv - nu[None, :]
@@ -787,14 +786,12 @@ def _fit_chunk_eigen(X: np.ndarray, Y: np.ndarray, splits: list[OuterSplit], alp
             used = np.unique(best)
             pred = np.empty((split.test.size, n_targets), dtype=np.float32)
             d = _shrinkage(bk, dec.lam, alphas[used], B)
-            if mode == "operator":
-                O = design.operators(dec, B, d)
-            else:
+            if mode == "rotation":
                 Z, nu = design.rotate(dec, H)
             for i, a in enumerate(used):
                 cols = np.flatnonzero(best == a)
                 if mode == "operator":
-                    block = O[i] @ take_columns(bk, H, cols)
+                    block = design.operators(dec, B, d[i:i + 1])[0] @ take_columns(bk, H, cols)
                 else:
                     block = (B * d[i][None, :]) @ take_columns(bk, Z, cols) + take_rows(bk, nu, cols)[None, :]
                 pred[:, cols] = bk.to_numpy(block)
@@ -1159,8 +1156,9 @@ def fit_encoding(
         worker, and on the GPU), see :func:`default_targets_chunk`; with dask at least
         one chunk per worker thread. Results do not depend on it.
     client : distributed.Client or None
-        If given, ``X`` is scattered once (broadcast) and each chunk is one task;
-        otherwise chunks run sequentially in this process.
+        If given, ``X`` is scattered once (broadcast), each chunk is one task whose
+        columns of ``Y`` are scattered to its worker; otherwise chunks run sequentially
+        in this process.
     return_predictions : bool
         Keep the held-out predictions (n_samples x n_targets float32) in the result.
     test_groups : sequence of labels or None
