@@ -903,8 +903,8 @@ def default_targets_chunk(n_samples: int, n_features: int, max_val: int, max_tes
 
         chunk = budget_bytes // (4 * (2 * n_samples + 2 * (n_features + 1) + 2 * max_val + max_test))
 
-    (at least 1). The target-independent arrays (one fold's operators,
-    ``n_alphas * max_val * (n_features + 1)`` floats) come on top. With 256 MiB, 3300
+    (at least 1). The target-independent arrays (one alpha's operator at a time,
+    ``max_val * (n_features + 1)`` floats) come on top. With 256 MiB, 3300
     samples, 1024 features, 600-sample validation folds and a 300-sample test set this
     is about 7,200 targets per chunk.
     """
