@@ -524,11 +524,10 @@ def main() -> None:
                     # 1 and 2 workers alternately, so each pair sees the same machine; median pair kept
                     pairs = [(run_row("dask1", label), run_row("dask2", dict(methods)["dask2"]))
                              for _ in range(1 if args.quick else args.dask_repeats)]
-                    pairs = [(a, b) for a, b in pairs if "wall" in a and "wall" in b] or [pairs[-1]]
-                    if "wall" in pairs[0][0] and "wall" in pairs[0][1]:
-                        pairs.sort(key=lambda ab: ab[0]["wall"] / (2 * ab[1]["wall"]))
-                        results["dask_pairs"] = [(a["wall"], b["wall"]) for a, b in pairs]
-                    results["dask1"], results["dask2"] = pairs[len(pairs) // 2]
+                    timed = sorted(((a, b) for a, b in pairs if "wall" in a and "wall" in b),
+                                   key=lambda ab: ab[0]["wall"] / (2 * ab[1]["wall"]))
+                    results["dask_pairs"] = [(a["wall"], b["wall"]) for a, b in timed]
+                    results["dask1"], results["dask2"] = timed[len(timed) // 2] if timed else pairs[-1]
                 elif method != "dask2":
                     results[method] = run_row(method, label)
             perm_out = tmp_path / "perm.json"

@@ -95,8 +95,9 @@ SOLVERS: tuple[str, ...] = ("auto", "primal", "kernel", "himalaya")
 #: bounded, and ~14,000 LeBel-sized targets per chunk still run the products at the GPU's rate.
 GPU_CHUNK_MAX_BYTES: int = 1 << 30
 
-#: Times one chunk's columns of Y are sent again when a dask worker holding or receiving them died.
-CHUNK_RESUBMITS: int = 3
+#: Times data is sent to dask workers again when a worker receiving or holding it died (a failed
+#: scatter, or a chunk cancelled because its columns of Y were lost with their worker).
+SEND_RETRIES: int = 3
 
 _MIN_GROUPS = 3
 SHARED_DECOMPOSITIONS_MAX = 1 << 30  # bytes of primal decompositions shipped to every chunk
@@ -669,13 +670,13 @@ def _scatter(client: Client, data: Any, **kwargs: Any) -> Any:
     ``hash=False``: a key of its own; with a content hash, an earlier identical fit releasing
     its copy can delete this one's before its tasks run ("lost dependencies").
     """
-    for attempt in range(CHUNK_RESUBMITS + 1):
+    for attempt in range(SEND_RETRIES + 1):
         try:
             return client.scatter(data, hash=False, **kwargs)
         # a worker dead mid-send: connection refused or reset (OSError, as distributed's
         # CommClosedError), or the scheduler no longer knowing the worker (its KeyError)
         except (OSError, KeyError):
-            if attempt == CHUNK_RESUBMITS:
+            if attempt == SEND_RETRIES:
                 raise
             time.sleep(0.5 * (attempt + 1))
 
@@ -996,7 +997,7 @@ def _run_chunks(func: Callable[..., dict], shared: Any, Y: np.ndarray, chunks: l
     graph, which would route them through the scheduler) and at most two chunks per worker
     thread are in flight, so the cluster never holds a second copy of ``Y``. Tasks are pure:
     a task lost with its worker is recomputed elsewhere, and a chunk whose columns were lost
-    with their worker is scattered again (:data:`CHUNK_RESUBMITS` times at most); either
+    with their worker is scattered again (:data:`SEND_RETRIES` times at most); either
     gives the same result.
     """
     from .progress import Progress
@@ -1018,9 +1019,10 @@ def _run_chunks(func: Callable[..., dict], shared: Any, Y: np.ndarray, chunks: l
     running = as_completed()
 
     def submit(batch: list[int]) -> None:
+        if not batch:
+            return
         # one scatter call for the batch: the blocks travel to their workers concurrently
-        blocks = _scatter(client, [np.ascontiguousarray(_columns(Y, chunks[i])) for i in batch],
-                          direct=True) if batch else []
+        blocks = _scatter(client, [np.ascontiguousarray(_columns(Y, chunks[i])) for i in batch], direct=True)
         for i, block in zip(batch, blocks):
             future = client.submit(func, shared, block, *args, n_threads=n_threads, pure=True)
             index[future.key] = i
@@ -1029,7 +1031,7 @@ def _run_chunks(func: Callable[..., dict], shared: Any, Y: np.ndarray, chunks: l
     submit(list(itertools.islice(order, 2 * sum(_worker_threads(client).values()))))
     for future in running:
         i = index.pop(future.key)
-        if future.cancelled() and resubmits[i] < CHUNK_RESUBMITS:
+        if future.cancelled() and resubmits[i] < SEND_RETRIES:
             # its columns of Y were lost with their worker: send them again
             resubmits[i] += 1
             submit([i])
@@ -1037,7 +1039,7 @@ def _run_chunks(func: Callable[..., dict], shared: Any, Y: np.ndarray, chunks: l
         parts[i] = future.result()
         future.release()
         progress.update()
-        submit([i for i in (next(order, None),) if i is not None])
+        submit(list(itertools.islice(order, 1)))
     progress.close()
     return parts  # type: ignore[return-value]
 
@@ -1367,8 +1369,8 @@ def fit_banded_encoding(
                                    max(s.test.size for s in splits), "himalaya", "operator",
                                    return_predictions) + 4 * len(arrays) * max(s.test.size for s in splits)
     chunks, n_threads = _plan_chunks(valid_idx, n_targets_chunk, per_target, backend_name, client)
-    parts = _run_chunks(_fit_banded_chunk, _broadcast(client, arrays), Y, chunks, client, n_threads, splits, alphas_arr,
-                        backend_name, return_predictions, n_iter, random_state)
+    parts = _run_chunks(_fit_banded_chunk, _broadcast(client, arrays), Y, chunks, client, n_threads, splits,
+                        alphas_arr, backend_name, return_predictions, n_iter, random_state)
 
     n_bands = len(arrays)
     r = np.full(n_targets, np.nan, dtype=np.float32)
