@@ -183,21 +183,29 @@ def results_bucket(s3_url, request) -> str:
 # --- the reliability ledger: what was broken, and what survived -----------------------
 
 class Ledger:
-    """Counts injected faults and bad inputs; `make reliability` prints the table."""
+    """Counts injected faults and bad inputs; `make reliability` prints the table.
+
+    Besides survived / refused, each row carries what an attacker would look for: artifacts
+    lost, tracebacks shown to the user, and files touched outside the dataset, the cache and
+    the output (see :mod:`tests.hostile`)."""
 
     def __init__(self):
         self.rows: list[dict] = []
 
-    def record(self, category: str, name: str, ok: bool, lost: int = 0) -> None:
-        self.rows.append({"category": category, "name": name, "ok": ok, "lost": lost})
+    def record(self, category: str, name: str, ok: bool, lost: int = 0, tracebacks: int = 0,
+               touched: int = 0) -> None:
+        self.rows.append({"category": category, "name": name, "ok": ok, "lost": lost,
+                          "tracebacks": tracebacks, "touched": touched})
 
     def table(self) -> list[str]:
         faults = [r for r in self.rows if r["category"] == "fault"]
         inputs = [r for r in self.rows if r["category"] == "bad_input"]
-        lines = ["| faults injected | survived | bad inputs tried | refused cleanly | artifacts lost |",
-                 "|---:|---:|---:|---:|---:|",
+        lines = ["| faults injected | survived | bad inputs tried | refused cleanly | artifacts lost "
+                 "| tracebacks shown | files touched outside |",
+                 "|---:|---:|---:|---:|---:|---:|---:|",
                  f"| {len(faults)} | {sum(r['ok'] for r in faults)} | {len(inputs)} | "
-                 f"{sum(r['ok'] for r in inputs)} | {sum(r['lost'] for r in self.rows)} |"]
+                 f"{sum(r['ok'] for r in inputs)} | {sum(r['lost'] for r in self.rows)} | "
+                 f"{sum(r['tracebacks'] for r in self.rows)} | {sum(r['touched'] for r in self.rows)} |"]
         failed = [f"- {r['category']} {r['name']}: NOT survived" for r in self.rows if not r["ok"]]
         return lines + failed
 
@@ -207,20 +215,26 @@ LEDGER = Ledger()
 
 @pytest.fixture
 def ledger(request):
-    """`with ledger.fault("name")` / `with ledger.bad_input("name")`: survived unless it raises."""
+    """`with ledger.fault("name")` / `with ledger.bad_input("name")`: survived unless it raises.
+
+    Inside the block, `scope.lost`, `scope.tracebacks` and `scope.touched` may be set (or
+    added to by :func:`tests.hostile.run_cli`); they are recorded with the row."""
     from contextlib import contextmanager
 
     class Scope:
         lost = 0
+        tracebacks = 0
+        touched = 0
 
         @contextmanager
         def _track(self, category, name):
+            self.lost = self.tracebacks = self.touched = 0
             try:
                 yield self
             except BaseException:
-                LEDGER.record(category, name, False, self.lost)
+                LEDGER.record(category, name, False, self.lost, self.tracebacks, self.touched)
                 raise
-            LEDGER.record(category, name, True, self.lost)
+            LEDGER.record(category, name, True, self.lost, self.tracebacks, self.touched)
 
         def fault(self, name):
             return self._track("fault", name)
