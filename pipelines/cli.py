@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import NeuroflowError
 
@@ -64,44 +64,51 @@ def cmd_validate(args) -> int:
 
 
 def cmd_maps_list(args) -> int:
-    from .consume import list_analyses
+    from .consume import printable, scan_analyses
 
-    rows = list_analyses(args.output_uri)
+    rows, problems = scan_analyses(args.output_uri)
+    for problem in problems:  # one bad manifest does not hide the others; it is named, not skipped silently
+        print(f"neuroflow: warning: skipped {printable(problem['manifest_uri'])}: {printable(problem['error'], 400)}",
+              file=sys.stderr)
     if not rows:
-        print(f"no published analyses under {args.output_uri}")
+        print(f"no published analyses under {printable(args.output_uri)}")
         return 0
     print(f"{'dataset':<10} {'version':<8} {'analysis':<28} {'status':<9} {'subjects':<22} {'features':<20} best mean r")
     for r in rows:
         best = f"{r['best_mean_r']:.3f}" if r["best_mean_r"] is not None else "n/a"
-        print(f"{r['dataset']:<10} {r['version']:<8} {r['analysis_id']:<28} {r['status']:<9} "
-              f"{','.join(r['subjects'])[:22]:<22} {','.join(r['feature_spaces'])[:20]:<20} {best}")
-        print(f"  {r['manifest_uri']}")
+        cells = [printable(r[k], 60) for k in ("dataset", "version", "analysis_id", "status")]
+        subjects = printable(",".join(r["subjects"]), 22)[:22]
+        features = printable(",".join(r["feature_spaces"]), 20)[:20]
+        print(f"{cells[0]:<10} {cells[1]:<8} {cells[2]:<28} {cells[3]:<9} {subjects:<22} {features:<20} {best}")
+        print(f"  {printable(r['manifest_uri'])}")
     return 0
 
 
 def cmd_maps_show(args) -> int:
-    from .consume import read_manifest
+    from .consume import printable, read_manifest
 
     m = read_manifest(args.manifest_uri)
     if args.json:
-        print(json.dumps(m, indent=2, sort_keys=True))
+        print(json.dumps(m, indent=2, sort_keys=True))  # JSON escapes control characters itself
         return 0
-    print(f"{m['dataset']['id']} {m['dataset']['version']} ({m['dataset']['source']})  {m['analysis_id']}  {m['status']}")
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"{printable(m['dataset']['id'])} {printable(m['dataset']['version'])} "
+          f"({printable(m['dataset']['source'])})  {printable(m['analysis_id'])}  {printable(m['status'])}")
     for sub, feats in sorted(m["metrics"].items()):
         for feat, s in sorted(feats.items()):
-            fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-            print(f"  sub-{sub} {feat}: mean r {fmt(s['mean_r'])}, max r {fmt(s['max_r'])}, {s['n_valid']} targets")
+            print(f"  sub-{printable(sub, 40)} {printable(feat, 40)}: mean r {fmt(s['mean_r'])}, "
+                  f"max r {fmt(s['max_r'])}, {s['n_valid']} targets")
     print("artifacts:")
     for a in m["artifacts"]:
-        print(f"  {a['path']}  ({a['kind']}, {a['bytes']} bytes)")
+        print(f"  {printable(a['path'])}  ({printable(a['kind'], 40)}, {a['bytes']} bytes)")
     return 0
 
 
 def cmd_maps_get(args) -> int:
     from .consume import get_artifact
 
-    dest = Path(args.dest or Path(args.artifact).name)
-    get_artifact(args.manifest_uri, args.artifact, dest)
+    dest = Path(args.dest or PurePosixPath(args.artifact).name)
+    get_artifact(args.manifest_uri, args.artifact, dest, overwrite=args.overwrite)
     print(dest)
     return 0
 
@@ -145,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg = maps.add_parser("get", help="download one artifact and verify its sha256")
     mg.add_argument("manifest_uri")
     mg.add_argument("artifact", help="artifact path as listed in the manifest")
-    mg.add_argument("dest", nargs="?")
+    mg.add_argument("dest", nargs="?", help="file to write (default: the artifact's name, in this folder)")
+    mg.add_argument("--overwrite", action="store_true", help="replace DEST if it exists (default: refuse)")
     mg.set_defaults(func=cmd_maps_get)
 
     d = sub.add_parser("demo-data", help="build the bundled demo dataset (real Alice data + a simulated subject)")
@@ -164,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    # Libraries' own caches (matplotlib's font list) go into neuroflow's cache folder, not the user's
+    # home: a run writes only to its dataset cache, its cache folder and its output.
+    cache = getattr(args, "cache_dir", None) or os.environ.get("NEUROFLOW_CACHE") or "~/.cache/neuroflow"
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(cache).expanduser() / "matplotlib"))
     try:
         return args.func(args)
     except NeuroflowError as err:

@@ -127,6 +127,26 @@ def write_volume_map(values: np.ndarray, mask_img: nib.Nifti1Image, path: str | 
     return path
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """`text` as a TSV cell that a spreadsheet will not run as a formula (OWASP CSV injection).
+
+    Names come from other people's datasets (ROI, channel and column names); a cell starting with
+    ``= + - @`` (or a tab / line break) that is not a plain number gets a leading ``'``, which
+    spreadsheets show as text. Tabs and line breaks inside are replaced by spaces so that one
+    cell stays one cell.
+    """
+    clean = text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+    if text.startswith(_FORMULA_START):
+        try:
+            float(text)
+        except ValueError:
+            return "'" + clean
+    return clean
+
+
 def write_target_table(columns: dict[str, np.ndarray], target_names: Sequence[str], path: str | Path) -> Path:
     """Write per-target statistics (ROIs, channels) as a tab-separated table.
 
@@ -145,7 +165,7 @@ def write_target_table(columns: dict[str, np.ndarray], target_names: Sequence[st
         The written file. NaN is written as ``n/a`` (BIDS convention).
     """
     path = Path(path)
-    names = [str(n) for n in target_names]
+    names = [spreadsheet_safe(str(n)) for n in target_names]
     if "target" in columns:
         raise ConfigError(f"column name 'target' is reserved in {path.name}")
     table = {"target": names}
@@ -155,7 +175,9 @@ def write_target_table(columns: dict[str, np.ndarray], target_names: Sequence[st
             raise DatasetError(
                 f"column {name!r} for {path.name} has shape {arr.shape}, expected ({len(names)},)"
             )
-        table[str(name)] = arr
+        if arr.dtype.kind in "USO":  # text read from the dataset (hemispheres, channel types, ...)
+            arr = np.array([spreadsheet_safe(str(v)) for v in arr], dtype=object)
+        table[spreadsheet_safe(str(name))] = arr
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(table).to_csv(path, sep="\t", index=False, na_rep="n/a")
     return path

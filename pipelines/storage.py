@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from .config import check_relative_key
-from .errors import DatasetError, IntegrityError, TransientIOError
+from .errors import ConfigError, DatasetError, IntegrityError, TransientIOError
 
 UNSIGNED_BUCKETS = frozenset({"openneuro.org"})
 CHUNK = 1 << 20
@@ -56,7 +56,44 @@ def endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def redact_url(url: str | None) -> str | None:
+    """`url` fit for a log line: user, password and query (where credentials hide) replaced by ``***``."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a URL at all: show its scheme only
+        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+    netloc = ("***@" if parts.username or parts.password else "") + host + port
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
+def check_endpoint(url: str | None) -> None:
+    """Refuse an ``AWS_ENDPOINT_URL`` boto3 cannot use, or one carrying credentials (they would be
+    sent in the clear and shown in errors); the message shows the URL redacted."""
+    if not url:
+        return
+    from urllib.parse import urlsplit
+
+    fix = ("give http(s)://host[:port] of the S3 server; credentials go in AWS_ACCESS_KEY_ID / "
+           "AWS_SECRET_ACCESS_KEY, never in the URL")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(f"AWS_ENDPOINT_URL is not a valid URL ({redact_url(url)}); {fix}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"AWS_ENDPOINT_URL is not an http(s) URL ({redact_url(url)}); {fix}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError(f"AWS_ENDPOINT_URL carries credentials or a query ({redact_url(url)}); {fix}")
+
+
 def _client(unsigned: bool, endpoint: str | None):
+    check_endpoint(endpoint)
     return _cached_client(unsigned, endpoint, os.environ.get("AWS_MAX_ATTEMPTS"), os.environ.get("AWS_RETRY_MODE"))
 
 
@@ -77,8 +114,13 @@ def _cached_client(unsigned: bool, endpoint: str | None, _attempts: str | None, 
         s3={"addressing_style": "path"},
     )
     session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint, config=cfg,
-                          region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    try:
+        return session.client("s3", endpoint_url=endpoint, config=cfg,
+                              region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    except ValueError as err:  # botocore's message holds the whole URL, credentials included
+        raise ConfigError(f"AWS_ENDPOINT_URL is not a valid URL ({redact_url(endpoint)}); give "
+                          "http(s)://host:port of the S3 server, with credentials in AWS_ACCESS_KEY_ID / "
+                          "AWS_SECRET_ACCESS_KEY, not in the URL") from None
 
 
 def s3_client(bucket: str):
@@ -110,7 +152,7 @@ def translate_s3_error(err: Exception, what: str) -> Exception:
 
     if isinstance(err, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
         return TransientIOError(
-            f"cannot reach the S3 endpoint for {what} ({endpoint_url() or 'AWS default'}); "
+            f"cannot reach the S3 endpoint for {what} ({redact_url(endpoint_url()) or 'AWS default'}); "
             "check AWS_ENDPOINT_URL and that the server is running"
         )
     if isinstance(err, ClientError):
@@ -596,11 +638,27 @@ class ResultStore:
         self.verify(rel, digest, len(data))
         return {"path": rel, "sha256": digest, "bytes": len(data)}
 
-    def get_bytes(self, rel: str) -> bytes:
+    def get_bytes(self, rel: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; with `max_bytes`, an object larger than that is refused before
+        it is read (and a body longer than announced is cut off), so memory stays bounded."""
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"].read()
+            resp = self.client.get_object(Bucket=self.bucket, Key=self.key(rel))
+            if max_bytes is None:
+                return resp["Body"].read()
+            size = int(resp.get("ContentLength", 0))
+            if size > max_bytes:
+                resp["Body"].close()
+                raise IntegrityError(f"{self.uri_of(rel)}: the object is {size:,} bytes, over the {max_bytes:,} "
+                                     "expected here; it is not what it claims to be, so it was not read")
+            data = resp["Body"].read(max_bytes + 1)
+        except IntegrityError:
+            raise
         except Exception as err:  # noqa: BLE001
             raise translate_s3_error(err, self.uri_of(rel)) from None
+        if len(data) > max_bytes:
+            raise IntegrityError(f"{self.uri_of(rel)}: the object is over the {max_bytes:,} bytes expected here; "
+                                 "it was not read")
+        return data
 
     def exists(self, rel: str) -> bool:
         from botocore.exceptions import ClientError
