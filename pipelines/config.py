@@ -155,6 +155,16 @@ class DatasetConfig(_Strict):
             raise ValueError(f"'dataset.source' must be s3://bucket/prefix or a local folder; got {v!r}")
         return v.rstrip("/")
 
+    @field_validator("checksums")
+    @classmethod
+    def _checksums(cls, v: str | dict[str, str] | None) -> str | dict[str, str] | None:
+        if isinstance(v, str):
+            check_relative_key(v, "dataset.checksums")
+            if not v or v.endswith("/") or any(p in (".", "") for p in v.split("/")):
+                raise ValueError(f"'dataset.checksums' has an empty or '.' path segment; got {v!r}. Name a file "
+                                 "of the dataset as a plain relative path (e.g. code/checksums.tsv)")
+        return v
+
     @field_validator("subjects")
     @classmethod
     def _subjects(cls, v: list[str]) -> list[str]:
