@@ -397,7 +397,7 @@ def check_relative_key(key: str, param: str) -> str:
     parts = key.split("/")
     if any(p == ".." for p in parts):
         problems.append("contains '..'")
-    if "" in parts[:-1]:
+    if "" in parts[int(key.startswith("/")):-1]:  # the leading '/' of an absolute path is reported as such
         problems.append("contains '//'")
     if any(ord(c) < 32 or c == "\\" for c in key):
         problems.append("contains a control character or backslash")
