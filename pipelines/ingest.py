@@ -244,8 +244,9 @@ def open_dataset(config: AnalysisConfig, cache_root: str | Path, *, responses: d
     cache_root : where downloads are cached, keyed by (source, version, key).
     responses, words : overrides of the options the config gives (see ResponseOptions, WordOptions).
     checksums : key -> git-annex key / ``md5:<hex>``, or a TSV with columns path and annex_key (as a
-        git-annex listing), given as a local path or as a key of the dataset; files read are verified
-        against them (the config's ``dataset.checksums`` when not given).
+        git-annex listing): a ``str`` is always a key of the dataset (read through the same checks as
+        every file; absolute paths and ``..`` are refused), a ``Path`` a local table the calling code
+        vouches for; files read are verified against them (the config's ``dataset.checksums`` when not given).
     """
     ds = config.dataset
     if checksums is None and getattr(ds, "checksums", None):
