@@ -165,6 +165,16 @@ class DatasetConfig(_Strict):
                              f"or s3://bucket/ds002322; got {v!r}")
         return v.rstrip("/")
 
+    @field_validator("checksums")
+    @classmethod
+    def _checksums(cls, v: str | dict[str, str] | None) -> str | dict[str, str] | None:
+        if isinstance(v, str):
+            check_relative_key(v, "dataset.checksums")
+            if not v or v.endswith("/") or any(p in (".", "") for p in v.split("/")):
+                raise ValueError(f"'dataset.checksums' has an empty or '.' path segment; got {v!r}. Name a file "
+                                 "of the dataset as a plain relative path (e.g. code/checksums.tsv)")
+        return v
+
     @field_validator("subjects")
     @classmethod
     def _subjects(cls, v: list[str]) -> list[str]:
@@ -397,7 +407,7 @@ def check_relative_key(key: str, param: str) -> str:
     parts = key.split("/")
     if any(p == ".." for p in parts):
         problems.append("contains '..'")
-    if "" in parts[:-1]:
+    if "" in parts[int(key.startswith("/")):-1]:  # the leading '/' of an absolute path is reported as such
         problems.append("contains '//'")
     if any(ord(c) < 32 or c == "\\" for c in key):
         problems.append("contains a control character or backslash")

@@ -37,7 +37,7 @@ import pandas as pd
 
 from .bids import RUN_ENTITIES, inherited_files, parse_bids_name, raw_key, sidecar_candidates
 from .config import AnalysisConfig
-from .errors import DatasetError
+from .errors import ConfigError, DatasetError
 from .readers import Responses, check_not_pointer, reader_for
 from .storage import DatasetSource, hash_file, safe_key
 from .wordtimings import read_word_timings
@@ -219,7 +219,9 @@ class Ingest:
         if key not in self.files_read:
             info = self.source.info(key)
             algo, _, where = self.source.expected_checksum(key)
-            digests = hash_file(path, ("sha256",) + ((algo,) if algo and algo != "sha256" else ()))
+            digests = self.source.digests.get(key)  # a cached copy the source checked against its record
+            if digests is None or "sha256" not in digests or (algo and algo not in digests):
+                digests = hash_file(path, ("sha256",) + ((algo,) if algo and algo != "sha256" else ()))
             self.source.check_digests(key, path, digests)
             self.files_read[key] = FileRecord(key, info.size, info.etag, digests["sha256"],
                                               version_id=self.source.version_ids.get(key, ""),
@@ -242,18 +244,18 @@ def open_dataset(config: AnalysisConfig, cache_root: str | Path, *, responses: d
     cache_root : where downloads are cached, keyed by (source, version, key).
     responses, words : overrides of the options the config gives (see ResponseOptions, WordOptions).
     checksums : key -> git-annex key / ``md5:<hex>``, or a TSV with columns path and annex_key (as a
-        git-annex listing), given as a local path or as a key of the dataset; files read are verified
-        against them (the config's ``dataset.checksums`` when not given).
+        git-annex listing): a ``str`` is always a key of the dataset (read through the same checks as
+        every file; absolute paths and ``..`` are refused), a ``Path`` a local table the calling code
+        vouches for; files read are verified against them (the config's ``dataset.checksums`` when not given).
     """
     ds = config.dataset
     if checksums is None and getattr(ds, "checksums", None):
         checksums = ds.checksums
     table_key = None
-    if isinstance(checksums, (str, Path)):
-        if Path(checksums).is_file():
-            checksums = read_checksum_table(checksums)
-        else:
-            table_key, checksums = str(checksums), None
+    if isinstance(checksums, Path):  # handed in by code: a local table the caller vouches for
+        checksums = read_checksum_table(checksums)
+    elif isinstance(checksums, str):  # from a config: always a file of the dataset itself, never a local path
+        table_key, checksums = checksum_table_key(checksums), None
     resp, wopts = options_from_config(config, responses, words)
     ingest = Ingest(config, DatasetSource(ds.source, ds.version, cache_root, checksums=checksums),
                     responses=resp, words=wopts)
@@ -278,13 +280,39 @@ def open_dataset(config: AnalysisConfig, cache_root: str | Path, *, responses: d
     return ingest
 
 
+def checksum_table_key(value: str) -> str:
+    """The dataset key that ``dataset.checksums`` names; refuses anything that could leave the dataset.
+
+    An absolute path, ``..``, ``.``/empty segments (``....//``), backslashes and control characters are
+    refused: the table is one of the dataset's own files, read through the same checks as every other file.
+    """
+    from .config import check_relative_key
+
+    try:
+        check_relative_key(value, "dataset.checksums")
+    except ValueError as err:
+        raise ConfigError(f"{err} 'dataset.checksums' names a checksum table inside the dataset (e.g. "
+                          "code/checksums.tsv), or is a mapping of path -> checksum") from None
+    if not value or value.endswith("/") or any(p in (".", "") for p in value.split("/")):
+        raise ConfigError(f"'dataset.checksums' has an empty or '.' path segment; got {value!r}. Name a file "
+                          "of the dataset as a plain relative path (e.g. code/checksums.tsv)")
+    return value
+
+
 def read_checksum_table(path: str | Path) -> dict[str, str]:
-    """``path<TAB>...<TAB>annex_key`` rows (a git-annex listing such as ANNEXED_FILES.tsv) -> {path: key}."""
-    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    """``path<TAB>...<TAB>annex_key`` rows (a git-annex listing such as ANNEXED_FILES.tsv) -> {path: key}.
+
+    Errors name the file and the columns it needs, never its content.
+    """
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise DatasetError(f"{path}: not a tab-separated checksum table ({type(err).__name__}); it needs columns "
+                           "'path' and 'annex_key' (or md5/sha256)") from err
     col = next((c for c in ("annex_key", "key", "checksum", "md5", "sha256") if c in table.columns), None)
     if "path" not in table.columns or col is None:
         raise DatasetError(f"{path}: a checksum table needs columns 'path' and 'annex_key' (or md5/sha256); "
-                           f"got {list(table.columns)}")
+                           f"its header has {len(table.columns)} other column(s)")
     prefix = "" if col in ("annex_key", "key", "checksum") else f"{col}:"
     return {row["path"]: prefix + row[col] for _, row in table.iterrows() if row[col]}
 

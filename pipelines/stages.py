@@ -315,6 +315,20 @@ def summarize(r: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
             "max_r": round(float(good.max()), 6), "n_targets": int(r.size), "n_valid": int(valid.sum())}
 
 
+def responses_key(ingest: Ingest) -> str:
+    """Content key of a subject's responses: every file read as (key, sha256) and the options they were read with.
+
+    Keys are paired with their digests (a sorted list of digests alone is the same for two datasets whose
+    files are swapped between runs), and ``dataset.responses`` (band, trim, repeats, ...) changes the arrays
+    read from the same bytes. The source's URI is no part of it: identical content shares one fit.
+    """
+    import dataclasses
+
+    files = sorted((key, rec.sha256) for key, rec in ingest.files_read.items())
+    options = dataclasses.asdict(ingest.responses)
+    return _sha_bytes(json.dumps({"files": files, "options": options}, sort_keys=True, default=str).encode())
+
+
 def fit_key(cfg: AnalysisConfig, subject: str, responses_sha: str, feature_rels: list[str], space: str) -> str:
     """Content key of one (subject, feature space) fit: its inputs and the model settings only.
 
@@ -360,7 +374,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
     responses = load_subject(ingest, subject)
     for run in responses.runs:
         check_run_timing(run, load_run_words(ingest, run), subject)
-    responses_sha = _sha_bytes(json.dumps(sorted(r.sha256 for r in ingest.files_read.values())).encode())
+    responses_sha = responses_key(ingest)
     inputs_key = hashlib.sha256(json.dumps(
         {"config": cfg.config_hash, "features": sorted(f["key"] for f in features), "files": responses_sha},
         sort_keys=True).encode()).hexdigest()[:16]

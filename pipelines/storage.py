@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +23,8 @@ from typing import Iterator
 
 from .config import check_relative_key
 from .errors import ConfigError, DatasetError, IntegrityError, TransientIOError
+
+log = logging.getLogger(__name__)
 
 UNSIGNED_BUCKETS = frozenset({"openneuro.org"})
 CHUNK = 1 << 20
@@ -34,6 +38,7 @@ class ObjectInfo:
     checksum: str = ""  # "md5:<hex>" / "sha256:<hex>" that the source vouches for; "" when none
     annex_key: str = ""  # the git-annex key of an annexed file in a local clone
     present: bool = True  # False: an annexed file whose content the local clone does not have
+    modified: str = ""  # the listing's LastModified (the object's identity when a server gives no ETag)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -90,6 +95,25 @@ def check_endpoint(url: str | None) -> None:
         raise ConfigError(f"AWS_ENDPOINT_URL is not an http(s) URL ({redact_url(url)}); {fix}")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ConfigError(f"AWS_ENDPOINT_URL carries credentials or a query ({redact_url(url)}); {fix}")
+
+
+def endpoint_identity() -> str:
+    """The S3 endpoint this process talks to, normalised, without credentials (``aws`` for AWS's own).
+
+    Part of the download cache's key: two servers that both have a bucket ``b`` never share entries.
+    """
+    from urllib.parse import urlsplit
+
+    url = endpoint_url()
+    if not url:
+        return "aws"
+    parts = urlsplit(url.strip())
+    host = (parts.hostname or "").lower()
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: boto3 refuses it anyway
+        port = ""
+    return f"{parts.scheme.lower()}://{host}{port}{parts.path.rstrip('/')}"
 
 
 def _client(unsigned: bool, endpoint: str | None):
@@ -278,19 +302,32 @@ def _stream_to_file(client, bucket: str, key: str, dest: Path, offset: int = 0, 
 class DatasetSource:
     """A BIDS dataset at a pinned version: an S3 prefix or a local folder.
 
-    Files are fetched into ``cache_root/<source>/<version>/<key>`` and verified:
+    S3 files are fetched into a cache folder of their own per (S3 endpoint, full source URI,
+    version): ``cache_root/s3/<sha256 of the three>/files/<key>`` (``source.json`` beside it says
+    which), so two sources whose bucket/prefix/version/key strings line up, or one bucket name on
+    two servers, never share an entry. Each file is verified:
 
     - size, always, against the listing;
     - checksum, where the source gives one: the S3 ETag when it is an MD5 (single-part
       uploads, as OpenNeuro's), the git-annex key of a local DataLad/git-annex clone
       (``MD5E-s<size>--<md5>``, ``SHA256E-...``), or a ``checksums`` mapping handed in
-      (key -> annex key or ``md5:<hex>`` / ``sha256:<hex>``), which wins over the others.
+      (key -> annex key or ``md5:<hex>`` / ``sha256:<hex>``), which wins over the others;
+    - a cached file is reused only when its record (``records/<key>.json``, written once the
+      download was verified) names the object the listing shows now (ETag and size; the
+      LastModified time when the server gives no ETag) and agrees with the checksum the source
+      vouches for now, and the file is a regular file (never a link) whose size, mtime_ns,
+      ctime_ns, inode and device are the ones recorded. When any of these differ the file is
+      hashed again (sha256, and the source's algorithm) and reused only when the digests match
+      the record; otherwise it is downloaded again. The digests are then handed to the reader
+      (:attr:`digests`), so an unchanged 8 GB file is not hashed on every run.
 
     Downloads go to ``<key>.part`` (renamed only once complete and verified) and are resumed
     with HTTP Range requests from the ``.part`` size, both within one call (a cut transfer is
     resumed up to ``MAX_RESUMES`` times) and across runs. A per-file lock keeps two processes
     sharing one cache from writing the same file. Keys that could escape the cache folder are
-    refused, and so are local symbolic links that leave the dataset (git-annex objects aside).
+    refused; links found inside the cache are removed, never followed. A local dataset is read
+    in place, and only its own files: a path that resolves outside the dataset folder (its
+    ``.git/annex/objects`` are inside it) is refused.
     """
 
     def __init__(self, source: str, version: str, cache_root: str | Path,
@@ -298,17 +335,22 @@ class DatasetSource:
         self.source = source.rstrip("/")
         self.version = version
         self.is_s3 = self.source.startswith("s3://")
+        root = Path(cache_root).expanduser().resolve()
         if self.is_s3:
             self.bucket, self.prefix = split_s3_uri(self.source)
+            self.endpoint = endpoint_identity()
+            ident = json.dumps({"endpoint": self.endpoint, "source": self.source, "version": version},
+                               sort_keys=True)
+            self.cache_home = root / "s3" / hashlib.sha256(ident.encode()).hexdigest()[:32]
+            self.cache_dir = self.cache_home / "files"
         else:
             self.root = Path(self.source).expanduser().resolve()
-        safe = self.source.replace("s3://", "s3/").replace(":", "_").strip("/")
-        if not self.is_s3:
-            safe = "local/" + hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
-        self.cache_dir = Path(cache_root).expanduser().resolve() / safe / version
+            self.cache_home = root / "local" / hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+            self.cache_dir = self.cache_home / version
         self.checksums = dict(checksums or {})
         self.version_ids: dict[str, str] = {}
         self.verified: dict[str, str] = {}
+        self.digests: dict[str, dict[str, str]] = {}
         self.resumed: dict[str, int] = {}
         self._listing: dict[str, ObjectInfo] | None = None
 
@@ -335,7 +377,9 @@ class DatasetSource:
                     rel = obj["Key"][len(prefix):]
                     if rel and not rel.endswith("/"):
                         etag = obj.get("ETag", "").strip('"')
-                        yield rel, ObjectInfo(rel, int(obj["Size"]), etag, checksum=etag_checksum(etag))
+                        modified = obj.get("LastModified")
+                        yield rel, ObjectInfo(rel, int(obj["Size"]), etag, checksum=etag_checksum(etag),
+                                              modified=modified.isoformat() if modified else "")
         except Exception as err:  # noqa: BLE001 - translated to a project error
             raise translate_s3_error(err, self.source) from None
 
@@ -350,7 +394,9 @@ class DatasetSource:
                 if path.is_symlink():
                     target = os.readlink(path)
                     annex = parse_annex_key(target) if "annex/objects/" in target else None
-                    if path.exists():
+                    if self.root not in path.resolve().parents:  # out of the dataset: not even stat'ed
+                        yield rel, ObjectInfo(rel, 0, present=False)
+                    elif path.exists():
                         yield rel, ObjectInfo(rel, path.stat().st_size, annex_key=_key_text(target) if annex else "",
                                               checksum=f"{annex[0]}:{annex[2]}" if annex else "")
                     elif annex:  # an annexed file whose content this clone does not have
@@ -362,11 +408,9 @@ class DatasetSource:
 
     # --- fetching ----------------------------------------------------------------
     def local_path(self, key: str) -> Path:
+        """Where `key` is cached: ``cache_dir/key``, never through a link (links found on the way are removed)."""
         safe_key(key, self.source)
-        path = (self.cache_dir / key).resolve()
-        if self.cache_dir not in path.parents:
-            raise DatasetError(f"{key!r} would escape the cache folder {self.cache_dir}")
-        return path
+        return _below(self.cache_dir, key)
 
     def info(self, key: str) -> ObjectInfo:
         safe_key(key, self.source)
@@ -411,40 +455,88 @@ class DatasetSource:
         if not self.is_s3:
             return self._fetch_local(key, info)
         dest = self.local_path(key)
-        if dest.is_file() and dest.stat().st_size == info.size:
-            self.verified.setdefault(key, "size (cached; checksum verified when downloaded)")
-            self._check_pointer(key, dest)
-            return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(self._lock_path(key)):
-            if dest.is_file() and dest.stat().st_size == info.size:  # another process finished it
-                self.verified.setdefault(key, "size (cached; checksum verified when downloaded)")
-                return dest
-            part = dest.with_name(dest.name + ".part")
-            self._download(key, info, part)
-            self.verified[key] = self._verify(key, info, part)
-            os.replace(part, dest)
-            part.with_name(part.name + ".json").unlink(missing_ok=True)
+        with _locked(self._aux_path("locks", key, ".lock")):
+            digests = self._reusable(key, info, dest)
+            if digests is not None:
+                self.verified.setdefault(key, "size+sha256 (cached copy matches the record of its verified download)")
+            else:
+                part = dest.with_name(dest.name + ".part")
+                self._download(key, info, part)
+                self.verified[key], digests = self._verify(key, info, part)
+                _drop_if_link(dest)
+                os.replace(part, dest)
+                part.with_name(part.name + ".json").unlink(missing_ok=True)
+                self._write_record(key, info, dest, digests)
+            self.digests[key] = digests
         self._check_pointer(key, dest)
         return dest
 
-    def _lock_path(self, key: str) -> Path:
-        """A lock file per key, kept outside the cached tree (tools such as MNE-BIDS take their own
-        ``<file>.lock`` beside the files they read, and must not find ours there)."""
-        path = self.cache_dir.parent / f".{self.version}.locks" / (key + ".lock")
+    def _aux_path(self, folder: str, key: str, suffix: str) -> Path:
+        """``cache_home/<folder>/<key><suffix>`` (locks, records), kept outside the cached tree: tools such as
+        MNE-BIDS take their own ``<file>.lock`` beside the files they read, and must not find ours there."""
+        path = _below(self.cache_home / folder, key + suffix)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_if_link(path)
         return path
+
+    def _write_record(self, key: str, info: ObjectInfo, dest: Path, digests: dict[str, str]) -> None:
+        """Record which object `dest` holds and the digests it was verified with (written atomically)."""
+        if not (self.cache_home / "source.json").is_file():
+            _write_atomic(self.cache_home / "source.json", json.dumps(
+                {"endpoint": self.endpoint, "source": self.source, "version": self.version}, indent=1))
+        record = {"key": key, "size": info.size, "etag": info.etag, "modified": info.modified,
+                  "version_id": self.version_ids.get(key, ""), "digests": digests, "stat": _stat_guard(dest)}
+        _write_atomic(self._aux_path("records", key, ".json"), json.dumps(record, sort_keys=True))
+
+    def _reusable(self, key: str, info: ObjectInfo, dest: Path) -> dict[str, str] | None:
+        """The digests of the cached copy of `key` when it may be used as is; None when it must be downloaded.
+
+        Never size alone: the record must name the object the listing shows now, agree with the checksum
+        the source vouches for, and the file must be a regular file whose size, mtime_ns, ctime_ns, inode
+        and device are the recorded ones; if any of the stat fields differ, the file is hashed again and
+        must give the recorded digests.
+        """
+        record_path = self._aux_path("records", key, ".json")
+        if not _drop_if_link(dest) or not dest.exists():
+            record_path.unlink(missing_ok=True)
+            return None
+        try:
+            record = json.loads(record_path.read_text())
+            digests = dict(record["digests"])
+            same_object = (record["key"] == key and record["size"] == info.size and record["etag"] == info.etag
+                           and (info.etag or record["modified"] == info.modified))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # no record (an old cache, or a download cut before it was written): download afresh
+        if not same_object or dest.stat().st_size != info.size:
+            return None
+        algo, digest, _ = self.expected_checksum(key)
+        if algo and digests.get(algo, digest) != digest:
+            return None
+        if record.get("stat") != _stat_guard(dest) or (algo and algo not in digests):
+            fresh = hash_file(dest, tuple(dict.fromkeys(("sha256", "md5", *((algo,) if algo else ())))))
+            if any(fresh[a] != v for a, v in digests.items() if a in fresh) or (algo and fresh[algo] != digest):
+                log.warning("%s/%s: the cached copy was altered after it was verified; downloading it again",
+                            self.source, key)
+                return None
+            digests.update(fresh)
+            self.version_ids.setdefault(key, record.get("version_id", ""))
+            self._write_record(key, info, dest, digests)
+        if record.get("version_id"):
+            self.version_ids.setdefault(key, record["version_id"])
+        return digests
 
     def _fetch_local(self, key: str, info: ObjectInfo) -> Path:
         path = self.root / key
-        if not info.present:
+        resolved = path.resolve()
+        if self.root not in resolved.parents:
+            raise DatasetError(f"{path}: a symbolic link out of the dataset folder {self.root}; refusing to read "
+                               "it (only the dataset's own files and its own .git/annex objects are read): copy "
+                               "the file into the dataset")
+        if not info.present or not resolved.is_file():
             what = f"git-annex key {info.annex_key}, {info.size} bytes" if info.annex_key else "a broken link"
             raise DatasetError(f"{path}: is a git-annex symlink whose content is not in this clone ({what}); "
                                f"run `datalad get {key}` (or `git annex get {key}`) in {self.root}")
-        resolved = path.resolve()
-        if self.root not in resolved.parents and "/annex/objects/" not in resolved.as_posix():
-            raise DatasetError(f"{path}: a symbolic link out of the dataset folder (to {resolved}); "
-                               "refusing to read it: copy the file into the dataset")
         if path.stat().st_size != info.size:
             raise IntegrityError(f"{path}: size changed while reading")
         self._check_pointer(key, path)
@@ -462,6 +554,8 @@ class DatasetSource:
         full_key = f"{self.prefix}/{key}" if self.prefix else key
         meta = part.with_name(part.name + ".json")
         offset = 0
+        if not _drop_if_link(part) or not _drop_if_link(meta):  # a link or folder left here: never written through
+            meta.unlink(missing_ok=True)
         if part.exists():
             try:
                 prev = json.loads(meta.read_text())
@@ -507,23 +601,27 @@ class DatasetSource:
                                           "being modified: run again once it is stable")
                 raise mapped from None
 
-    def _verify(self, key: str, info: ObjectInfo, part: Path) -> str:
-        """Size and (where the source gives one) checksum of a finished download; removes it if wrong."""
+    def _verify(self, key: str, info: ObjectInfo, part: Path) -> tuple[str, dict[str, str]]:
+        """Size and (where the source gives one) checksum of a finished download; removes it if wrong.
+
+        Returns the verification label and the file's digests (sha256 and md5, plus the source's algorithm),
+        taken in one pass.
+        """
         got = part.stat().st_size
         if got != info.size:
             part.unlink(missing_ok=True)
             raise IntegrityError(f"{self.source}/{key}: downloaded {got} bytes, expected {info.size}; "
                                  "the transfer was cut or the object changed, run again")
         algo, digest, where = self.expected_checksum(key)
+        digests = hash_file(part, tuple(dict.fromkeys(("sha256", "md5", *((algo,) if algo else ())))))
         if not algo:
-            return "size"
-        actual = hash_file(part, (algo,))[algo]
-        if actual != digest:
+            return "size", digests
+        if digests[algo] != digest:
             part.unlink(missing_ok=True)
-            raise IntegrityError(f"{self.source}/{key}: {algo} {actual} does not match the {where} {digest}; "
+            raise IntegrityError(f"{self.source}/{key}: {algo} {digests[algo]} does not match the {where} {digest}; "
                                  "the download is corrupt (it was deleted): run again, and if it persists the "
                                  "dataset's copy is damaged")
-        return f"size+{algo} ({where})"
+        return f"size+{algo} ({where})", digests
 
     def check_digests(self, key: str, path: Path, digests: dict[str, str]) -> None:
         """Compare digests computed while reading a file with the checksum the source gives.
@@ -535,6 +633,8 @@ class DatasetSource:
         if algo and algo in digests and digests[algo] != digest:
             if self.is_s3:
                 path.unlink(missing_ok=True)
+                self._aux_path("records", key, ".json").unlink(missing_ok=True)
+                self.digests.pop(key, None)
             fix = "cached copy was deleted, run again" if self.is_s3 else "file is damaged: re-fetch it (datalad get)"
             raise IntegrityError(f"{self.source}/{key}: {algo} {digests[algo]} does not match the {where} "
                                  f"{digest}; the {fix}")
@@ -543,6 +643,49 @@ class DatasetSource:
 
     def read_text(self, key: str) -> str:
         return self.fetch(key).read_text(encoding="utf-8")
+
+
+def _below(base: Path, rel: str) -> Path:
+    """``base/rel`` (`rel` already checked by :func:`safe_key`), with any link on the way below `base` removed.
+
+    The cache is ours: a link planted in it (to ``/etc/passwd``, to another folder) is deleted, never followed.
+    """
+    path = base
+    for part in PurePosixPath(rel).parts[:-1]:
+        path = path / part
+        if path.is_symlink():
+            path.unlink()
+    return path / PurePosixPath(rel).name
+
+
+def _drop_if_link(path: Path) -> bool:
+    """Remove `path` when it is a link (or anything but a regular file); True when it is now absent or a file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    if stat.S_ISREG(st.st_mode):
+        return True
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    return False
+
+
+def _stat_guard(path: Path) -> dict[str, int]:
+    """What changes when a file's bytes are changed or the file is replaced: size, mtime, ctime, inode, device."""
+    st = os.lstat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino,
+            "dev": st.st_dev}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename (a link at `path` is replaced, not followed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _key_text(target: str) -> str:

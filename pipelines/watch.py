@@ -168,8 +168,8 @@ class _Reader:
 
     def fetch(self, key: str) -> Path:
         info = self.source.info(key)
-        if not self.source.is_s3:
-            return self.source.root / key
+        if not self.source.is_s3:  # read in place, through the same checks (nothing outside the dataset)
+            return self.source.fetch(key)
         dest = self._tmp / key.replace("/", "__")
         full = f"{self.source.prefix}/{key}" if self.source.prefix else key
         try:
