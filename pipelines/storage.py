@@ -107,6 +107,7 @@ def endpoint_identity() -> str:
     url = endpoint_url()
     if not url:
         return "aws"
+    check_endpoint(url)
     parts = urlsplit(url.strip())
     host = (parts.hostname or "").lower()
     try:
