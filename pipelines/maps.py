@@ -259,8 +259,14 @@ def render_volume_png(map_path: str | Path, png_path: str | Path, title: str,
     return _save(fig, png_path)
 
 
+MAX_BARS = 200  # past this, one bar per target is unreadable and its cost grows with the targets
+CURVE_POINTS = 2000  # points drawn of the sorted curve, whatever the number of targets
+BEST_NAMED = 10
+
+
 def render_targets_png(names: Sequence[str], values: np.ndarray, png_path: str | Path, title: str) -> Path:
-    """Draw one bar per ROI/channel (e.g. its r); NaN targets get no bar.
+    """Draw r per target: one bar per ROI/channel up to MAX_BARS targets (NaN: no bar), else the
+    sorted-r curve with the best targets named. The cost is bounded whatever the number of targets.
 
     Parameters
     ----------
@@ -278,10 +284,12 @@ def render_targets_png(names: Sequence[str], values: np.ndarray, png_path: str |
     Path
         The written PNG.
     """
-    names = [str(n) for n in names]
     values = np.asarray(values, dtype=float)
     if values.shape != (len(names),):
         raise DatasetError(f"values for {Path(png_path).name} have shape {values.shape}, expected ({len(names)},)")
+    if len(names) > MAX_BARS:
+        return _render_sorted_curve(names, values, png_path, title)
+    names = [str(n)[:40] for n in names]
     fig, ax = plt.subplots(figsize=(_FIG_WIDTH_IN, 3.5))
     x = np.arange(len(names))
     colors = np.where(np.nan_to_num(values) >= 0, "tab:red", "tab:blue")
@@ -293,6 +301,31 @@ def render_targets_png(names: Sequence[str], values: np.ndarray, png_path: str |
     ax.set_xlim(-0.6, max(len(names), 1) - 0.4)
     ax.set_ylabel("r")
     ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, png_path)
+
+
+def _render_sorted_curve(names: Sequence[str], values: np.ndarray, png_path: str | Path, title: str) -> Path:
+    """r of every valid target, sorted from best to worst (at most CURVE_POINTS drawn), and the
+    BEST_NAMED best targets listed by name."""
+    valid = np.flatnonzero(np.isfinite(values))
+    order = valid[np.argsort(-values[valid], kind="stable")]
+    ranked = values[order]
+    fig, (ax, text_ax) = plt.subplots(1, 2, figsize=(_FIG_WIDTH_IN, 3.5), gridspec_kw={"width_ratios": [3, 1]})
+    if len(ranked):
+        idx = np.unique(np.linspace(0, len(ranked) - 1, min(len(ranked), CURVE_POINTS)).round().astype(int))
+        ax.fill_between(idx + 1, ranked[idx], 0.0, where=ranked[idx] >= 0, color="tab:red", alpha=0.6, linewidth=0)
+        ax.fill_between(idx + 1, ranked[idx], 0.0, where=ranked[idx] < 0, color="tab:blue", alpha=0.6, linewidth=0)
+        ax.plot(idx + 1, ranked[idx], color="black", linewidth=0.8)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlim(1, max(len(ranked), 2))
+    ax.set_xlabel(f"targets ranked by r ({len(ranked):,} valid of {len(values):,})")
+    ax.set_ylabel("r")
+    ax.set_title(title)
+    best = [f"{i + 1:>2}. {str(names[t])[:28]}  {values[t]:.3f}" for i, t in enumerate(order[:BEST_NAMED])]
+    text_ax.axis("off")
+    text_ax.text(0.0, 1.0, "best targets\n" + "\n".join(best), va="top", ha="left", family="monospace",
+                 fontsize=7, transform=text_ax.transAxes)
     fig.tight_layout()
     return _save(fig, png_path)
 

@@ -220,3 +220,34 @@ def test_report_missing_image_names_file(tmp_path):
     with pytest.raises(NeuroflowError, match="nope.png"):
         render_report(report, tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_many_targets_draw_a_bounded_sorted_curve_naming_the_best(tmp_path, rng, monkeypatch):
+    """80,000 voxels: no bar per target; the figure holds at most CURVE_POINTS points whatever n."""
+    import pipelines.maps as maps
+
+    drawn = {}
+    real_save = maps._save
+
+    def keep(fig, png_path):
+        drawn["axes"] = fig.axes
+        return real_save(fig, png_path)
+
+    monkeypatch.setattr(maps, "_save", keep)
+    n = 80_000
+    values = rng.normal(0.0, 0.05, n)
+    values[123] = 0.9
+    values[:50] = np.nan
+    names = [f"voxel{i}" for i in range(n)]
+    _assert_png(render_targets_png(names, values, tmp_path / "curve.png", "r per voxel"))
+    curve_ax, text_ax = drawn["axes"]
+    assert len(curve_ax.patches) == 0  # no bars
+    (line,) = curve_ax.lines[:1]
+    assert len(line.get_xdata()) <= maps.CURVE_POINTS
+    assert line.get_ydata()[0] == pytest.approx(0.9)  # sorted from the best
+    listing = text_ax.texts[0].get_text()
+    assert "1. voxel123" in listing and listing.count("\n") == maps.BEST_NAMED
+    assert f"{n - 50:,} valid of {n:,}" in curve_ax.get_xlabel()
+    # a few ROIs still get one bar each
+    render_targets_png(names[:30], values[100:130], tmp_path / "bars.png", "r per ROI")
+    assert len(drawn["axes"][0].patches) == 30
