@@ -18,16 +18,27 @@ EXIT_USER_ERROR = 2
 EXIT_PARTIAL = 3  # published, but some subjects failed (manifest status "partial")
 
 
+PROGRESS = logging.getLogger("neuroflow.progress")
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("distributed", "botocore", "urllib3", "transformers", "httpx"):
+    # Stage progress is always shown (stderr), so a long run in a batch job is never silent for
+    # minutes; the libraries' own INFO lines (dask's cluster shutdown, ...) only with -v.
+    PROGRESS.setLevel(logging.INFO)
+    if not verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s neuroflow: %(message)s", datefmt="%H:%M:%S"))
+        PROGRESS.handlers[:] = [handler]
+        PROGRESS.propagate = False
+    for noisy in ("distributed", "dask", "botocore", "urllib3", "transformers", "httpx", "numexpr", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _progress(stage: str, done: int, total: int) -> None:
-    if not sys.stderr.isatty():  # a bar per stage on a terminal; logs (-v) elsewhere
-        logging.getLogger("neuroflow").info("progress %d/%d: %s", done, total, stage)
+    if not sys.stderr.isatty():  # a bar per stage on a terminal; plain lines elsewhere (nohup, CI, batch jobs)
+        PROGRESS.info("stage %d/%d: %s", min(done + 1, total), total, stage)
         return
     width = 24
     filled = int(width * done / max(total, 1))

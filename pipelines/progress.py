@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-log = logging.getLogger("neuroflow")
+log = logging.getLogger("neuroflow.progress")  # `neuroflow run` shows it without -v
 
 
 def _use_bar() -> bool:

@@ -21,7 +21,7 @@ def run_analysis(cfg: AnalysisConfig, *, cache_dir: str | Path | None = None,
     started = _now()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     step = progress or (lambda *a: None)
-    prepared = prepare(cfg, cache_dir=cache_dir)
+    prepared = prepare(cfg, cache_dir=cache_dir)  # errors here are the user's: one line, no progress before it
     total = len(cfg.features) + len(prepared["subjects"]) + 1
     done = 0
     features = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -84,6 +85,12 @@ def test_run_prints_summary_and_manifest_uri_last(openneuro_demo, tiny_bert_dir,
     assert ok.returncode == 0 and "ok: ds002322 1.0.4, subjects 22, 2127 words" in ok.stdout
     proc = neuroflow("run", path, "--cache-dir", str(tmp_path / "c"))
     assert proc.returncode == 0, proc.stderr
+    # not a terminal: plain progress lines on stderr, one per stage, and nothing from the libraries
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert [ln for ln in err if not re.match(r"\d\d:\d\d:\d\d neuroflow: ", ln)] == [], proc.stderr
+    stages = [re.search(r"stage (\d/\d): (\w+)", ln).groups() for ln in err if " neuroflow: stage " in ln]
+    assert stages == [("1/4", "features"), ("2/4", "features"), ("3/4", "fit"), ("4/4", "publish"),
+                      ("4/4", "done")]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith(f"{results_bucket}/ds002322/1.0.4/alice-demo-") and lines[-1].endswith("/manifest.json")
     assert any(ln.startswith("sub-22") and "wordrate" in ln for ln in lines)
