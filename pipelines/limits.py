@@ -135,7 +135,7 @@ def check_table(path: str | Path, key: str, what: str, sep: str = "\t") -> int:
 
 
 def check_gzip_size(path: str | Path, key: str, expected: int, what: str, *, slack: int = 1 << 20,
-                    chunk: int = 1 << 20) -> int:
+                    chunk: int = 1 << 20, label: str = "gzip data") -> int:
     """Stream-inflate a gzip file, refusing it as soon as it inflates past ``expected + slack`` bytes.
 
     Never holds more than `chunk` inflated bytes; a gzip bomb is refused after inflating at most
@@ -155,7 +155,7 @@ def check_gzip_size(path: str | Path, key: str, expected: int, what: str, *, sla
                                        f"({human(expected)}); the file is damaged or a decompression bomb: "
                                        "re-download it or remove it from the dataset")
     except (OSError, EOFError, zlib.error) as err:
-        raise DatasetError(f"{key}: corrupt or truncated gzip data ({type(err).__name__}: {err}); "
+        raise DatasetError(f"{key}: corrupt or truncated {label} ({type(err).__name__}: {err}); "
                            "re-download the file") from None
     return total
 

@@ -28,7 +28,7 @@ def check_nifti_header(img, path: Path, key: str) -> None:
                      f"its header's {' x '.join(str(d) for d in shape)} voxels ({img.header.get_data_dtype()})")
     if str(path).endswith(".gz"):
         offset = int(getattr(img.header, "get_data_offset", lambda: 352)() or 352)
-        check_gzip_size(path, key, offset + n * itemsize, "header")
+        check_gzip_size(path, key, offset + n * itemsize, "header", label="NIfTI")
 
 
 def header_tr(img) -> float | None:
