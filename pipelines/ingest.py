@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
@@ -38,6 +39,7 @@ import pandas as pd
 from .bids import RUN_ENTITIES, inherited_files, parse_bids_name, raw_key, sidecar_candidates
 from .config import AnalysisConfig
 from .errors import ConfigError, DatasetError
+from .limits import MAX_ABS_SECONDS, check_table, check_text_size
 from .readers import Responses, check_not_pointer, reader_for
 from .storage import DatasetSource, hash_file, safe_key
 from .wordtimings import read_word_timings
@@ -336,11 +338,97 @@ def dataset_version(ingest: Ingest) -> str | None:
     return None
 
 
-def _read_json(path: Path, key: str | None = None) -> dict:
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for name, value in pairs:
+        if name in seen:
+            raise _DuplicateKey(name)
+        seen[name] = value
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _read_json(path: Path, key: str | None = None, *, want: type | None = dict) -> dict:
+    """A JSON file (size-capped, UTF-8, no duplicate keys) whose top level is a `want` (an object)."""
+    where = key or str(path)
+    check_text_size(path, where, "JSON file")
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{key or path}: not valid JSON ({err}); fix or re-download the file") from None
+        value = json.loads(Path(path).read_bytes().decode("utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as err:
+        raise DatasetError(f"{where}: key {err.args[0]!r} appears twice, so its value is ambiguous; keep one "
+                           "and fix the file") from None
+    except RecursionError:
+        raise DatasetError(f"{where}: JSON nested too deeply; the file is damaged: fix or re-download it") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, bad UTF-8, a 5000-digit integer
+        raise DatasetError(f"{where}: not valid JSON ({type(err).__name__}: {str(err)[:200]}); fix or re-download "
+                           "the file") from None
+    if want is not None and not isinstance(value, want):
+        raise DatasetError(f"{where}: expected a JSON object {{\"Name\": value, ...}}, got a JSON "
+                           f"{_json_type(value)}; fix the file")
+    return value
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+class Sidecar(dict):
+    """A merged JSON sidecar that remembers which file gave each field (``origin[field]``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.origin: dict[str, str] = {}
+
+    def merge(self, other: dict, key: str) -> None:
+        """Overlay `other` (read from `key`) on this sidecar."""
+        self.update(other)
+        self.origin.update({name: key for name in other})
+        if isinstance(other, Sidecar):
+            self.origin.update(other.origin)
+
+
+#: Numeric sidecar fields: (lowest allowed, highest allowed, lowest exclusive?, unit)
+SIDECAR_RANGES = {
+    "RepetitionTime": (0.0, 100.0, True, "seconds"),
+    "StartTime": (-MAX_ABS_SECONDS, MAX_ABS_SECONDS, False, "seconds"),
+    "SamplingFrequency": (0.0, 1e6, True, "Hz"),
+    "RecordingDuration": (0.0, MAX_ABS_SECONDS, True, "seconds"),
+    "DelayTime": (0.0, 100.0, False, "seconds"),
+}
+
+
+def sidecar_number(side: dict, name: str, key: str, default: float | None = None) -> float | None:
+    """A numeric sidecar field, validated: a finite JSON number (not a string, list or boolean) in range.
+
+    Missing, ``null`` or ``"n/a"`` gives `default`. Anything else outside ``SIDECAR_RANGES[name]`` is a
+    DatasetError naming the sidecar file that gave the value, the field and the fix.
+    """
+    value = side.get(name)
+    if value is None or value == "n/a":
+        return default
+    where = getattr(side, "origin", {}).get(name, key)
+    lo, hi, exclusive, unit = SIDECAR_RANGES.get(name, (-MAX_ABS_SECONDS, MAX_ABS_SECONDS, False, ""))
+    bound = f"{'>' if exclusive else '>='} {lo:g} and <= {hi:g} {unit}".strip()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = " (write the number without quotes)" if isinstance(value, str) else ""
+        raise DatasetError(f"{where}: {name} is {_short(value)}, a JSON {_json_type(value)}; it must be a number "
+                           f"{bound}{hint}: fix the sidecar")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        number = math.inf
+    if not math.isfinite(number) or number < lo or number > hi or (exclusive and number <= lo):
+        raise DatasetError(f"{where}: {name} is {_short(value)}; it must be a number {bound}: fix the sidecar")
+    return number
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_subjects(ingest: Ingest) -> list[str]:
@@ -501,35 +589,35 @@ def find_response_files(ingest: Ingest, subject: str) -> tuple[str, list[str]]:
 
 # --- sidecars and events --------------------------------------------------------------
 
-def sidecar(ingest: Ingest, key: str) -> dict:
+def sidecar(ingest: Ingest, key: str) -> Sidecar:
     """The merged JSON sidecar of `key` (BIDS inheritance, most specific last)."""
     listing = set(ingest.source.list_files())
     root = key.split("sub-", 1)[0].rstrip("/")
-    merged: dict = {}
+    merged = Sidecar()
     for r in ([""] if not root else ["", root]):
         for cand in sidecar_candidates(key, r, listing):
-            merged.update(_read_json(ingest.fetch(cand), cand))
+            merged.merge(_read_json(ingest.fetch(cand), cand), cand)
     return merged
 
 
-def raw_sidecar(ingest: Ingest, entities: dict[str, str], datatype: str, suffix: str) -> dict:
+def raw_sidecar(ingest: Ingest, entities: dict[str, str], datatype: str, suffix: str) -> Sidecar:
     """The merged raw-tree JSON sidecar of an acquisition, e.g. the ``bold.json`` of a derivative's run."""
+    merged = Sidecar()
     if "sub" not in entities:
-        return {}
+        return merged
     target = raw_key(entities, datatype, suffix, ".json")
-    merged: dict = {}
     for cand in inherited_files(target, "", ingest.listing, suffix, ".json"):
-        merged.update(_read_json(ingest.fetch(cand), cand))
+        merged.merge(_read_json(ingest.fetch(cand), cand), cand)
     return merged
 
 
-def run_sidecar(ingest: Ingest, rf: RunFiles) -> dict:
+def run_sidecar(ingest: Ingest, rf: RunFiles) -> Sidecar:
     """Raw sidecar of the run's acquisition, overlaid by the derivative's own sidecars."""
     datatype = DATATYPE[rf.kind]
     suffix = "bold" if datatype == "func" else rf.kind
     merged = raw_sidecar(ingest, rf.entities, datatype, suffix)
     for key in rf.keys.values():
-        merged.update(sidecar(ingest, key))
+        merged.merge(sidecar(ingest, key), key)
     return merged
 
 
@@ -544,6 +632,7 @@ def events_key_for(ingest: Ingest, entities: dict[str, str], datatype: str) -> s
 def _read_events(ingest: Ingest, key: str) -> pd.DataFrame:
     path = ingest.fetch(key)
     check_not_pointer(path, key)
+    check_table(path, key, "events.tsv")
     try:
         table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=str)
     except Exception as err:  # noqa: BLE001
@@ -556,6 +645,20 @@ def _read_events(ingest: Ingest, key: str) -> pd.DataFrame:
 def _story_name(stim_file: str) -> str:
     stem = PurePosixPath(str(stim_file)).name.split(".")[0]
     return re.sub(r"_audio$", "", stem)
+
+
+def _check_event_times(table: pd.DataFrame, onset: pd.Series, duration: pd.Series, rows: pd.Series,
+                       key: str) -> None:
+    """Refuse stimulus rows whose onset is not a finite time or whose duration is negative or not finite."""
+    for name, values, ok in (("onset", onset, np.isfinite(onset) & (onset.abs() <= MAX_ABS_SECONDS)),
+                             ("duration", duration, np.isfinite(duration) & (duration >= 0)
+                              & (duration <= MAX_ABS_SECONDS))):
+        bad = rows & ~ok
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raw = table[name].iloc[i] if name in table.columns else values.iloc[i]
+            raise DatasetError(f"{key}: row {i + 1} has {name} {raw!r}, not a time in seconds "
+                               f"({'>= 0, ' if name == 'duration' else ''}finite); fix the events.tsv")
 
 
 def stimulus_from_events(ingest: Ingest, events_key: str, story_trial_type: str = "story") -> dict:
@@ -576,6 +679,7 @@ def stimulus_from_events(ingest: Ingest, events_key: str, story_trial_type: str 
             raise DatasetError(f"{events_key}: the run holds several stories {stories[:5]}; neuroflow takes one "
                                "story per run: split the run or choose the rows with 'story_trial_type'")
         rows = table["story"] == stories[0]
+        _check_event_times(table, onset, duration, rows, events_key)
         return {"story": str(stories[0]), "onset": float(onset[rows].min()),
                 "end": float((onset + duration)[rows].max()), "stim_file": None}
     if "stim_file" not in table.columns or not table["stim_file"].notna().any():
@@ -589,6 +693,7 @@ def stimulus_from_events(ingest: Ingest, events_key: str, story_trial_type: str 
         raise DatasetError(f"{events_key}: the run plays several stimulus files {files[:5]}; set "
                            "'dataset.responses.story_trial_type' to the trial_type of the story rows")
     same_file = table["stim_file"] == files[0]
+    _check_event_times(table, onset, duration, rows | same_file, events_key)
     return {"story": _story_name(files[0]), "onset": float(onset[same_file].min()),
             "end": float((onset + duration)[rows].max()), "stim_file": files[0]}
 
@@ -601,7 +706,7 @@ def read_bold_run(ingest: Ingest, key: str) -> tuple[np.ndarray, float, object, 
     meta = sidecar(ingest, key)
     mask_key = _mask_for(ingest, key)
     mask_path = ingest.fetch(mask_key) if mask_key else None
-    r = reader_for("bold")(path, key, tr=meta.get("RepetitionTime"), mask_path=mask_path, mask_key=mask_key,
+    r = reader_for("bold")(path, key, tr=sidecar_number(meta, "RepetitionTime", key), mask_path=mask_path, mask_key=mask_key,
                            space=parse_bids_name(key).get("space"))
     return r.data, r.period, r.mask_img, r.space
 
@@ -621,7 +726,8 @@ def read_timeseries_run(ingest: Ingest, key: str) -> tuple[np.ndarray, float, fl
     """Read a derivative time-series TSV: (data [T, rois], TR, StartTime, column names)."""
     path = ingest.fetch(key)
     meta = sidecar(ingest, key)
-    r = reader_for("timeseries")(path, key, tr=meta.get("RepetitionTime"), start=float(meta.get("StartTime", 0.0)))
+    r = reader_for("timeseries")(path, key, tr=sidecar_number(meta, "RepetitionTime", key),
+                                 start=sidecar_number(meta, "StartTime", key, 0.0))
     return r.data, r.period, r.start, r.target_names
 
 
@@ -644,7 +750,8 @@ def _read_hdf5_run(ingest: Ingest, rf: RunFiles, subject: str) -> tuple[Response
     meta: dict = {}
     tr = opts.tr
     if tr is None and story:  # LeBel: the raw runs' sidecars (top-level task-<story>_bold.json) give the TR
-        tr = raw_sidecar(ingest, {"sub": subject, "task": story}, "func", "bold").get("RepetitionTime")
+        tr = sidecar_number(raw_sidecar(ingest, {"sub": subject, "task": story}, "func", "bold"), "RepetitionTime",
+                            rf.key)
     r = reader_for("hdf5")(ingest.fetch(rf.key), rf.key, dataset=opts.hdf5_dataset, tr=tr,
                            start=opts.start_time or 0.0, repeats=opts.repeats)
     counts = _tr_counts(ingest)
@@ -710,6 +817,8 @@ def _read_mne_run(ingest: Ingest, rf: RunFiles) -> tuple[Responses, dict]:
             if other != rf.key and other.startswith(stem + "_split-"):
                 ingest.fetch(other)
     side = run_sidecar(ingest, rf)
+    duration = sidecar_number(side, "RecordingDuration", rf.key)  # checked before the recording is read
+    stated = sidecar_number(side, "SamplingFrequency", rf.key)
     channels_key = None
     bids_root = None
     if rf.derivative:
@@ -728,10 +837,9 @@ def _read_mne_run(ingest: Ingest, rf: RunFiles) -> tuple[Responses, dict]:
             "bad_channels": r.meta["bad_channels"], "reader": r.meta["reader"]}
     if electrodes_key:
         meta["electrodes"] = electrodes_key
-    if side.get("RecordingDuration") not in (None, "n/a"):
-        meta["recording_duration"] = float(side["RecordingDuration"])
-    if not rf.derivative and side.get("SamplingFrequency") not in (None, "n/a"):
-        stated = float(side["SamplingFrequency"])
+    if duration is not None:
+        meta["recording_duration"] = duration
+    if not rf.derivative and stated is not None:
         if abs(stated - r.meta["sfreq_file"]) > 1e-3 * stated:
             raise DatasetError(f"{rf.key}: the recording is sampled at {r.meta['sfreq_file']:g} Hz but its sidecar "
                                f"says SamplingFrequency {stated:g} Hz; one of them is wrong: fix the sidecar or "
@@ -822,7 +930,8 @@ def load_subject(ingest: Ingest, subject: str) -> SubjectResponses:
             side = run_sidecar(ingest, rf)
             paths = {h: ingest.fetch(k) for h, k in rf.keys.items()}
             space = opts.space or parse_bids_name(key).get("space")
-            r = reader_for("gifti")(paths, rf.keys, tr=opts.tr or side.get("RepetitionTime"), space=space)
+            r = reader_for("gifti")(paths, rf.keys, tr=opts.tr or sidecar_number(side, "RepetitionTime", key),
+                                    space=space)
             data, tr, start, cols, target_info = r.data, r.period, r.start, r.target_names, r.target_info
         elif kind == "hdf5":
             r, extra = _read_hdf5_run(ingest, rf, subject)

@@ -7,7 +7,7 @@ from typing import Any
 
 from .config import AnalysisConfig
 from .publish import _now, publish
-from .stages import SUBJECT_ERRORS, default_cache_dir, extract_features, failed_fit, fit_subject, prepare
+from .stages import as_subject_error, default_cache_dir, extract_features, failed_fit, fit_subject, prepare
 
 log = logging.getLogger("neuroflow")
 
@@ -35,8 +35,9 @@ def run_analysis(cfg: AnalysisConfig, *, cache_dir: str | Path | None = None,
         step(f"fit sub-{subject}", done, total)
         try:
             fits.append(fit_subject(cfg, subject, features, cache_dir=cache_dir))
-        except SUBJECT_ERRORS as err:
+        except Exception as err:  # noqa: BLE001
             # one bad subject must not sink the others: it is recorded as failed in the manifest
+            err = as_subject_error(subject, err)
             log.info("sub-%s failed: %s", subject, err)
             fits.append(failed_fit(subject, err))
             errors.append(err)

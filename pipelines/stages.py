@@ -174,8 +174,8 @@ def prepare(config: dict | AnalysisConfig, *, cache_dir: str | Path | None = Non
                 stories[str(run.story)] = int(len(load_run_words(ingest, run)))
             if flatmaps:
                 flatmap.check_database(ingest, subject, find_runs(ingest, subject)[0])
-        except DatasetError as err:  # reported as this subject's failure by its fit; the others go on
-            problems[subject] = str(err)
+        except Exception as err:  # noqa: BLE001 - reported as this subject's failure by its fit; the others go on
+            problems[subject] = str(as_subject_error(subject, err))
     if problems and len(problems) == len(subjects):
         raise DatasetError(next(iter(problems.values())))
     ResultStore(cfg.output).ensure_bucket()
@@ -216,13 +216,15 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
         progress.update(detail=f"sub-{subject}, {n_computed} computed")
         try:
             runs = plan_runs(ingest, subject)
-        except DatasetError as err:  # this subject's fit reports it; the others' features are still needed
+        except Exception as err:  # noqa: BLE001
+            err = as_subject_error(subject, err)  # this subject's fit reports it; the others' features are still needed
             log.warning("feature %s: skipping sub-%s: %s", feature_name, subject, err)
             continue
         for run in runs:
             try:
                 stim, sha = run_stimulus(ingest, run, needs)
-            except DatasetError as err:
+            except Exception as err:  # noqa: BLE001
+                err = as_subject_error(subject, err)
                 log.warning("feature %s: skipping sub-%s run %s: %s", feature_name, subject, run.label, err)
                 continue
             if sha in entries:
@@ -647,6 +649,21 @@ def _permutation_maps(cfg: AnalysisConfig, Y: np.ndarray, result) -> dict[str, n
 
 
 SUBJECT_ERRORS = (DatasetError, FitError, IntegrityError)  # a subject's own bad input: others go on
+
+
+def as_subject_error(subject: str, err: Exception) -> Exception:
+    """`err` if it is one of ours; else a DatasetError naming the subject (the cause chained, logged).
+
+    A library raising TypeError/ValueError/MemoryError on one subject's odd file must fail that
+    subject alone, with one line, never the whole analysis.
+    """
+    if isinstance(err, SUBJECT_ERRORS):
+        return err
+    log.info("sub-%s: unexpected error", subject, exc_info=err)
+    wrapped = DatasetError(f"sub-{subject}: its files could not be read ({type(err).__name__}: "
+                           f"{str(err)[:300]}); check them (run with -v for details) or drop the subject")
+    wrapped.__cause__ = err
+    return wrapped
 
 
 def failed_fit(subject: str, error: Exception | str) -> dict[str, Any]:

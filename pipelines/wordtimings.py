@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DatasetError
+from .limits import MAX_ABS_SECONDS, check_table, check_text_size
 from .storage import pointer_text
 
 #: marks that are not words: silences, breaths, laughs, noise (Praat/MFA/P2FA/Huth-lab conventions)
@@ -35,6 +36,7 @@ COLUMNS = ["onset", "offset", "word"]
 def _check_file(path: Path, key: str) -> None:
     if not path.is_file():
         raise DatasetError(f"{key}: word-timing file not found")
+    check_text_size(path, key, "word-timing file")
     if path.stat().st_size < 4096:
         pointer = pointer_text(path.read_bytes()[:1024])
         if pointer is not None:
@@ -59,11 +61,11 @@ def _finish(table: pd.DataFrame, key: str, offset: float, what: str = "words",
     problems = []
     for col in ("onset", "offset"):
         values = pd.to_numeric(table[col], errors="coerce").astype(float)
-        nonfinite = ~np.isfinite(values.to_numpy())
+        nonfinite = ~np.isfinite(values.to_numpy()) | (np.abs(values.to_numpy()) > MAX_ABS_SECONDS)
         if nonfinite.any():
             row = int(np.argmax(nonfinite))
-            problems.append(f"row {row} ({table['word'].iloc[row]!r}) has a {col} that is not a number "
-                            f"({table[col].iloc[row]!r})")
+            problems.append(f"row {row} ({table['word'].iloc[row]!r}) has a {col} that is not a time in "
+                            f"seconds ({table[col].iloc[row]!r})")
         bad |= nonfinite
         table[col] = values + float(offset)
     backwards = (table["offset"] < table["onset"] - 1e-9).to_numpy() & ~bad
@@ -164,18 +166,21 @@ def read_gentle_words(path: str | Path, offset: float = 0.0, *, unaligned: str =
         entries = doc["words"]
         if not isinstance(entries, list):
             raise TypeError("'words' is not a list")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as err:
         raise DatasetError(f"{key}: not a gentle align.json ({type(err).__name__}: {err}); expected "
                            '{"words": [{"word": ..., "case": "success", "start": s, "end": s}, ...]}') from None
     words, onsets, offsets = [], [], []
-    for e in entries:
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise DatasetError(f"{key}: words[{i}] is a JSON {type(e).__name__}, not an object "
+                               '{"word": ..., "start": s, "end": s}; fix the file')
         word = str(e.get("word", "")).strip()
         if word.lower() in SILENCE_LABELS:
             continue
         ok = e.get("case") == "success" and e.get("start") is not None and e.get("end") is not None
         words.append(word)
-        onsets.append(float(e["start"]) if ok else np.nan)
-        offsets.append(float(e["end"]) if ok else np.nan)
+        onsets.append(_gentle_time(e["start"]) if ok else np.nan)
+        offsets.append(_gentle_time(e["end"]) if ok else np.nan)
     onset, end = np.array(onsets, dtype=float), np.array(offsets, dtype=float)
     missing = np.isnan(onset)
     if missing.any() and unaligned == "error":
@@ -205,6 +210,17 @@ def read_gentle_words(path: str | Path, offset: float = 0.0, *, unaligned: str =
     return table
 
 
+def _gentle_time(value) -> float:
+    """A gentle start/end as a float; anything that is not a JSON number becomes Inf (a bad row, never
+    mistaken for an unaligned word and interpolated)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return np.inf
+    try:
+        return float(value)
+    except OverflowError:
+        return np.inf
+
+
 def _pick_column(table: pd.DataFrame, given: str | None, candidates: tuple[str, ...], key: str,
                  what: str) -> str | None:
     if given is not None:
@@ -230,6 +246,7 @@ def read_words_tsv(path: str | Path, offset: float = 0.0, *, word_column: str | 
     path = Path(path)
     key = key or str(path)
     _check_file(path, key)
+    check_table(path, key, "word table", sep=sep)
     try:
         table = pd.read_csv(path, sep=sep, encoding="utf-8-sig", na_values=["n/a", ""], keep_default_na=False,
                             dtype=str)
@@ -272,6 +289,7 @@ def read_events_words(path: str | Path, offset: float = 0.0, *, trial_type: str 
     path = Path(path)
     key = key or str(path)
     _check_file(path, key)
+    check_table(path, key, "events.tsv")
     try:
         table = pd.read_csv(path, sep="\t", na_values=["n/a", ""], keep_default_na=False, dtype=str)
     except Exception as err:  # noqa: BLE001

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DatasetError
+from ..limits import check_allocation, human, n_elements
 from . import Responses, check_not_pointer
 
 #: vertices per hemisphere of the standard surfaces
@@ -22,11 +23,57 @@ SURFACE_VERTICES = {"fsaverage": 163842, "fsaverage7": 163842, "fsaverage6": 409
                     "fsaverage4": 2562, "fsaverage3": 642, "fsLR": 32492}
 
 
+#: bytes per value of the GIFTI data types
+GIFTI_ITEMSIZE = {"NIFTI_TYPE_UINT8": 1, "NIFTI_TYPE_INT8": 1, "NIFTI_TYPE_INT16": 2, "NIFTI_TYPE_UINT16": 2,
+                  "NIFTI_TYPE_INT32": 4, "NIFTI_TYPE_UINT32": 4, "NIFTI_TYPE_FLOAT32": 4, "NIFTI_TYPE_INT64": 8,
+                  "NIFTI_TYPE_UINT64": 8, "NIFTI_TYPE_FLOAT64": 8}
+
+
+def _array_bytes(attrs: dict) -> int:
+    dims = [int(attrs.get(f"Dim{i}", 0)) for i in range(int(attrs.get("Dimensionality", 1)))]
+    return n_elements(dims) * GIFTI_ITEMSIZE.get(attrs.get("DataType", ""), 8)
+
+
+def check_gifti_sizes(path: Path, key: str) -> int:
+    """Stream the GIFTI's XML: refuse it when its data arrays' declared sizes exceed the memory budget,
+    or when a gzip-compressed array inflates past its declared size (checked while inflating, in
+    chunks). Returns the declared bytes of all arrays. Nothing is decoded into arrays here."""
+    import base64
+    import binascii
+    import xml.etree.ElementTree as ET
+
+    total = 0
+    declared = 0
+    try:
+        for event, elem in ET.iterparse(str(path), events=("start", "end")):
+            if elem.tag == "DataArray" and event == "start":
+                declared = _array_bytes(elem.attrib)
+                total += declared
+                check_allocation(3 * total, key, f"its data arrays (declared {human(total)} so far)")
+                encoding = elem.attrib.get("Encoding", "")
+            elif elem.tag == "Data" and event == "end":
+                if encoding == "GZipBase64Binary" and elem.text:
+                    inflater = zlib.decompressobj()
+                    raw = base64.b64decode(elem.text.strip())
+                    got = len(inflater.decompress(raw, declared + 1))
+                    if got > declared:
+                        raise DatasetError(f"{key}: a data array inflates past its declared {human(declared)}; the "
+                                           "file is damaged or a decompression bomb: re-download it")
+                elem.clear()
+            elif elem.tag == "DataArray" and event == "end":
+                elem.clear()
+    except (ET.ParseError, ValueError, binascii.Error, zlib.error) as err:
+        raise DatasetError(f"{key}: corrupt or truncated GIFTI ({type(err).__name__}: {err}); "
+                           "re-download the file") from None
+    return total
+
+
 def _hemi_array(path: Path, key: str) -> tuple[np.ndarray, float | None]:
     """[n_samples, n_vertices] of one hemisphere, and the TR the file states (seconds) if any."""
     import nibabel as nib
 
     check_not_pointer(path, key)
+    check_gifti_sizes(path, key)
     try:
         img = nib.load(str(path))
         arrays = [np.asarray(d.data) for d in img.darrays]
@@ -47,7 +94,14 @@ def _hemi_array(path: Path, key: str) -> tuple[np.ndarray, float | None]:
     for d in img.darrays[:1]:
         ts = d.meta.get("TimeStep") if d.meta is not None else None
         if ts:
-            step = float(ts) / 1000.0  # GIFTI TimeStep is in milliseconds
+            try:
+                step = float(ts) / 1000.0  # GIFTI TimeStep is in milliseconds
+            except ValueError:
+                raise DatasetError(f"{key}: TimeStep {ts!r} is not a number of milliseconds; fix the file or set "
+                                   "'dataset.responses.tr'") from None
+            if not (np.isfinite(step) and 0 < step <= 100):
+                raise DatasetError(f"{key}: TimeStep {ts!r} ms is not a TR (0-100000 ms); fix the file or set "
+                                   "'dataset.responses.tr'")
     return np.asarray(data, dtype=np.float32), step
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
+from ..limits import check_allocation, n_elements
 from . import Responses, check_not_pointer
 
 DEFAULT_DATASETS = ("data", "resp", "responses")
@@ -24,6 +25,18 @@ def _datasets(h5) -> dict[str, object]:
     found: dict[str, object] = {}
     h5.visititems(lambda name, obj: found.setdefault(name, obj) if isinstance(obj, h5py.Dataset) else None)
     return found
+
+
+def check_hdf5_shape(shape: tuple[int, ...], key: str, name: str, repeats: str = "mean") -> None:
+    """Refuse, from its declared shape, an array whose float32 copy (and, for repeats, the float64
+    mean and the float32 repeats of the noise ceiling) would not fit the memory budget."""
+    per_sample_block = n_elements(shape[-2:])
+    if len(shape) == 3 and repeats != "error":
+        n_repeats = shape[0] if repeats == "mean" else 1
+        need = per_sample_block * (8 + 4) + (n_elements(shape) * 4 if n_repeats >= 2 else 0)
+    else:
+        need = n_elements(shape) * 4
+    check_allocation(need, key, f"array {name!r} of shape {tuple(int(d) for d in shape)}")
 
 
 def read_hdf5(path: str | Path, key: str, *, dataset: str | None = None, tr: float | None = None,
@@ -75,6 +88,7 @@ def read_hdf5(path: str | Path, key: str, *, dataset: str | None = None, tr: flo
         arr = arrays[name]
         if not np.issubdtype(arr.dtype, np.number):
             raise DatasetError(f"{key}: array {name!r} is not numeric ({arr.dtype})")
+        check_hdf5_shape(arr.shape, key, name, repeats)
         try:
             if arr.ndim == 2:
                 data = np.empty(arr.shape, dtype=np.float32)

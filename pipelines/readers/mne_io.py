@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DatasetError
+from ..limits import check_allocation, check_table
 from . import Responses, as_float32, check_not_pointer
 
 PICKS = {"meg": dict(meg=True, ref_meg=False), "eeg": dict(eeg=True), "ieeg": dict(ecog=True, seeg=True, dbs=True)}
@@ -32,6 +33,7 @@ PICKS = {"meg": dict(meg=True, ref_meg=False), "eeg": dict(eeg=True), "ieeg": di
 def read_channels_tsv(path: str | Path, key: str) -> pd.DataFrame:
     """A BIDS ``channels.tsv`` (a UTF-8 BOM, as in ds005574's, is accepted)."""
     check_not_pointer(path, key)
+    check_table(path, key, "channels.tsv")
     try:
         table = pd.read_csv(path, sep="\t", encoding="utf-8-sig", na_values=["n/a"], keep_default_na=False,
                             dtype={"name": str})
@@ -124,6 +126,8 @@ def read_mne_raw(path: str | Path, key: str, *, kind: str = "ieeg", bids_root: s
         types = sorted(set(raw.get_channel_types()))
         raise DatasetError(f"{key}: no good {kind} channel left (channel types: {types}; {len(bads)} bad); "
                            "check 'dataset.responses.kind', the channels.tsv types and 'bad_channels'")
+    # the float64 samples of the picked channels, and the float32 copy handed back
+    check_allocation(len(picks) * n_file * (8 + 4), key, f"{len(picks)} channels x {n_file} samples")
     with _quiet():
         raw.pick(picks)
         raw.load_data(verbose="error")
