@@ -98,10 +98,15 @@ def test_one_bucket_name_on_two_s3_servers_never_shares_entries(s3_url, tmp_path
         stop(proc)
 
 
-def test_endpoint_identity_ignores_credentials_and_case(monkeypatch):
+def test_endpoint_identity_ignores_case_and_refuses_credentials(monkeypatch):
+    from pipelines.errors import ConfigError
     from pipelines.storage import endpoint_identity
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "HTTP://user:secret@Example.org:9000/")
+    with pytest.raises(ConfigError, match="carries credentials") as err:
+        endpoint_identity()
+    assert "secret" not in str(err.value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "HTTP://Example.org:9000/")
     assert endpoint_identity() == "http://example.org:9000"
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://example.org:9001")
     assert endpoint_identity() == "http://example.org:9001"
