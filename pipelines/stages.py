@@ -26,6 +26,7 @@ from .features.registry import KINDS, FeatureResult, ModelCache, Stimulus, align
 from .ingest import (Ingest, Run, check_run_timing, check_subjects, find_runs, load_run_words, load_subject,
                      open_dataset, plan_runs, word_timing_key)
 from .progress import Progress
+from .publish import check_output_place
 from .storage import ResultStore
 
 log = logging.getLogger("neuroflow")
@@ -163,6 +164,7 @@ def prepare(config: dict | AnalysisConfig, *, cache_dir: str | Path | None = Non
     """Validate the config against the dataset: version, subjects, runs, word timings, output bucket
     (and, with ``maps.pycortex``, each subject's pycortex database)."""
     cfg = _config(config)
+    check_output_place(cfg)  # never write into the dataset or into another analysis' folder
     ingest = open_dataset(cfg, cache_dir or default_cache_dir())
     subjects = check_subjects(ingest)
     stories: dict[str, int] = {}
