@@ -72,7 +72,8 @@ def check_local_dir(path: str | Path, analysis_id: str, *, cache_dir: str | Path
     """Refuse a local folder the run may not write into; return it resolved (call before any work).
 
     Allowed: a folder that does not exist yet (under a writable one), an empty writable folder,
-    or an earlier local copy of this same analysis. Refused: a file, a folder holding anyone
+    an earlier local copy of this same analysis, or any folder under ``<cache>/published/`` (the
+    default, where only neuroflow writes). Refused: a file, a folder holding anyone
     else's files or another analysis' copy, the cache or a folder holding it, a folder inside or
     holding one of `protected` (the dataset being read), and a folder that cannot be written.
     """
@@ -97,7 +98,8 @@ def check_local_dir(path: str | Path, analysis_id: str, *, cache_dir: str | Path
             entries = [p.name for p in resolved.iterdir()]
         except OSError as err:
             raise _fail(shown, f"cannot be listed ({err.strerror})", analysis_id) from err
-        if entries:
+        managed = resolved != cache / "published" and _inside(resolved, cache / "published")
+        if entries and not managed:  # (the default copies under the cache hold only neuroflow's files)
             owner = owner_of(resolved)
             if owner is None:
                 raise _fail(shown, f"is not empty (it holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, e.g. "

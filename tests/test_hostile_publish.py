@@ -249,34 +249,48 @@ def two_subject_source(demo_tree, s3_url, request):
     return Source
 
 
-@pytest.mark.slow
-def test_a_failed_rerun_leaves_a_complete_result_exactly_as_it_is(two_subject_source, tiny_bert_dir,
-                                                                   results_bucket, tmp_path, ledger):
-    with ledger.fault("re-run with a bad subject after a complete result (CLI)") as scope:
-        cfg = demo_config(tiny_bert_dir, results_bucket, subjects=["22", "23"])
-        cfg["dataset"]["source"] = two_subject_source.source
-        analysis = parse_config(cfg)
-        config = write_config(tmp_path / "c.yaml", cfg)
-        sandbox = Sandbox(tmp_path / "sb").seed()
-        first = run_cli(scope, sandbox, "run", str(config))
-        assert first.returncode == 0, first.stderr[-3000:]
-        before = objects(results_bucket)
-        published = {k: v for k, v in before.items() if k.startswith(manifest_rel(analysis).rsplit("/", 1)[0])}
-        assert len(published) > 5
+@pytest.fixture(scope="module")
+def complete_then_broken(s3_url, demo_tree, tiny_bert_dir, tmp_path_factory):
+    """A complete result of sub-22 and sub-23 published, then sub-23's run truncated in the source.
 
-        two_subject_source.break_sub23()
-        shutil.rmtree(sandbox.cache)  # a fresh download cache sees the bad file
-        sandbox.cache.mkdir()
+    Yields (config dict, parsed config, {key: ETag} of the published objects)."""
+    from pipelines.run import run_analysis
+
+    make_bucket("src-complete-then-broken")
+    make_bucket("res-complete-then-broken")
+    source = "s3://src-complete-then-broken/ds002322"
+    copy_tree_to_s3(demo_tree, source)
+    cfg = demo_config(tiny_bert_dir, "s3://res-complete-then-broken", subjects=["22", "23"])
+    cfg["dataset"]["source"] = source
+    analysis = parse_config(cfg)
+    first = run_analysis(analysis, cache_dir=tmp_path_factory.mktemp("complete-cache"))
+    assert first["status"] == "complete"
+    prefix = manifest_rel(analysis).rsplit("/", 1)[0]
+    published = {k: v for k, v in objects(cfg["output"]).items() if k.startswith(prefix)}
+    assert len(published) > 5
+    store = ResultStore(source)
+    text = (demo_tree / TRUNCATED_TSV).read_text()
+    store.client.put_object(Bucket=store.bucket, Key=store.key(TRUNCATED_TSV),
+                            Body=("\n".join(text.splitlines()[:150]) + "\n").encode())
+    return cfg, analysis, published
+
+
+@pytest.mark.slow
+def test_a_failed_rerun_leaves_a_complete_result_exactly_as_it_is(complete_then_broken, tmp_path, ledger):
+    with ledger.fault("re-run with a bad subject after a complete result (CLI)") as scope:
+        cfg, analysis, published = complete_then_broken
+        config = write_config(tmp_path / "c.yaml", cfg)
+        sandbox = Sandbox(tmp_path / "sb").seed()  # a fresh download cache: it sees the bad file
         again = run_cli(scope, sandbox, "run", str(config))
         line = assert_one_clear_error(again, "a complete result of this analysis is already published",
                                       "stands as it is", "sub-23", "nothing was uploaded")
         assert manifest_rel(analysis).rsplit("/", 1)[0] in line
-        after = objects(results_bucket)
+        after = objects(cfg["output"])
         assert {k: after.get(k) for k in published} == published  # manifest and every artifact untouched
-        manifest = json.loads(ResultStore(results_bucket).get_bytes(manifest_rel(analysis)))
+        manifest = json.loads(ResultStore(cfg["output"]).get_bytes(manifest_rel(analysis)))
         assert manifest["status"] == "complete"
         scope.lost = artifacts_intact(analysis, manifest)
-        assert scope.lost == 0 and again.touched == [] and first.touched == []
+        assert scope.lost == 0 and again.touched == []
 
 
 @pytest.mark.slow
@@ -352,31 +366,21 @@ def test_a_partial_result_is_not_replaced_by_one_with_fewer_subjects(tiny_bert_d
 
 
 @pytest.mark.slow
-def test_the_dag_leaves_a_complete_result_as_it_is(airflow_db, dagbag, two_subject_source, tiny_bert_dir,
-                                                  results_bucket, tmp_path, monkeypatch, ledger):
+def test_the_dag_leaves_a_complete_result_as_it_is(airflow_db, dagbag, complete_then_broken, tmp_path, monkeypatch,
+                                                  ledger):
     from airflow.utils.state import DagRunState
 
-    from pipelines.run import run_analysis
-
     with ledger.fault("re-run with a bad subject after a complete result (Airflow)") as scope:
+        cfg, analysis, published = complete_then_broken
         monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
-        cfg = demo_config(tiny_bert_dir, results_bucket, subjects=["22", "23"])
-        cfg["dataset"]["source"] = two_subject_source.source
-        analysis = parse_config(cfg)
-        first = run_analysis(analysis, cache_dir=tmp_path / "cache1")
-        assert first["status"] == "complete"
-        before = objects(results_bucket)
-        prefix = manifest_rel(analysis).rsplit("/", 1)[0]
-        published = {k: v for k, v in before.items() if k.startswith(prefix)}
-        two_subject_source.break_sub23()
         run = dagbag.dags["neuroflow_encoding"].test(run_conf={"config": cfg})
         assert run.state == DagRunState.FAILED
         states = {(ti.task_id, ti.map_index): ti for ti in run.get_task_instances()}
         assert states[("fit_subject", 1)].state == "failed"
         assert states[("publish", -1)].state == "failed" and states[("publish", -1)].try_number == 1  # no retries
-        after = objects(results_bucket)
+        after = objects(cfg["output"])
         assert {k: after.get(k) for k in published} == published
-        manifest = json.loads(ResultStore(results_bucket).get_bytes(manifest_rel(analysis)))
+        manifest = json.loads(ResultStore(cfg["output"]).get_bytes(manifest_rel(analysis)))
         assert manifest["status"] == "complete" and manifest["provenance"]["airflow_run_id"] is None
         scope.lost = artifacts_intact(analysis, manifest)
         assert scope.lost == 0
@@ -503,3 +507,13 @@ def test_the_dag_refuses_an_output_inside_the_dataset_at_prepare(airflow_db, dag
         states = {ti.task_id: ti for ti in run.get_task_instances()}
         assert states["prepare"].state == "failed" and states["prepare"].try_number == 1  # refused, not retried
         assert objects(two_subject_source.source) == before
+
+
+def test_the_default_local_copy_under_the_cache_is_always_ours(tmp_path):
+    """A default copy left half-written by an older neuroflow (no manifest, no marker) is reused."""
+    cache = tmp_path / "cache"
+    default = cache / "published" / "a-0123456789ab"
+    _stage(default, {"sub-1/map.tsv": "left by a crashed run"})
+    assert check_local_dir(default, "a-0123456789ab", cache_dir=cache) == default.resolve()
+    with pytest.raises(ConfigError, match="is not empty"):  # the same files anywhere else are not ours
+        check_local_dir(default, "a-0123456789ab", cache_dir=tmp_path / "another-cache")
