@@ -70,6 +70,7 @@ def neuroflow_encoding():
     def prepare() -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
+        from pipelines.errors import ConfigError
         from pipelines.stages import prepare as run
 
         context = get_current_context()
@@ -78,7 +79,10 @@ def neuroflow_encoding():
             raise AirflowFailException(f"the trigger conf has unknown keys {extra}; it takes only "
                                        '{"config": {...}} (the analysis config)')
         _credentials()
-        return run(context["params"]["config"])
+        try:
+            return run(context["params"]["config"])
+        except ConfigError as err:  # e.g. an output inside the dataset or another analysis: a retry cannot help
+            raise AirflowFailException(str(err)) from err
 
     @task
     def feature_names(prepared: dict) -> list[str]:
@@ -121,6 +125,7 @@ def neuroflow_encoding():
     def publish(prepared: dict, features: list[dict], fits: list[dict]) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
+        from pipelines.errors import PublishConflictError
         from pipelines.stages import collect_fits
         from pipelines.stages import publish_from_config as run
 
@@ -131,7 +136,10 @@ def neuroflow_encoding():
         if not any(f.get("status") == "ok" for f in everyone):
             raise AirflowFailException("no subject was fitted; nothing is published: "
                                        + "; ".join(f"sub-{f['subject']}: {f.get('error')}" for f in everyone))
-        result = run(config, prepared, list(features), everyone, airflow_run_id=context["run_id"])
+        try:
+            result = run(config, prepared, list(features), everyone, airflow_run_id=context["run_id"])
+        except PublishConflictError as err:  # a complete (or better partial) result stands: no retry
+            raise AirflowFailException(str(err)) from err
         output = config["output"].rstrip("/")
         dataset_id = config["dataset"]["source"].rstrip("/").rsplit("/", 1)[-1]
         extra = {"manifest_uri": result["manifest_uri"], "output": output, "dataset": dataset_id,

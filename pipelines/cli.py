@@ -175,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _private_matplotlib_cache(cache_dir: str | None) -> None:
+    """matplotlib's font cache goes under neuroflow's cache, never into the user's ~/.cache or ~/.matplotlib."""
+    if "MPLCONFIGDIR" not in os.environ:
+        from .stages import default_cache_dir
+
+        os.environ["MPLCONFIGDIR"] = str(Path(cache_dir or default_cache_dir()).expanduser() / "matplotlib")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -183,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    # Libraries' own caches (matplotlib's font list) go into neuroflow's cache folder, not the user's
-    # home: a run writes only to its dataset cache, its cache folder and its output.
-    cache = getattr(args, "cache_dir", None) or os.environ.get("NEUROFLOW_CACHE") or "~/.cache/neuroflow"
-    os.environ.setdefault("MPLCONFIGDIR", str(Path(cache).expanduser() / "matplotlib"))
+    _private_matplotlib_cache(getattr(args, "cache_dir", None))
     try:
         return args.func(args)
     except NeuroflowError as err:

@@ -33,3 +33,8 @@ class FitError(NeuroflowError):
 
 class TransientIOError(NeuroflowError):
     """A storage operation failed in a way worth retrying (network, throttling, 5xx)."""
+
+
+class PublishConflictError(NeuroflowError):
+    """Publishing would replace or damage a result that must stand (a complete manifest, a better
+    partial one) or write into a place that is not this analysis' own."""

@@ -4,6 +4,10 @@ Off unless ``NEUROFLOW_FAILPOINTS`` is set, e.g. ``publish.upload=3:kill`` (SIGK
 at the 3rd time the point is reached) or ``fit.chunk=1:exit`` (hard-exit the process there).
 With ``NEUROFLOW_FAILPOINTS_ONCE=<file>`` a point fires only if that file does not exist yet
 (it is created when firing), so a retried task or a restarted worker runs through.
+
+Points: ``publish.upload`` (before each artifact upload), ``publish.commit`` (every artifact
+uploaded, before the manifest is written), ``publish.gallery`` (manifest committed, before the
+index at the output root is updated).
 """
 from __future__ import annotations
 

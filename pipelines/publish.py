@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import shutil
+import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -19,8 +21,10 @@ import numpy as np
 
 from . import __version__
 from .config import AnalysisConfig
+from .errors import ConfigError, PublishConflictError
 from .faults import failpoint
-from .storage import ResultStore
+from .localdir import check_local_dir, install
+from .storage import ResultStore, sha256_file, split_s3_uri
 
 log = logging.getLogger("neuroflow")
 
@@ -210,25 +214,44 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
             cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Render, upload and commit one analysis; return the manifest URI and a summary.
 
-    ``cache_dir`` is the download cache, read only for ``maps.pycortex`` (the dataset's pycortex
-    database; default :func:`pipelines.stages.default_cache_dir`).
+    Files are rendered in a private staging folder under the cache and copied into `local_dir`
+    only once committed (:mod:`pipelines.localdir`: never among anyone else's files). A complete
+    published result is never replaced by a re-run with failed subjects, and a partial one never
+    by a partial one with fewer subjects: :class:`PublishConflictError`, before any upload.
+    ``cache_dir`` is the download cache (staging, locks, and ``maps.pycortex``'s database;
+    default :func:`pipelines.stages.default_cache_dir`).
     """
-    import nibabel as nib
-
-    from .report import render_report
+    from .stages import default_cache_dir
 
     cfg = config
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    local_shown = local_dir
+    check_local_dir(local_dir, cfg.analysis_id, cache_dir=cache_dir, protected=local_sources(cfg))
     store = ResultStore(cfg.output)
     prefix_rel = cfg.publish_prefix[len(store.uri) + 1:]
     manifest_rel = f"{prefix_rel}/manifest.json"
-    existing = _complete_manifest(store, manifest_rel, cfg.config_hash)
-    if existing is not None and all(f.get("status") == "ok" for f in fits):
+    existing = _guard(store, manifest_rel, cfg, fits)
+    if existing is not None and existing["status"] == "complete":
         log.info("%s is already published and complete; nothing to do", store.uri_of(manifest_rel))
-        return _result(store, manifest_rel, existing, local_dir, reused=True)
-    out_dir = Path(local_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+        _update_gallery(cfg.output)  # a run killed before its index update left it stale: repair it
+        return _reused(store, manifest_rel, existing, local_shown, cache_dir)
+    staging_root = cache_dir / "staging"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix=f"{cfg.analysis_id}-", dir=staging_root))
+    try:
+        return _publish_staged(cfg, prepared, features, fits, store, prefix_rel, manifest_rel, out_dir,
+                               local_shown, cache_dir, started, airflow_run_id)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], fits: list[dict], store: ResultStore,
+                    prefix_rel: str, manifest_rel: str, out_dir: Path, local_dir: str | Path, cache_dir: Path,
+                    started: str | None, airflow_run_id: str | None) -> dict[str, Any]:
+    """Render into the staging folder `out_dir`, upload verified, commit the manifest, then copy locally."""
+    import nibabel as nib
+
+    from .report import render_report
 
     artifacts: list[dict] = []
     report_subjects = []
@@ -280,6 +303,14 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     }, report_path)
     artifacts.append({"file": report_path, "kind": "report_html"})
 
+    existing = _guard(store, manifest_rel, cfg, fits)  # again: another run may have committed meanwhile
+    if existing is not None and existing["status"] == "complete":
+        log.info("%s was committed by another run meanwhile; keeping it", store.uri_of(manifest_rel))
+        _update_gallery(cfg.output)
+        return _reused(store, manifest_rel, existing, local_dir, cache_dir)
+    if existing is not None:
+        _withdraw_changed(store, manifest_rel, existing,
+                          {Path(a["file"]).relative_to(out_dir).as_posix(): sha256_file(a["file"]) for a in artifacts})
     records = []
     for art in artifacts:
         rel = Path(art["file"]).relative_to(out_dir).as_posix()
@@ -316,19 +347,120 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     validate_manifest(manifest)
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
     shutil.rmtree(out_dir / ".work", ignore_errors=True)
-    if store.exists(manifest_rel):
-        # an earlier, partial result of this same analysis: the new one replaces it
-        store.put_bytes(body, manifest_rel, content_type="application/json")
-    elif store.create_bytes(body, manifest_rel, content_type="application/json") is None:
+    failpoint("publish.commit")
+    current = _guard(store, manifest_rel, cfg, fits)
+    if current is None:
+        created = store.create_bytes(body, manifest_rel, content_type="application/json")
+    else:  # an earlier partial result of this analysis that this one may replace (_guard said so)
+        created = None if current["status"] == "complete" else store.put_bytes(
+            body, manifest_rel, content_type="application/json")
+    if created is None:
         # an identical analysis committed between our check and our write: adopt its manifest
-        winner = _complete_manifest(store, manifest_rel, cfg.config_hash)
-        if winner is not None:
+        winner = current if current is not None else _guard(store, manifest_rel, cfg, fits)
+        if winner is not None and winner["status"] == "complete":
             log.info("%s was committed concurrently by another run; keeping it", store.uri_of(manifest_rel))
-            return _result(store, manifest_rel, winner, out_dir, reused=True)
+            _update_gallery(cfg.output)
+            return _reused(store, manifest_rel, winner, local_dir, cache_dir)
         store.put_bytes(body, manifest_rel, content_type="application/json")
     (out_dir / "manifest.json").write_bytes(body)
+    failpoint("publish.gallery")
     _update_gallery(cfg.output)
-    return _result(store, manifest_rel, manifest, out_dir, reused=False)
+    files = sorted({r["path"] for r in records} | {"manifest.json"})
+    local = install(out_dir, files, local_dir, cfg.analysis_id, cache_dir=cache_dir)
+    return _result(store, manifest_rel, manifest, local, reused=False)
+
+
+_ANALYSIS_ID = re.compile(r"[a-z0-9][a-z0-9\-]{0,40}-[0-9a-f]{12}")
+
+
+def _key_inside(key: str, prefix: str) -> bool:
+    """True when the S3 key prefix `key` is `prefix` or lies under it ("" is the bucket root)."""
+    return not prefix or key == prefix or key.startswith(prefix + "/")
+
+
+def check_output_place(cfg: AnalysisConfig) -> None:
+    """Refuse an output that would write into the dataset being read or into a published analysis.
+
+    Refused: an ``output`` (or the publish prefix under it) equal to or inside the dataset's S3
+    source; an ``output`` equal to or inside a published analysis' folder (a prefix above it holds
+    a ``manifest.json``, or is named like an analysis id and holds its ``config.yaml``).
+    """
+    out_bucket, out_key = split_s3_uri(cfg.output)
+    if cfg.dataset.source.startswith("s3://"):
+        src_bucket, src_key = split_s3_uri(cfg.dataset.source)
+        publish_key = split_s3_uri(cfg.publish_prefix)[1]
+        if src_bucket == out_bucket and (_key_inside(out_key, src_key) or _key_inside(publish_key, src_key)):
+            raise ConfigError(f"'output' {cfg.output} would write results under {cfg.publish_prefix}, inside the "
+                              f"dataset source {cfg.dataset.source}, which neuroflow only reads; choose an output "
+                              "prefix outside the dataset (e.g. another bucket)")
+    store = ResultStore(f"s3://{out_bucket}")
+    parts = out_key.split("/") if out_key else []
+    for depth in range(len(parts), -1, -1):
+        folder = "/".join(parts[:depth])
+        rel = f"{folder}/" if folder else ""
+        marker = f"{rel}manifest.json"
+        if store.exists(marker) or (depth and _ANALYSIS_ID.fullmatch(parts[depth - 1])
+                                    and store.exists(f"{rel}config.yaml")):
+            root = "/".join(parts[:max(depth - 3, 0)])
+            raise ConfigError(f"'output' {cfg.output} lies inside the published analysis s3://{out_bucket}/{folder} "
+                              f"(it holds {marker.rsplit('/', 1)[-1] if store.exists(marker) else 'config.yaml'}); "
+                              "neuroflow never writes into another analysis: use an output root outside every "
+                              f"analysis folder, e.g. s3://{out_bucket}{'/' + root if root else ''}")
+
+
+def local_sources(cfg: AnalysisConfig) -> tuple[str, ...]:
+    """The dataset folder when the source is local (a local copy is never written into it)."""
+    return () if cfg.dataset.source.startswith("s3://") else (cfg.dataset.source,)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _ok_subjects(fits: list[dict]) -> set[str]:
+    return {f["subject"] for f in fits if f.get("status") == "ok"}
+
+
+def _guard(store: ResultStore, manifest_rel: str, cfg: AnalysisConfig, fits: list[dict]) -> dict | None:
+    """The valid manifest of this analysis already published (None: none, or one not worth keeping).
+
+    Raises :class:`PublishConflictError` when this run's result (`fits`) would downgrade it: a
+    complete result and this run has failed subjects, or a partial one whose published subjects
+    this run does not all have.
+    """
+    existing = _published_manifest(store, manifest_rel, cfg.config_hash)
+    if existing is None:
+        return None
+    uri = store.uri_of(manifest_rel)
+    failed = [f for f in fits if f.get("status") != "ok"]
+    if existing["status"] == "complete" and failed:
+        why = "; ".join(f"sub-{f['subject']}: {_one_line(f.get('error', 'failed'), 200)}" for f in failed)
+        raise PublishConflictError(
+            f"{uri}: a complete result of this analysis is already published and stands as it is; this re-run "
+            f"failed ({why}), so nothing was uploaded. Fix that input, or change the config to publish a new "
+            "analysis")
+    if existing["status"] != "complete":
+        lost = sorted(_ok_subjects([{"subject": s, **i} for s, i in existing["subject_info"].items()])
+                      - _ok_subjects(fits))
+        if lost:
+            raise PublishConflictError(
+                f"{uri}: the published partial result of this analysis has subjects {lost} that this re-run "
+                "failed; it stands as it is and nothing was uploaded. Fix their input and run again")
+    return existing
+
+
+def _withdraw_changed(store: ResultStore, manifest_rel: str, existing: dict, new_digests: dict[str, str]) -> None:
+    """Before artifacts of a published partial result are overwritten with different bytes, drop
+    them from its manifest, so a reader never sees a manifest whose listed sha256 is wrong."""
+    changing = [a for a in existing["artifacts"] if a["path"] in new_digests and new_digests[a["path"]] != a["sha256"]]
+    if not changing:
+        return
+    kept = dict(existing, artifacts=[a for a in existing["artifacts"] if a not in changing])
+    validate_manifest(kept)
+    log.info("%s: %d artifacts of the earlier partial result change; they leave its manifest until the new one "
+             "is committed", store.uri_of(manifest_rel), len(changing))
+    store.put_bytes(json.dumps(kept, indent=2, sort_keys=True).encode(), manifest_rel, content_type="application/json")
 
 
 class _Flatmaps:
@@ -370,8 +502,8 @@ def _update_gallery(output: str) -> None:
         log.warning("the index at %s was not updated (%s); neuroflow_maps_consumer will refresh it", output, err)
 
 
-def _complete_manifest(store: ResultStore, manifest_rel: str, config_hash: str) -> dict | None:
-    """The manifest at `manifest_rel` if it is complete, valid and of this config; else None."""
+def _published_manifest(store: ResultStore, manifest_rel: str, config_hash: str) -> dict | None:
+    """The manifest at `manifest_rel` if it is valid and of this config (any status); else None."""
     if not store.exists(manifest_rel):
         return None
     try:
@@ -380,18 +512,36 @@ def _complete_manifest(store: ResultStore, manifest_rel: str, config_hash: str) 
     except Exception:  # noqa: BLE001 - an unreadable manifest is replaced, never trusted
         log.warning("%s is unreadable or invalid; it will be replaced", store.uri_of(manifest_rel))
         return None
-    if manifest["status"] != "complete" or manifest["config_hash"] != config_hash:
+    if manifest["config_hash"] != config_hash:
         return None
     return manifest
 
 
+def _complete_manifest(store: ResultStore, manifest_rel: str, config_hash: str) -> dict | None:
+    """The manifest at `manifest_rel` if it is complete, valid and of this config; else None."""
+    manifest = _published_manifest(store, manifest_rel, config_hash)
+    return manifest if manifest is not None and manifest["status"] == "complete" else None
+
+
+def _reused(store: ResultStore, manifest_rel: str, manifest: dict, local_dir: str | Path, cache_dir: Path) -> dict:
+    """The result of an analysis already committed: its manifest and report copied to `local_dir`."""
+    staging_root = cache_dir / "staging"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="reused-", dir=staging_root))
+    try:
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        files = ["manifest.json"]
+        if any(a["path"] == "report.html" for a in manifest["artifacts"]):
+            store.download(manifest_rel.rsplit("/", 1)[0] + "/report.html", tmp / "report.html")
+            files.append("report.html")
+        local = install(tmp, files, local_dir, manifest["analysis_id"], cache_dir=cache_dir, prune=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _result(store, manifest_rel, manifest, local, reused=True)
+
+
 def _result(store: ResultStore, manifest_rel: str, manifest: dict, local_dir: str | Path, *, reused: bool) -> dict:
     local_dir = Path(local_dir)
-    if reused:
-        local_dir.mkdir(parents=True, exist_ok=True)
-        (local_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        report = store.get_bytes(manifest_rel.rsplit("/", 1)[0] + "/report.html")
-        (local_dir / "report.html").write_bytes(report)
     return {"manifest_uri": store.uri_of(manifest_rel), "report_path": str(local_dir / "report.html"),
             "local_dir": str(local_dir), "status": manifest["status"], "metrics": manifest["metrics"],
             "failed_subjects": sorted(s for s, i in manifest["subject_info"].items() if i["status"] != "ok"),

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import AnalysisConfig
-from .publish import _now, publish
+from .localdir import check_local_dir
+from .publish import _now, local_sources, publish
 from .stages import as_subject_error, default_cache_dir, extract_features, failed_fit, fit_subject, prepare
 
 log = logging.getLogger("neuroflow")
@@ -20,6 +21,9 @@ def run_analysis(cfg: AnalysisConfig, *, cache_dir: str | Path | None = None,
     """
     started = _now()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    local_dir = Path(local_dir) if local_dir else cache_dir / "published" / cfg.analysis_id
+    # before any work: a local folder holding anyone else's files is refused, never emptied
+    check_local_dir(local_dir, cfg.analysis_id, cache_dir=cache_dir, protected=local_sources(cfg))
     step = progress or (lambda *a: None)
     prepared = prepare(cfg, cache_dir=cache_dir)  # errors here are the user's: one line, no progress before it
     total = len(cfg.features) + len(prepared["subjects"]) + 1
@@ -45,7 +49,6 @@ def run_analysis(cfg: AnalysisConfig, *, cache_dir: str | Path | None = None,
     if len(errors) == len(fits):
         raise errors[0]
     step("publish", done, total)
-    local_dir = Path(local_dir) if local_dir else cache_dir / "published" / cfg.analysis_id
     result = publish(cfg, prepared, features, fits, local_dir=local_dir, started=started, cache_dir=cache_dir)
     step("done", total, total)
     result["features"] = features

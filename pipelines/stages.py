@@ -21,11 +21,12 @@ import numpy as np
 
 from . import flatmap
 from .config import AnalysisConfig, parse_config
-from .errors import DatasetError, FitError, IntegrityError
+from .errors import DatasetError, FitError, IntegrityError, NeuroflowError
 from .features.registry import KINDS, FeatureResult, ModelCache, Stimulus, align_to_samples, cache_key, compute_feature
 from .ingest import (Ingest, Run, check_run_timing, check_subjects, find_runs, load_run_words, load_subject,
                      open_dataset, plan_runs, word_timing_key)
 from .progress import Progress
+from .publish import check_output_place
 from .storage import ResultStore
 
 log = logging.getLogger("neuroflow")
@@ -163,6 +164,7 @@ def prepare(config: dict | AnalysisConfig, *, cache_dir: str | Path | None = Non
     """Validate the config against the dataset: version, subjects, runs, word timings, output bucket
     (and, with ``maps.pycortex``, each subject's pycortex database)."""
     cfg = _config(config)
+    check_output_place(cfg)  # never write into the dataset or into another analysis' folder
     ingest = open_dataset(cfg, cache_dir or default_cache_dir())
     subjects = check_subjects(ingest)
     stories: dict[str, int] = {}
@@ -659,6 +661,10 @@ def as_subject_error(subject: str, err: Exception) -> Exception:
     """
     if isinstance(err, SUBJECT_ERRORS):
         return err
+    if isinstance(err, NeuroflowError):
+        # a transient S3 outage, a config or model error: the run's problem, not this subject's; the run
+        # stops (and a retry resumes) rather than publishing a result with this subject marked failed
+        raise err
     log.info("sub-%s: unexpected error", subject, exc_info=err)
     wrapped = DatasetError(f"sub-{subject}: its files could not be read ({type(err).__name__}: "
                            f"{str(err)[:300]}); check them (run with -v for details) or drop the subject")
