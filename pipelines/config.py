@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .keys import check_relative_key
 from .features.registry import KINDS, FeatureSpec, LanguageModelFeature, WordRateFeature  # noqa: F401
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
@@ -395,29 +396,6 @@ class AnalysisConfig(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def check_relative_key(key: str, param: str) -> str:
-    """Refuse keys that could escape a prefix or a cache folder.
-
-    Rejects absolute paths, ``..`` segments, empty segments (``//``), NUL and control
-    characters, backslashes and non-ASCII look-alike characters.
-    """
-    problems = []
-    if key.startswith("/"):
-        problems.append("is absolute")
-    parts = key.split("/")
-    if any(p == ".." for p in parts):
-        problems.append("contains '..'")
-    if "" in parts[int(key.startswith("/")):-1]:  # the leading '/' of an absolute path is reported as such
-        problems.append("contains '//'")
-    if any(ord(c) < 32 or c == "\\" for c in key):
-        problems.append("contains a control character or backslash")
-    if not key.isascii():
-        problems.append("contains non-ASCII characters")
-    if problems:
-        raise ConfigError(f"{param!r} {' and '.join(problems)}; got {key!r}. Use a plain relative path.")
-    return key
-
-
 # --- loading ------------------------------------------------------------------------
 
 def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -460,6 +438,11 @@ def _format_error(err: ValidationError, origin: str) -> str:
         return f"{origin}: unknown key {path!r}.{hint}"
     msg = first["msg"].removeprefix("Value error, ")
     return f"{origin}: {path or 'config'}: {msg}"
+
+
+def as_config(config: "dict[str, Any] | AnalysisConfig") -> AnalysisConfig:
+    """`config` validated (a dict, e.g. a DAG's params) or as it is (an AnalysisConfig)."""
+    return config if isinstance(config, AnalysisConfig) else parse_config(config, origin="config")
 
 
 def parse_config(data: dict[str, Any], origin: str = "config") -> AnalysisConfig:

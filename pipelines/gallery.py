@@ -23,7 +23,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .errors import DatasetError
-from .storage import ResultStore, split_s3_uri
+from .manifest import read_manifest
+from .storage import ResultStore, split_s3_uri, translate_s3_error
 
 log = logging.getLogger("neuroflow")
 
@@ -72,8 +73,6 @@ def _entry(rel: str, etag: str, manifest: dict[str, Any]) -> dict[str, Any]:
 def build_index(output_uri: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """The index of every analysis published under `output_uri` (entries of `previous` whose
     manifest ETag is unchanged are reused rather than read again)."""
-    from .consume import read_manifest
-
     store = ResultStore(output_uri)
     known = {e["manifest"]: e for e in (previous or {}).get("analyses", [])}
     analyses, problems = [], []
@@ -138,8 +137,6 @@ analysis report; its <code>manifest.json</code> lists every artifact with its sh
 def _read_index(store: ResultStore) -> tuple[dict[str, Any] | None, str | None]:
     from botocore.exceptions import ClientError
 
-    from .storage import translate_s3_error
-
     try:
         obj = store.client.get_object(Bucket=store.bucket, Key=store.key(INDEX_JSON))
         body = obj["Body"].read()
@@ -155,8 +152,6 @@ def _read_index(store: ResultStore) -> tuple[dict[str, Any] | None, str | None]:
 
 def _put_conditional(store: ResultStore, rel: str, body: bytes, content_type: str, etag: str | None) -> bool:
     from botocore.exceptions import ClientError
-
-    from .storage import translate_s3_error
 
     cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
     try:

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import re
 import shutil
 import tempfile
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,33 +20,12 @@ from . import __version__
 from .config import AnalysisConfig
 from .errors import ConfigError, PublishConflictError
 from .faults import failpoint
+from .cache import default_cache_dir, load_npz
 from .localdir import check_local_dir, install
+from .manifest import SCHEMA_VERSION, library_versions, utc_now, validate_manifest
 from .storage import ResultStore, sha256_file, split_s3_uri
 
 log = logging.getLogger("neuroflow")
-
-SCHEMA_VERSION = "1.0"
-SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
-LIBRARIES = ("numpy", "scipy", "himalaya", "torch", "transformers", "nibabel", "nilearn", "dask",
-             "distributed", "boto3", "pydantic")
-
-
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for lib in LIBRARIES:
-        try:
-            out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def validate_manifest(manifest: dict) -> None:
-    """Raise jsonschema.ValidationError unless `manifest` matches the versioned schema."""
-    import jsonschema
-
-    jsonschema.validate(manifest, json.loads(SCHEMA_PATH.read_text()))
-
 
 def _desc(name: str) -> str:
     return "".join(ch for ch in name if ch.isalnum())
@@ -85,12 +61,12 @@ def _flatmap(sub: str, task: str, desc: str, feat: str, arrays: dict[str, np.nda
              flat: tuple[Path, Any], fig_dir: Path, artifacts: list[dict]) -> dict:
     """One feature space's held-out r on the subject's pycortex flatmap; its report image."""
     from .flatmap import render_flatmap_png
-    from .maps import _mask_bool, bids_map_name
+    from .maps import bids_map_name, mask_bool
 
     filestore, pcs = flat
     r = np.where(arrays[f"{feat}__valid"].astype(bool), arrays[f"{feat}__r"], np.nan).astype(np.float32)
     if kind == "bold":  # volumes: r back on the reference grid, NaN outside the brain mask
-        mask = _mask_bool(mask_img)
+        mask = mask_bool(mask_img)
         values = np.full(mask.shape, np.nan, dtype=np.float32)
         values[mask] = r
     else:  # HDF5: r is already one value per voxel of the pycortex mask, in its order
@@ -219,10 +195,8 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     published result is never replaced by a re-run with failed subjects, and a partial one never
     by a partial one with fewer subjects: :class:`PublishConflictError`, before any upload.
     ``cache_dir`` is the download cache (staging, locks, and ``maps.pycortex``'s database;
-    default :func:`pipelines.stages.default_cache_dir`).
+    default :func:`pipelines.cache.default_cache_dir`).
     """
-    from .stages import default_cache_dir
-
     cfg = config
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     local_shown = local_dir
@@ -263,9 +237,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         if fit.get("status") != "ok":
             subject_info[sub] = {"status": "failed", "error": fit.get("error", "unknown error")}
             continue
-        from .stages import _load_npz
-
-        arrays = _load_npz(store.get_bytes(fit["result_rel"]))
+        arrays = load_npz(store.get_bytes(fit["result_rel"]))
         mask_img = None
         if fit.get("mask_rel"):
             mask_path = store.download(fit["mask_rel"], out_dir / ".work" / f"mask-{sub}.nii.gz")
@@ -342,7 +314,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         "artifacts": records,
         "inputs": [inputs[k] for k in sorted(inputs)],
         "provenance": {**provenance_static,
-                       "started": started or _now(), "finished": _now(), "airflow_run_id": airflow_run_id},
+                       "started": started or utc_now(), "finished": utc_now(), "airflow_run_id": airflow_run_id},
     }
     validate_manifest(manifest)
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -472,9 +444,7 @@ class _Flatmaps:
         self.cfg, self.kinds, self.ingest = cfg, KINDS, None
         self.on = enabled(cfg)
         if cache_dir is None:
-            from .stages import default_cache_dir
-
-            cache_dir = default_cache_dir()
+                    cache_dir = default_cache_dir()
         self.cache_dir = Path(cache_dir)
 
     def of(self, subject: str, kind: str) -> tuple[Path, Any] | None:
@@ -557,7 +527,3 @@ def _device(backend: str) -> str:
         except Exception:  # noqa: BLE001
             return "cuda"
     return "cpu"
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

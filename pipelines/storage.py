@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from .config import check_relative_key
+from .keys import check_relative_key
 from .errors import ConfigError, DatasetError, IntegrityError, TransientIOError
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def endpoint_identity() -> str:
     return f"{parts.scheme.lower()}://{host}{port}{parts.path.rstrip('/')}"
 
 
-def _client(unsigned: bool, endpoint: str | None):
+def client_for(unsigned: bool, endpoint: str | None):
     check_endpoint(endpoint)
     return _cached_client(unsigned, endpoint, os.environ.get("AWS_MAX_ATTEMPTS"), os.environ.get("AWS_RETRY_MODE"))
 
@@ -150,7 +150,7 @@ def _cached_client(unsigned: bool, endpoint: str | None, _attempts: str | None, 
 
 def s3_client(bucket: str):
     """A boto3 S3 client for `bucket` (unsigned for public OpenNeuro)."""
-    return _client(bucket in UNSIGNED_BUCKETS, endpoint_url())
+    return client_for(bucket in UNSIGNED_BUCKETS, endpoint_url())
 
 
 def check_not_pointer(path: str | Path, where: str) -> None:
@@ -254,7 +254,7 @@ def safe_key(key: str, source: str) -> str:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock on `path` (two processes never write one cache file at once)."""
     import fcntl
 
@@ -457,7 +457,7 @@ class DatasetSource:
             return self._fetch_local(key, info)
         dest = self.local_path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(self._aux_path("locks", key, ".lock")):
+        with file_lock(self._aux_path("locks", key, ".lock")):
             digests = self._reusable(key, info, dest)
             if digests is not None:
                 self.verified.setdefault(key, "size+sha256 (cached copy matches the record of its verified download)")
@@ -848,7 +848,7 @@ class ResultStore:
 def copy_tree_to_s3(local_root: str | Path, uri: str) -> int:
     """Upload every file under `local_root` to `uri` (used to stage demo/test datasets)."""
     bucket, prefix = split_s3_uri(uri)
-    client = _client(False, endpoint_url())
+    client = client_for(False, endpoint_url())
     n = 0
     for path in sorted(Path(local_root).rglob("*")):
         if path.is_file():

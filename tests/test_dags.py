@@ -397,3 +397,53 @@ def test_retriggering_recomputes_nothing_and_a_layer_change_only_its_feature_spa
     assert [s for s in recomputed if s.startswith("features:")] == [f"features:{lm}"]
     fits = [s for s in recomputed if s.startswith("fit:")]
     assert fits == [f"fit:sub-18:{lm}"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_cli_and_the_dag_run_the_same_steps_to_the_same_manifest(airflow_db, dagbag, demo_tree, tiny_bert_dir,
+                                                                     results_bucket, tmp_path, monkeypatch):
+    """One dataset with a good and a bad subject, through the DAG and through `run_analysis` (what
+    `neuroflow run` calls): the same failure policy gives the same partial manifest."""
+    import shutil
+
+    from airflow.utils.state import DagRunState
+
+    from pipelines.config import parse_config
+    from pipelines.consume import read_manifest
+    from pipelines.run import run_analysis
+    from pipelines.storage import ResultStore, copy_tree_to_s3
+
+    from .conftest import make_bucket
+
+    tree = tmp_path / "ds"
+    shutil.copytree(demo_tree, tree)
+    tsv = tree / "derivatives/brennan2016roi/sub-23/func/sub-23_task-alice_desc-roi6mm_timeseries.tsv"
+    tsv.write_text("\n".join(tsv.read_text().splitlines()[:150]) + "\n")  # a truncated run
+    make_bucket("same-steps-src")
+    copy_tree_to_s3(tree, "s3://same-steps-src/ds002322")
+    config = demo_config(tiny_bert_dir, results_bucket, subjects=("22", "23"))
+    config["dataset"]["source"] = "s3://same-steps-src/ds002322"
+    cfg = parse_config(config)
+    uri = f"{cfg.publish_prefix}/manifest.json"
+
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "dag-cache"))
+    run = dagbag.dags["neuroflow_encoding"].test(run_conf={"config": config})
+    assert run.state == DagRunState.FAILED  # check_complete: a subject failed
+    from_dag = read_manifest(uri)
+
+    store = ResultStore(results_bucket)
+    for obj in store.list():  # a clean start for the command line's run
+        store.client.delete_object(Bucket=store.bucket, Key=obj.key)
+    result = run_analysis(cfg, cache_dir=tmp_path / "cli-cache")
+    from_cli = read_manifest(uri)
+
+    def comparable(manifest: dict) -> dict:
+        m = json.loads(json.dumps(manifest))
+        for key in ("started", "finished", "airflow_run_id"):
+            m["provenance"].pop(key)
+        return m
+
+    assert result["status"] == "partial" and from_dag["status"] == "partial"
+    assert from_dag["subject_info"]["23"]["status"] == "failed" and "samples" in from_dag["subject_info"]["23"]["error"]
+    assert comparable(from_cli) == comparable(from_dag)

@@ -288,7 +288,7 @@ def test_a_repeated_test_story_gives_ceiling_normalised_scores(lebel, tmp_path, 
     # the repeated story as the held-out test story: alphas from the other three stories only
     cfg["model"]["test_stories"] = ["wheretheressmoke"]
     held = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
-    from pipelines.stages import _load_npz
+    from pipelines.cache import load_npz as _load_npz
 
     (fit,) = held["fits"]
     arrays = _load_npz(ResultStore(results_bucket).get_bytes(fit["result_rel"]))
@@ -297,6 +297,6 @@ def test_a_repeated_test_story_gives_ceiling_normalised_scores(lebel, tmp_path, 
     from pipelines.errors import DatasetError as _DatasetError
 
     with pytest.raises(_DatasetError, match="'model.test_stories'"):
-        from pipelines.stages import fit_subject
+        from pipelines.steps import fit_subject
 
         fit_subject(parse_config(cfg), "UTS07", held["features"], cache_dir=tmp_path / "cache")

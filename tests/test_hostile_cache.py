@@ -252,7 +252,7 @@ def test_fit_cache_key_pairs_files_with_their_digests_and_read_options(tmp_path)
     from types import SimpleNamespace
 
     from pipelines.ingest import ResponseOptions
-    from pipelines.stages import responses_key
+    from pipelines.steps.fit_subject import responses_key
 
     def ingest(files: dict[str, str], **opts):
         return SimpleNamespace(files_read={k: SimpleNamespace(sha256=v) for k, v in files.items()},

@@ -26,7 +26,7 @@ from pipelines.config import parse_config
 from pipelines.consume import read_manifest
 from pipelines.errors import DatasetError
 from pipelines.ingest import load_subject, open_dataset, sidecar_number, stimulus_from_events
-from pipelines.stages import prepare
+from pipelines.steps import prepare
 
 from .conftest import REPO, demo_config
 from .hostile import Sandbox, run_cli
@@ -186,7 +186,7 @@ def _prepare_without_bucket(cfg: dict, tmp_path: Path) -> dict:
     """prepare() up to the output bucket (not needed here)."""
     from unittest import mock
 
-    with mock.patch("pipelines.stages.ResultStore"):
+    with mock.patch("pipelines.steps.prepare.ResultStore"):
         return prepare(cfg, cache_dir=tmp_path / "cache")
 
 

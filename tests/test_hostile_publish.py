@@ -465,7 +465,7 @@ OUTPUTS = {
 @pytest.mark.parametrize("name", sorted(OUTPUTS))
 def test_an_output_inside_the_dataset_or_another_analysis_is_refused(name, two_subject_source, tiny_bert_dir,
                                                                      results_bucket, tmp_path, ledger):
-    from pipelines.stages import prepare
+    from pipelines.steps import prepare
 
     make_output, fragment = OUTPUTS[name]
     with ledger.bad_input(name):

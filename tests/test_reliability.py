@@ -200,7 +200,8 @@ def test_a_persistent_outage_fails_retryably_and_publishes_nothing(openneuro_dem
 
 def test_a_corrupt_feature_cache_entry_is_recomputed(openneuro_demo, tiny_bert_dir, results_bucket, tmp_path,
                                                      ledger):
-    from pipelines.stages import _load_npz, extract_features
+    from pipelines.cache import load_npz as _load_npz
+    from pipelines.steps import extract_features
 
     with ledger.fault("corrupt feature cache entry"):
         cfg = parse_config(demo_config(tiny_bert_dir, results_bucket, subjects=["22"]))
