@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .storage import ResultStore
+from .resultstore import ResultStore
 
 
 def default_cache_dir() -> Path:

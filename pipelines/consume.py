@@ -14,7 +14,7 @@ from typing import Any
 from .errors import ConfigError, DatasetError, IntegrityError, NeuroflowError
 from .keys import check_relative_key
 from .manifest import parse_s3_uri, printable, read_manifest, store_and_key
-from .storage import ResultStore
+from .resultstore import ResultStore
 
 __all__ = ["PublishedAnalysis", "get_artifact", "list_analyses", "read_manifest", "scan_analyses"]
 

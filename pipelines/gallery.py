@@ -24,7 +24,8 @@ from typing import Any
 
 from .errors import DatasetError
 from .manifest import read_manifest
-from .storage import ResultStore, split_s3_uri, translate_s3_error
+from .s3 import split_s3_uri, translate_s3_error
+from .resultstore import ResultStore
 
 log = logging.getLogger("neuroflow")
 

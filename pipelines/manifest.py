@@ -20,7 +20,8 @@ import jsonschema
 
 from .errors import ConfigError, IntegrityError
 from .keys import check_relative_key
-from .storage import ResultStore, split_s3_uri
+from .s3 import split_s3_uri
+from .resultstore import ResultStore
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"

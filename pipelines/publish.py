@@ -23,7 +23,9 @@ from .faults import failpoint
 from .cache import default_cache_dir, load_npz
 from .localdir import check_local_dir, install
 from .manifest import SCHEMA_VERSION, library_versions, utc_now, validate_manifest
-from .storage import ResultStore, sha256_file, split_s3_uri
+from .s3 import split_s3_uri
+from .resultstore import ResultStore
+from .storage import sha256_file
 
 log = logging.getLogger("neuroflow")
 

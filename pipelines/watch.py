@@ -33,7 +33,9 @@ import yaml
 
 from .config import apply_overrides, parse_config
 from .errors import ConfigError, DatasetError
-from .storage import DatasetSource, ResultStore, s3_client
+from .s3 import s3_client
+from .resultstore import ResultStore
+from .storage import DatasetSource
 
 log = logging.getLogger("neuroflow")
 
@@ -175,7 +177,7 @@ class _Reader:
         try:
             body = s3_client(self.source.bucket).get_object(Bucket=self.source.bucket, Key=full)["Body"].read()
         except Exception as err:  # noqa: BLE001
-            from .storage import translate_s3_error
+            from .s3 import translate_s3_error
 
             raise translate_s3_error(err, f"{self.source.source}/{key}") from None
         if len(body) != info.size:
@@ -232,7 +234,7 @@ class WatchState:
         """(record, ETag); an empty record and None when there is none yet."""
         from botocore.exceptions import ClientError
 
-        from .storage import translate_s3_error
+        from .s3 import translate_s3_error
 
         try:
             obj = self.store.client.get_object(Bucket=self.store.bucket, Key=self.store.key(self.rel))
@@ -256,7 +258,7 @@ class WatchState:
         """Replace the record if it is still the one read (ETag); False when another writer won."""
         from botocore.exceptions import ClientError
 
-        from .storage import translate_s3_error
+        from .s3 import translate_s3_error
 
         body = json.dumps(record, indent=2, sort_keys=True).encode()
         cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}

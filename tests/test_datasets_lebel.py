@@ -215,7 +215,7 @@ def test_the_whole_analysis_runs_on_lebels_layout(lebel, tmp_path, results_bucke
     import json as _json
 
     from pipelines.run import run_analysis
-    from pipelines.storage import ResultStore
+    from pipelines.resultstore import ResultStore
 
     cfg = demo_config(tmp_path, results_bucket, subjects=("UTS01",))
     cfg["dataset"].update(source=SOURCE, version="3.1.0", task="stories", responses=RESPONSES, word_timings=WORDS)
@@ -255,7 +255,7 @@ def test_a_repeated_test_story_gives_ceiling_normalised_scores(lebel, tmp_path, 
     from pipelines.consume import read_manifest
     from pipelines.run import run_analysis
     from pipelines.stats import noise_ceiling
-    from pipelines.storage import ResultStore
+    from pipelines.resultstore import ResultStore
 
     rng = np.random.default_rng(7)
     files = {}

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from pipelines.maps import spreadsheet_safe, write_target_table
-from pipelines.storage import ResultStore, copy_tree_to_s3, redact_url
+from pipelines.s3 import redact_url
+from pipelines.resultstore import ResultStore, copy_tree_to_s3
 
 from .conftest import REPO, demo_config, make_bucket
 from .hostile import Sandbox, assert_one_clear_error, run_cli

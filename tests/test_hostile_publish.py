@@ -25,7 +25,7 @@ import yaml
 from pipelines.config import parse_config
 from pipelines.errors import ConfigError, PublishConflictError
 from pipelines.localdir import MARKER, check_local_dir, install
-from pipelines.storage import ResultStore, copy_tree_to_s3
+from pipelines.resultstore import ResultStore, copy_tree_to_s3
 
 from .conftest import demo_config, make_bucket
 from .hostile import Sandbox, assert_one_clear_error, run_cli

@@ -197,7 +197,7 @@ def test_flatmap_is_published_and_shows_the_planted_voxels(layout, database, cac
     from pipelines.consume import read_manifest
     from pipelines.flatmap import HEIGHT
     from pipelines.run import run_analysis
-    from pipelines.storage import ResultStore
+    from pipelines.resultstore import ResultStore
 
     result = run_analysis(parse_config(config(results_bucket, tmp_path)), cache_dir=cache)
     assert result["status"] == "complete"

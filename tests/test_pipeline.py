@@ -14,7 +14,8 @@ from pipelines.consume import get_artifact, list_analyses, read_manifest
 from pipelines.errors import IntegrityError
 from pipelines.publish import validate_manifest
 from pipelines.run import run_analysis
-from pipelines.storage import ResultStore, split_s3_uri
+from pipelines.s3 import split_s3_uri
+from pipelines.resultstore import ResultStore
 
 from .conftest import demo_config
 

@@ -18,7 +18,7 @@ import yaml
 from pipelines.config import parse_config
 from pipelines.consume import read_manifest
 from pipelines.errors import ModelError, TransientIOError
-from pipelines.storage import ResultStore, copy_tree_to_s3
+from pipelines.resultstore import ResultStore, copy_tree_to_s3
 
 from .conftest import demo_config, make_bucket
 from .faultproxy import FaultProxy

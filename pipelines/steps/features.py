@@ -18,7 +18,7 @@ from ..errors import DatasetError, IntegrityError
 from ..features.registry import KINDS, FeatureResult, ModelCache, Stimulus, cache_key, compute_feature
 from ..ingest import Ingest, Run, check_subjects, load_run_words, open_dataset, plan_runs, word_timing_key
 from ..progress import Progress
-from ..storage import ResultStore
+from ..resultstore import ResultStore
 from .policy import as_subject_error
 from .results import FeatureSet
 

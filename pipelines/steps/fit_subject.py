@@ -29,7 +29,7 @@ from ..fit import fit_banded_encoding, fit_encoding, fit_ridge_fixed_alpha, zsco
 from ..ingest import Ingest, Run, check_run_timing, load_run_words, load_subject, open_dataset
 from ..progress import Progress
 from ..stats import fdr_bh, normalise_by_ceiling, permutation_test
-from ..storage import ResultStore
+from ..resultstore import ResultStore
 from .features import feature_spec, read_feature_cache, run_stimulus
 from .results import FeatureSet, SubjectFit
 

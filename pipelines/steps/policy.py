@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from ..config import AnalysisConfig, as_config
 from ..errors import DatasetError, FitError, IntegrityError, NeuroflowError
-from ..storage import ResultStore
+from ..resultstore import ResultStore
 from .results import SubjectFit
 
 log = logging.getLogger("neuroflow")

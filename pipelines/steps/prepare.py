@@ -14,7 +14,7 @@ from ..config import AnalysisConfig, as_config
 from ..errors import DatasetError
 from ..ingest import check_subjects, find_runs, load_run_words, open_dataset, plan_runs
 from ..publish import check_output_place
-from ..storage import ResultStore
+from ..resultstore import ResultStore
 from .policy import as_subject_error
 from .results import Prepared
 
