@@ -452,7 +452,7 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> AnalysisConfig
     try:
         return AnalysisConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, origin)) from None
+        raise ConfigError(_format_error(err, origin)) from err
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -144,7 +144,7 @@ def _read_index(store: ResultStore) -> tuple[dict[str, Any] | None, str | None]:
     except ClientError as err:
         if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
             return None, None
-        raise translate_s3_error(err, store.uri_of(INDEX_JSON)) from None
+        raise translate_s3_error(err, store.uri_of(INDEX_JSON)) from err
     try:
         return json.loads(body), obj["ETag"]
     except ValueError:
@@ -162,7 +162,7 @@ def _put_conditional(store: ResultStore, rel: str, body: bytes, content_type: st
         code = err.response.get("Error", {}).get("Code", "")
         if status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
             return False
-        raise translate_s3_error(err, store.uri_of(rel)) from None
+        raise translate_s3_error(err, store.uri_of(rel)) from err
     return True
 
 

@@ -39,10 +39,10 @@ class ResultStore:
         except ClientError as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 raise DatasetError(f"s3://{self.bucket}: the results bucket does not exist; "
-                                   "create it or fix 'output' in the config") from None
-            raise translate_s3_error(err, f"s3://{self.bucket}") from None
+                                   "create it or fix 'output' in the config") from err
+            raise translate_s3_error(err, f"s3://{self.bucket}") from err
         except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, f"s3://{self.bucket}") from None
+            raise translate_s3_error(err, f"s3://{self.bucket}") from err
 
     def put_file(self, local: str | Path, rel: str, content_type: str | None = None) -> dict:
         """Upload `local` to `rel`, read it back and check size and sha256."""
@@ -55,7 +55,7 @@ class ResultStore:
         try:
             self.client.upload_file(str(local), self.bucket, self.key(rel), ExtraArgs=extra)
         except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri_of(rel)) from None
+            raise translate_s3_error(err, self.uri_of(rel)) from err
         self.verify(rel, digest, size)
         return {"path": rel, "sha256": digest, "bytes": size}
 
@@ -69,7 +69,7 @@ class ResultStore:
         try:
             self.client.put_object(**kwargs)
         except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri_of(rel)) from None
+            raise translate_s3_error(err, self.uri_of(rel)) from err
         self.verify(rel, digest, len(data))
         return {"path": rel, "sha256": digest, "bytes": len(data)}
 
@@ -94,9 +94,9 @@ class ResultStore:
             code = err.response.get("Error", {}).get("Code", "")
             if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return None
-            raise translate_s3_error(err, self.uri_of(rel)) from None
+            raise translate_s3_error(err, self.uri_of(rel)) from err
         except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri_of(rel)) from None
+            raise translate_s3_error(err, self.uri_of(rel)) from err
         self.verify(rel, digest, len(data))
         return {"path": rel, "sha256": digest, "bytes": len(data)}
 
@@ -116,7 +116,7 @@ class ResultStore:
         except IntegrityError:
             raise
         except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri_of(rel)) from None
+            raise translate_s3_error(err, self.uri_of(rel)) from err
         if len(data) > max_bytes:
             raise IntegrityError(f"{self.uri_of(rel)}: the object is over the {max_bytes:,} bytes expected here; "
                                  "it was not read")
@@ -131,9 +131,9 @@ class ResultStore:
         except ClientError as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return False
-            raise translate_s3_error(err, self.uri_of(rel)) from None
+            raise translate_s3_error(err, self.uri_of(rel)) from err
         except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri_of(rel)) from None
+            raise translate_s3_error(err, self.uri_of(rel)) from err
 
     def list(self, rel_prefix: str = "") -> list[ObjectInfo]:
         prefix = self.key(rel_prefix) if rel_prefix else (self.prefix + "/" if self.prefix else "")
@@ -144,7 +144,7 @@ class ResultStore:
                 for obj in page.get("Contents", []):
                     out.append(ObjectInfo(obj["Key"][strip:], int(obj["Size"]), obj.get("ETag", "").strip('"')))
         except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, f"s3://{self.bucket}/{prefix}") from None
+            raise translate_s3_error(err, f"s3://{self.bucket}/{prefix}") from err
         return out
 
     def verify(self, rel: str, sha256: str, size: int) -> None:

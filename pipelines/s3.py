@@ -54,7 +54,7 @@ def check_endpoint(url: str | None) -> None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
+    except ValueError:  # its message may quote the URL, credentials included: not chained
         raise ConfigError(f"AWS_ENDPOINT_URL is not a valid URL ({redact_url(url)}); {fix}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"AWS_ENDPOINT_URL is not an http(s) URL ({redact_url(url)}); {fix}")

@@ -115,7 +115,7 @@ def safe_key(key: str, source: str) -> str:
     try:
         check_relative_key(key, "dataset file")
     except ValueError as err:
-        raise DatasetError(f"{source}: refusing key {key!r}: it would escape the cache folder ({err})") from None
+        raise DatasetError(f"{source}: refusing key {key!r}: it would escape the cache folder ({err})") from err
     if not key or key.endswith("/") or any(p in (".", "") for p in key.split("/")):
         raise DatasetError(f"{source}: refusing key {key!r}: empty or '.' path segment; it would escape "
                            "or alias the cache folder")
@@ -251,7 +251,7 @@ class DatasetSource:
                         yield rel, ObjectInfo(rel, int(obj["Size"]), etag, checksum=etag_checksum(etag),
                                               modified=modified.isoformat() if modified else "")
         except Exception as err:  # noqa: BLE001 - translated to a project error
-            raise translate_s3_error(err, self.source) from None
+            raise translate_s3_error(err, self.source) from err
 
     def _list_local(self) -> Iterator[tuple[str, ObjectInfo]]:
         if not self.root.is_dir():
@@ -452,13 +452,13 @@ class DatasetSource:
             except streaming as err:
                 now = part.stat().st_size if part.exists() else 0
                 if now == before and not isinstance(err, _CutTransfer):  # nothing arrived: the server is unreachable
-                    raise translate_s3_error(err, f"{self.source}/{key}") from None
+                    raise translate_s3_error(err, f"{self.source}/{key}") from err
                 cuts += 1
                 offset = now
                 if cuts > MAX_RESUMES:
                     raise TransientIOError(
                         f"{self.source}/{key}: the transfer was cut {cuts} times (at {offset} of {info.size} "
-                        "bytes); run again: the download resumes from there") from None
+                        "bytes); run again: the download resumes from there") from err
             except Exception as err:  # noqa: BLE001
                 mapped = translate_s3_error(err, f"{self.source}/{key}")
                 if not isinstance(mapped, TransientIOError):  # the object is gone or changed: start over next time
@@ -469,7 +469,7 @@ class DatasetSource:
                     mapped = DatasetError(f"{self.source}/{key}: the object changed while it was being "
                                           "downloaded (ETag no longer matches the listing); the dataset is "
                                           "being modified: run again once it is stable")
-                raise mapped from None
+                raise mapped from err
 
     def _verify(self, key: str, info: ObjectInfo, part: Path) -> tuple[str, dict[str, str]]:
         """Size and (where the source gives one) checksum of a finished download; removes it if wrong.

@@ -84,8 +84,8 @@ def load_watchlist(text_or_path: str | Path, base_dir: str | Path | None = None)
         path = Path(text_or_path)
         try:
             text = path.read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: watch list not found") from None
+        except FileNotFoundError as err:
+            raise ConfigError(f"{path}: watch list not found") from err
         where = str(path)
         base_dir = base_dir or path.parent
     else:
@@ -93,7 +93,7 @@ def load_watchlist(text_or_path: str | Path, base_dir: str | Path | None = None)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML/JSON ({err})") from None
+        raise ConfigError(f"{where}: not valid YAML/JSON ({err})") from err
     items = data.get("datasets") if isinstance(data, dict) else data
     if items is None:
         items = []
@@ -138,8 +138,8 @@ def template_config(entry: WatchEntry) -> dict[str, Any]:
             path = next((c for c in candidates if c.is_file()), candidates[0])
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"watch entry {entry.state_name!r}: config template {path} not found") from None
+        except FileNotFoundError as err:
+            raise ConfigError(f"watch entry {entry.state_name!r}: config template {path} not found") from err
     data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in entry.set.items()])
     for feat in data.get("features") or []:
         if isinstance(feat, dict) and feat.get("model") == "MODEL_DIR":  # the demo's placeholder
@@ -179,7 +179,7 @@ class _Reader:
         except Exception as err:  # noqa: BLE001
             from .s3 import translate_s3_error
 
-            raise translate_s3_error(err, f"{self.source.source}/{key}") from None
+            raise translate_s3_error(err, f"{self.source.source}/{key}") from err
         if len(body) != info.size:
             raise DatasetError(f"{self.source.source}/{key}: changed while being read; run again")
         dest.write_bytes(body)
@@ -242,16 +242,16 @@ class WatchState:
         except ClientError as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return {"schema_version": STATE_SCHEMA_VERSION, "seen": []}, None
-            raise translate_s3_error(err, self.uri) from None
+            raise translate_s3_error(err, self.uri) from err
         except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri) from None
+            raise translate_s3_error(err, self.uri) from err
         try:
             record = json.loads(body)
             if not isinstance(record.get("seen"), list):
                 raise ValueError("no 'seen' list")
         except ValueError as err:
             raise DatasetError(f"{self.uri}: the watch state is unreadable ({err}); delete it to start over "
-                               "(the next watch run then triggers each watched dataset once)") from None
+                               "(the next watch run then triggers each watched dataset once)") from err
         return record, obj["ETag"]
 
     def write(self, record: dict[str, Any], etag: str | None) -> bool:
@@ -271,9 +271,9 @@ class WatchState:
             if status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict",
                                                       "NoSuchKey"):
                 return False
-            raise translate_s3_error(err, self.uri) from None
+            raise translate_s3_error(err, self.uri) from err
         except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri) from None
+            raise translate_s3_error(err, self.uri) from err
         return True
 
 

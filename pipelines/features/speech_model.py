@@ -156,12 +156,12 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
         fe = AutoFeatureExtractor.from_pretrained(src, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"feature extractor of speech model {model!r} cannot be loaded ({_first_line(exc)}): "
-                         "save it next to the model (preprocessor_config.json)") from None
+                         "save it next to the model (preprocessor_config.json)") from exc
     try:
         net = AutoModel.from_pretrained(src, use_safetensors=True, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"weights of speech model {model!r} cannot be loaded ({_first_line(exc)}): "
-                         "safetensors weights are required") from None
+                         "safetensors weights are required") from exc
     if mtype == "whisper":
         net = net.get_encoder()
         n_layers = int(config.encoder_layers)
