@@ -32,9 +32,11 @@ from typing import Any
 import yaml
 
 from .config import apply_overrides, parse_config
+from .demo import packaged_model_dir
 from .errors import ConfigError, DatasetError
-from .s3 import s3_client
+from .ingest import dataset_version
 from .resultstore import ResultStore
+from .s3 import s3_client
 from .storage import DatasetSource
 
 log = logging.getLogger("neuroflow")
@@ -143,8 +145,6 @@ def template_config(entry: WatchEntry) -> dict[str, Any]:
     data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in entry.set.items()])
     for feat in data.get("features") or []:
         if isinstance(feat, dict) and feat.get("model") == "MODEL_DIR":  # the demo's placeholder
-            from .demo import packaged_model_dir
-
             feat["model"] = str(packaged_model_dir())
     data.setdefault("dataset", {})["source"] = entry.source
     return data
@@ -194,8 +194,6 @@ def _relevant(key: str, subjects: set[str]) -> bool:
 
 def read_snapshot(source: str, subjects: list[str] | None = None) -> Snapshot:
     """The version `source` declares now and the fingerprint of the files `subjects` would use."""
-    from .ingest import dataset_version
-
     ds = DatasetSource(source, "_watch", tempfile.gettempdir())
     listing = ds.list_files()
     wanted = set(subjects or [])

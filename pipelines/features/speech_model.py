@@ -44,6 +44,8 @@ import numpy as np
 
 from pipelines.errors import ModelError
 
+from .language_model import safe_model_config
+
 __all__ = [
     "SPEECH_MODEL_TYPES",
     "LoadedSpeechModel",
@@ -142,8 +144,6 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
 
     if not isinstance(model, str) or not model.strip():
         raise ModelError(f"speech model {model!r} is not a model name: give a local folder or a hub id")
-    from .language_model import safe_model_config
-
     src, kwargs, config = safe_model_config(model, revision, "speech model")
     mtype = getattr(config, "model_type", "")
     if mtype not in SPEECH_MODEL_TYPES:
