@@ -44,11 +44,11 @@ class ResponsesConfig(_Strict):
     """
 
     kind: Literal["auto", "bold", "timeseries", "gifti", "hdf5", "meg", "ieeg", "eeg"] = "auto"
-    derivatives: list[str] = Field(default_factory=list)
+    derivatives: tuple[str, ...] = Field(default_factory=tuple)
     desc: str | None = None
-    tasks: list[str] | None = None
-    sessions: list[str] | None = None
-    stories: list[str] | None = None
+    tasks: tuple[str, ...] | None = None
+    sessions: tuple[str, ...] | None = None
+    stories: tuple[str, ...] | None = None
     story_from: Literal["task", "events"] = "task"
     story_trial_type: str = "story"
     files: str | None = None
@@ -58,21 +58,21 @@ class ResponsesConfig(_Strict):
     start_time: float | None = None
     tr_counts: str | None = None
     tr_counts_trim: int = Field(0, ge=0, le=1000)
-    hemi: list[Literal["L", "R"]] = Field(default_factory=lambda: ["L", "R"], min_length=1)
+    hemi: tuple[Literal["L", "R"], ...] = Field(default_factory=lambda: ("L", "R"), min_length=1)
     space: str | None = None
     sfreq: float | None = Field(None, gt=0, le=10000)
     l_freq: float | None = Field(None, gt=0)
     h_freq: float | None = Field(None, gt=0)
     notch: float | None = Field(None, gt=0)
     high_gamma: tuple[float, float] | None = None
-    bad_channels: list[str] = Field(default_factory=list)
+    bad_channels: tuple[str, ...] = Field(default_factory=tuple)
 
     @field_validator("derivatives")
     @classmethod
-    def _relative(cls, v: list[str]) -> list[str]:
+    def _relative(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for item in v:
             check_relative_key(item, "dataset.responses.derivatives")
-        return [item.strip("/") for item in v]
+        return tuple(item.strip("/") for item in v)
 
     @field_validator("files", "tr_counts")
     @classmethod

@@ -43,8 +43,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipelines.errors import ModelError
-
-from .language_model import safe_model_config
+from pipelines.features.language_model import safe_model_config
+from pipelines.features.lm_windows import layer_indices
 
 __all__ = [
     "SPEECH_MODEL_TYPES",
@@ -288,7 +288,6 @@ def extract_speech_features(
         encoder accepts.
     """
     from pipelines.features.acoustic import resample_audio
-    from pipelines.features.language_model import _layer_indices
 
     x = np.asarray(audio, dtype=np.float32)
     if x.ndim != 1 or x.size == 0 or not np.all(np.isfinite(x)):
@@ -303,7 +302,7 @@ def extract_speech_features(
     if lm.max_window_s is not None and window_s > lm.max_window_s + 1e-9:
         raise ModelError(f"window_s = {window_s} s is longer than the {lm.max_window_s:g} s speech model "
                          f"{lm.name!r} accepts: use window_s <= {lm.max_window_s:g}")
-    hs_index = _layer_indices(layers, lm)
+    hs_index = layer_indices(layers, lm)
     uniq = sorted(set(hs_index))
     sr = lm.sampling_rate
     x = resample_audio(x, int(sampling_rate), sr)

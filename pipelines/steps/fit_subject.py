@@ -114,10 +114,8 @@ def responses_key(ingest: Ingest) -> str:
     files are swapped between runs), and ``dataset.responses`` (band, trim, repeats, ...) changes the arrays
     read from the same bytes. The source's URI is no part of it: identical content shares one fit.
     """
-    import dataclasses
-
     files = sorted((key, rec.sha256) for key, rec in ingest.files_read.items())
-    options = dataclasses.asdict(ingest.responses)
+    options = ingest.responses.model_dump()
     return sha256_bytes(json.dumps({"files": files, "options": options}, sort_keys=True, default=str).encode())
 
 
