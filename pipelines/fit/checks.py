@@ -51,8 +51,8 @@ def check_int(value: Any, name: str, minimum: int) -> int:
     return int(value)
 
 
-def check_inputs(Xs: list[np.ndarray], Y: np.ndarray, groups: np.ndarray) -> tuple[list[np.ndarray], np.ndarray,
-                                                                                    np.ndarray]:
+def check_inputs(Xs: list[np.ndarray], Y: np.ndarray, groups: np.ndarray,
+                 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Feature arrays, responses and groups as float32 / numpy arrays of matching shapes.
 
     Parameters

@@ -88,7 +88,7 @@ def default_targets_chunk(n_samples: int, n_features: int, max_val: int, max_tes
     is about 7,200 targets per chunk.
     """
     per_target = bytes_per_target(n_samples, n_features, max_train or n_samples, max_val, max_test,
-                                   solver, mode, return_predictions)
+                                  solver, mode, return_predictions)
     return max(1, int(budget_bytes) // per_target)
 
 
@@ -116,8 +116,8 @@ def plan_chunks(valid_idx: np.ndarray, n_targets_chunk: int | None, per_target: 
     """Chunks of target indices, and the BLAS threads each dask task may use.
 
     ``valid_idx`` (n_valid,) are the targets to fit, ``per_target`` the bytes a chunk holds
-    per target (:func:`bytes_per_target`); returns arrays of indices covering ``valid_idx``
-    in order, and None in process.
+    per target (:func:`bytes_per_target`). Returns the chunks (index arrays that cover
+    ``valid_idx`` in order) and the BLAS threads of each dask task (None in process).
 
     With ``n_targets_chunk`` None, the chunk size comes from the memory free on this machine
     (or on the most loaded dask worker) and on the GPU; then the chunks are made equal in
@@ -229,4 +229,5 @@ def broadcast(client: Client | None, data: Any) -> Any:
     return data if client is None else scatter(client, data, broadcast=True)
 
 
-_plan_chunks = plan_chunks  # the name tests that patch this module's memory_budget_bytes call
+# plan_chunks' name from before the split: tests patch this module's memory_budget_bytes and call it
+_plan_chunks = plan_chunks
