@@ -155,7 +155,7 @@ def fit_encoding(
     ----------
     X : array of shape (n_samples, n_features)
         Features (cast to float32). Must be finite. Roughly centred data (z-scored per
-        run, as :func:`pipelines.stages.fit_subject` gives) keep float32 accurate.
+        run, as :func:`pipelines.steps.fit_subject` gives) keep float32 accurate.
     Y : array of shape (n_samples, n_targets)
         Responses (cast to float32). Constant or non-finite targets are skipped.
     groups : array of shape (n_samples,)
