@@ -74,16 +74,19 @@ def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
     return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
 
 
-# The CLI, run so that it reports its own peak memory (RUSAGE_CHILDREN would give the largest child
-# of the whole test session, not this one).
+# The CLI, run so that it reports its own peak memory: VmHWM of /proc/self/status, which starts
+# afresh at exec. (RUSAGE_CHILDREN gives the largest child of the whole session, and a child's own
+# ru_maxrss starts at the RSS of the parent it was forked from: a large test process's.)
 _PEAK_WRAPPER = """
-import os, resource, runpy, sys
+import os, runpy, sys
 sys.argv = ["neuroflow", *sys.argv[1:]]
 try:
     runpy.run_module("pipelines.cli", run_name="__main__", alter_sys=True)
 finally:
+    with open("/proc/self/status") as status:
+        peak_kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
     with open(os.environ["NEUROFLOW_TEST_PEAK_FILE"], "w") as fh:
-        fh.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+        fh.write(peak_kb)
 """
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,8 @@ from .conftest import demo_config, make_bucket
 from .faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
+
+PROGRESS_LINE = re.compile(r"^\d\d:\d\d:\d\d neuroflow: ")
 
 
 def cli(*args, env=None, timeout=600):
@@ -275,7 +278,8 @@ def test_bad_config_is_refused_cleanly(name, openneuro_demo, tiny_bert_dir, resu
         path = tmp_path / "c.yaml"
         path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
         proc = cli("run", str(path), "--cache-dir", str(tmp_path / "cache"))
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        # progress lines (stage by stage, on stderr) may come before an error found by a later stage
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln)]
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert len(lines) == 1 and lines[0].startswith("neuroflow: error: ")
         if fragment:
