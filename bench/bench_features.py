@@ -48,13 +48,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pipelines.features.language_model import (  # noqa: E402
     LoadedModel,
-    _strided_plan,
     causal_window_starts,
     extract_word_features,
     extract_word_features_per_word,
     load_language_model,
     word_token_counts,
 )
+from pipelines.features.lm_windows import strided_plan  # noqa: E402
 from pipelines.stimulus import read_textgrid_words  # noqa: E402
 
 TEXTGRID = REPO / "data" / "ds002322-demo" / "stimuli" / "DownTheRabbitHoleFinal_exp120_pad_1.TextGrid"
@@ -158,7 +158,7 @@ def sample_indices(n_words: int, context: int, n_sample: int) -> np.ndarray:
 def token_passes(lm: LoadedModel, words: list[str], context: int) -> float:
     """Tokens the strided extractor runs through the model, over the story's tokens."""
     counts, n_special = word_token_counts(words, lm)
-    plan = _strided_plan(len(words), context, counts, lm.max_tokens - n_special)
+    plan = strided_plan(len(words), context, counts, lm.max_tokens - n_special)
     return sum(int(counts[s:e].sum()) for s, _, e in plan) / int(counts.sum())
 
 

@@ -1,7 +1,8 @@
 """neuroflow_encoding: one encoding analysis of one dataset version.
 
 Trigger with a conf ``{"config": {...}}`` holding the analysis config (the same YAML
-`neuroflow run` reads, as JSON). Each task is one call into ``pipelines.stages``;
+`neuroflow run` reads, as JSON). Each task is one call into ``pipelines.steps``
+(the steps and failure policy ``neuroflow run`` uses too);
 tasks pass only small dicts and S3 URIs. The publish task is the outlet of the
 published-maps Asset, which downstream DAGs schedule on, and, through the
 ``neuroflow_results`` alias, of the dataset's own results Asset ``{output}/{dataset_id}``.
@@ -71,7 +72,7 @@ def neuroflow_encoding():
         from airflow.sdk.exceptions import AirflowFailException
 
         from pipelines.errors import ConfigError
-        from pipelines.stages import prepare as run
+        from pipelines.steps import prepare as run
 
         context = get_current_context()
         extra = sorted(set(context["dag_run"].conf or {}) - {"config"})
@@ -94,7 +95,7 @@ def neuroflow_encoding():
 
     @task(map_index_template="{{ feature_label }}", **GPU_TASK)
     def extract_features(feature: str) -> dict:
-        from pipelines.stages import extract_features as run
+        from pipelines.steps import extract_features as run
 
         _credentials()
         context = get_current_context()
@@ -105,45 +106,47 @@ def neuroflow_encoding():
     def fit_subject(subject: str, features: list[dict]) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pipelines.stages import SUBJECT_ERRORS, record_failed_fit
-        from pipelines.stages import fit_subject as run
+        from pipelines.steps import fit_or_fail, record_failed_fit
+        from pipelines.steps import fit_subject as run
 
         _credentials()
         context = get_current_context()
         context["subject_label"] = subject
         config = context["params"]["config"]
-        try:
-            return run(config, subject, list(features))
-        except SUBJECT_ERRORS as err:
+        fit, err = fit_or_fail(subject, lambda: run(config, subject, list(features)))  # the CLI's policy
+        if err is not None:
             # this subject's own input is bad: a retry cannot help; the others go on, and publish
             # records it as failed in a partial manifest
             record_failed_fit(config, subject, err)
             raise AirflowFailException(f"sub-{subject}: {err}") from err
+        return fit
 
     # a failed subject must not stop the others from publishing; a failed prepare leaves nothing to publish
     @task(outlets=[PUBLISHED_MAPS, DATASET_RESULTS], trigger_rule="all_done_min_one_success")
     def publish(prepared: dict, features: list[dict], fits: list[dict]) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pipelines.errors import PublishConflictError
-        from pipelines.stages import collect_fits
-        from pipelines.stages import publish_from_config as run
+        from pipelines.config import as_config
+        from pipelines.errors import NeuroflowError, PublishConflictError
+        from pipelines.steps import check_publishable, collect_fits
+        from pipelines.steps import publish_from_config as run
 
         _credentials()
         context = get_current_context()
         config = context["params"]["config"]
         everyone = collect_fits(config, prepared["subjects"], [f for f in fits if f])
-        if not any(f.get("status") == "ok" for f in everyone):
-            raise AirflowFailException("no subject was fitted; nothing is published: "
-                                       + "; ".join(f"sub-{f['subject']}: {f.get('error')}" for f in everyone))
+        try:
+            check_publishable(everyone)  # the CLI's policy: nothing is published when no subject was fitted
+        except NeuroflowError as err:
+            raise AirflowFailException(str(err)) from err
         try:
             result = run(config, prepared, list(features), everyone, airflow_run_id=context["run_id"])
         except PublishConflictError as err:  # a complete (or better partial) result stands: no retry
             raise AirflowFailException(str(err)) from err
-        output = config["output"].rstrip("/")
-        dataset_id = config["dataset"]["source"].rstrip("/").rsplit("/", 1)[-1]
+        cfg = as_config(config)
+        output, dataset_id = cfg.output, cfg.dataset.dataset_id
         extra = {"manifest_uri": result["manifest_uri"], "output": output, "dataset": dataset_id,
-                 "version": config["dataset"]["version"], "analysis_id": prepared["analysis_id"],
+                 "version": cfg.dataset.version, "analysis_id": prepared["analysis_id"],
                  "status": result["status"]}
         context["outlet_events"][PUBLISHED_MAPS].extra = extra
         context["outlet_events"][DATASET_RESULTS].add(Asset(uri=f"{output}/{dataset_id}"), extra=extra)

@@ -15,7 +15,6 @@ from pathlib import Path, PurePosixPath
 from .errors import NeuroflowError
 
 EXIT_USER_ERROR = 2
-EXIT_PARTIAL = 3  # published, but some subjects failed (manifest status "partial")
 
 
 PROGRESS = logging.getLogger("neuroflow.progress")
@@ -47,7 +46,8 @@ def _progress(stage: str, done: int, total: int) -> None:
 
 def cmd_run(args) -> int:
     from .config import load_config
-    from .run import format_summary, run_analysis
+    from .run import format_summary
+    from .steps import exit_status, run_analysis
 
     cfg = load_config(args.config, args.set)
     result = run_analysis(cfg, cache_dir=args.cache_dir, local_dir=args.local_dir, progress=_progress)
@@ -59,12 +59,12 @@ def cmd_run(args) -> int:
               file=sys.stderr)
     print(f"report: {result['report_path']}")
     print(result["manifest_uri"])
-    return EXIT_PARTIAL if failed else 0
+    return exit_status(result)  # the policy's: 0 complete, 3 partial
 
 
 def cmd_validate(args) -> int:
     from .config import load_config
-    from .stages import prepare
+    from .steps import prepare
 
     cfg = load_config(args.config, args.set)
     info = prepare(cfg, cache_dir=args.cache_dir)
@@ -75,7 +75,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_maps_list(args) -> int:
-    from .consume import printable, scan_analyses
+    from .consume import scan_analyses
+    from .manifest import printable
 
     rows, problems = scan_analyses(args.output_uri)
     for problem in problems:  # one bad manifest does not hide the others; it is named, not skipped silently
@@ -96,7 +97,7 @@ def cmd_maps_list(args) -> int:
 
 
 def cmd_maps_show(args) -> int:
-    from .consume import printable, read_manifest
+    from .manifest import printable, read_manifest
 
     m = read_manifest(args.manifest_uri)
     if args.json:
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _private_matplotlib_cache(cache_dir: str | None) -> None:
     """matplotlib's font cache goes under neuroflow's cache, never into the user's ~/.cache or ~/.matplotlib."""
     if "MPLCONFIGDIR" not in os.environ:
-        from .stages import default_cache_dir
+        from .cache import default_cache_dir
 
         os.environ["MPLCONFIGDIR"] = str(Path(cache_dir or default_cache_dir()).expanduser() / "matplotlib")
 

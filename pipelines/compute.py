@@ -36,7 +36,7 @@ def get_client(address: str, n_workers: int = 1):
                 client = Client(address, timeout="10s")
             except (OSError, TimeoutError) as err:
                 raise TransientIOError(f"cannot reach the dask scheduler at {address} ({err}); "
-                                       "check 'compute.dask' and that the scheduler is running") from None
+                                       "check 'compute.dask' and that the scheduler is running") from err
         _clients[address] = client
         return client
 

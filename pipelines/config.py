@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .keys import check_relative_key
 from .features.registry import KINDS, FeatureSpec, LanguageModelFeature, WordRateFeature  # noqa: F401
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
@@ -43,11 +44,11 @@ class ResponsesConfig(_Strict):
     """
 
     kind: Literal["auto", "bold", "timeseries", "gifti", "hdf5", "meg", "ieeg", "eeg"] = "auto"
-    derivatives: list[str] = Field(default_factory=list)
+    derivatives: tuple[str, ...] = Field(default_factory=tuple)
     desc: str | None = None
-    tasks: list[str] | None = None
-    sessions: list[str] | None = None
-    stories: list[str] | None = None
+    tasks: tuple[str, ...] | None = None
+    sessions: tuple[str, ...] | None = None
+    stories: tuple[str, ...] | None = None
     story_from: Literal["task", "events"] = "task"
     story_trial_type: str = "story"
     files: str | None = None
@@ -57,21 +58,21 @@ class ResponsesConfig(_Strict):
     start_time: float | None = None
     tr_counts: str | None = None
     tr_counts_trim: int = Field(0, ge=0, le=1000)
-    hemi: list[Literal["L", "R"]] = Field(default_factory=lambda: ["L", "R"], min_length=1)
+    hemi: tuple[Literal["L", "R"], ...] = Field(default_factory=lambda: ("L", "R"), min_length=1)
     space: str | None = None
     sfreq: float | None = Field(None, gt=0, le=10000)
     l_freq: float | None = Field(None, gt=0)
     h_freq: float | None = Field(None, gt=0)
     notch: float | None = Field(None, gt=0)
     high_gamma: tuple[float, float] | None = None
-    bad_channels: list[str] = Field(default_factory=list)
+    bad_channels: tuple[str, ...] = Field(default_factory=tuple)
 
     @field_validator("derivatives")
     @classmethod
-    def _relative(cls, v: list[str]) -> list[str]:
+    def _relative(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for item in v:
             check_relative_key(item, "dataset.responses.derivatives")
-        return [item.strip("/") for item in v]
+        return tuple(item.strip("/") for item in v)
 
     @field_validator("files", "tr_counts")
     @classmethod
@@ -395,29 +396,6 @@ class AnalysisConfig(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def check_relative_key(key: str, param: str) -> str:
-    """Refuse keys that could escape a prefix or a cache folder.
-
-    Rejects absolute paths, ``..`` segments, empty segments (``//``), NUL and control
-    characters, backslashes and non-ASCII look-alike characters.
-    """
-    problems = []
-    if key.startswith("/"):
-        problems.append("is absolute")
-    parts = key.split("/")
-    if any(p == ".." for p in parts):
-        problems.append("contains '..'")
-    if "" in parts[int(key.startswith("/")):-1]:  # the leading '/' of an absolute path is reported as such
-        problems.append("contains '//'")
-    if any(ord(c) < 32 or c == "\\" for c in key):
-        problems.append("contains a control character or backslash")
-    if not key.isascii():
-        problems.append("contains non-ASCII characters")
-    if problems:
-        raise ConfigError(f"{param!r} {' and '.join(problems)}; got {key!r}. Use a plain relative path.")
-    return key
-
-
 # --- loading ------------------------------------------------------------------------
 
 def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -462,6 +440,11 @@ def _format_error(err: ValidationError, origin: str) -> str:
     return f"{origin}: {path or 'config'}: {msg}"
 
 
+def as_config(config: "dict[str, Any] | AnalysisConfig") -> AnalysisConfig:
+    """`config` validated (a dict, e.g. a DAG's params) or as it is (an AnalysisConfig)."""
+    return config if isinstance(config, AnalysisConfig) else parse_config(config, origin="config")
+
+
 def parse_config(data: dict[str, Any], origin: str = "config") -> AnalysisConfig:
     """Validate a config dict; raise ConfigError naming `origin` and the offending key."""
     if not isinstance(data, dict):
@@ -469,7 +452,7 @@ def parse_config(data: dict[str, Any], origin: str = "config") -> AnalysisConfig
     try:
         return AnalysisConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, origin)) from None
+        raise ConfigError(_format_error(err, origin)) from err
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -1,96 +1,28 @@
-"""Reading published analyses: list them, open a manifest, fetch verified artifacts."""
+"""Reading published analyses: list them, fetch verified artifacts, open one as maps.
+
+Manifests themselves (schema, validation, reading) are :mod:`pipelines.manifest`'s;
+``read_manifest`` is importable from here too, for consumers' code.
+"""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
-from .config import check_relative_key
 from .errors import ConfigError, DatasetError, IntegrityError, NeuroflowError
-from .publish import SCHEMA_VERSION
-from .storage import ResultStore, split_s3_uri
+from .keys import check_relative_key
+from .manifest import parse_s3_uri, printable, read_manifest, store_and_key
+from .resultstore import ResultStore
 
-
-# A manifest of a cohort of a few hundred subjects is a few MB; anything far larger is not one.
-MAX_MANIFEST_BYTES = int(os.environ.get("NEUROFLOW_MAX_MANIFEST_BYTES", 64 * 1024 * 1024))
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
-
-
-def _parse_s3_uri(uri: str, what: str) -> tuple[str, str]:
-    """``(bucket, key)`` of an ``s3://`` URI given on the command line, or a ConfigError naming it."""
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise ConfigError(f"{printable(uri)}: {what} must be an s3://bucket/... URI")
-    bucket, key = split_s3_uri(uri)
-    if not _BUCKET.fullmatch(bucket):
-        raise ConfigError(f"{printable(uri)}: {what} has an invalid bucket name {printable(bucket)!r}")
-    if key:
-        check_relative_key(key, what)
-    return bucket, key
-
-
-def _store_and_rel(uri: str) -> tuple[ResultStore, str]:
-    bucket, key = _parse_s3_uri(uri, "the manifest URI")
-    return ResultStore(f"s3://{bucket}"), key
-
-
-def printable(value: Any, limit: int = 300) -> str:
-    """`value` as text safe for a terminal: control characters (escape sequences) shown escaped,
-    and cut at `limit` characters. Manifests are written by other people."""
-    text = str(value)
-    text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def parse_manifest(data: bytes, manifest_uri: str) -> dict[str, Any]:
-    """Decode and validate a manifest's bytes; one IntegrityError naming the URI and the problem."""
-    from .publish import validate_manifest
-
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise IntegrityError(f"{manifest_uri}: not UTF-8 text (byte {err.start}); not a neuroflow manifest") from err
-    except json.JSONDecodeError as err:
-        raise IntegrityError(f"{manifest_uri}: not valid JSON (line {err.lineno} column {err.colno}: {err.msg}); "
-                             "the manifest is damaged, re-publish the analysis") from err
-    except RecursionError as err:
-        raise IntegrityError(f"{manifest_uri}: JSON nested too deeply; not a neuroflow manifest") from err
-    try:
-        validate_manifest(manifest)
-    except jsonschema.ValidationError as err:
-        where = "/".join(str(p) for p in err.absolute_path) or "top level"
-        raise IntegrityError(f"{manifest_uri}: not a valid neuroflow manifest (at {printable(where, 120)}: "
-                             f"{printable(err.message, 200)}); it was not written by neuroflow "
-                             f"{SCHEMA_VERSION} or was altered") from err
-    except RecursionError as err:
-        raise IntegrityError(f"{manifest_uri}: JSON nested too deeply; not a neuroflow manifest") from err
-    for art in manifest["artifacts"]:
-        try:
-            check_relative_key(art["path"], "artifact path")
-        except ConfigError as err:
-            raise IntegrityError(f"{manifest_uri}: lists an artifact path {printable(art['path'], 120)!r} that "
-                                 "could escape its folder; the manifest is not trusted") from err
-    return manifest
-
-
-def read_manifest(manifest_uri: str) -> dict[str, Any]:
-    """The manifest at `manifest_uri` (at most MAX_MANIFEST_BYTES, validated against the schema)."""
-    store, key = _store_and_rel(manifest_uri)
-    if not key.endswith("manifest.json") or not (key == "manifest.json" or key.endswith("/manifest.json")):
-        raise ConfigError(f"{printable(manifest_uri)}: not a manifest.json URI; use `neuroflow maps list` to find one")
-    data = store.get_bytes(key, max_bytes=MAX_MANIFEST_BYTES)
-    return parse_manifest(data, manifest_uri)
+__all__ = ["PublishedAnalysis", "get_artifact", "list_analyses", "read_manifest", "scan_analyses"]
 
 
 def scan_analyses(output_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Every published analysis under `output_uri` (one row per valid manifest) and the problems:
     manifests that could not be read, each with its URI and the reason (they do not hide the others)."""
-    bucket, prefix = _parse_s3_uri(output_uri, "the output URI")
+    bucket, prefix = parse_s3_uri(output_uri, "the output URI")
     store = ResultStore(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}")
     rows, problems = [], []
     for obj in store.list():
@@ -131,7 +63,7 @@ def get_artifact(manifest_uri: str, path: str, dest: str | Path, *, overwrite: b
         what = "is a folder" if dest.is_dir() else "already exists"
         raise ConfigError(f"{dest}: {what}; name a new file to write the artifact to"
                           + ("" if dest.is_dir() else " (or pass --overwrite)"))
-    store, key = _store_and_rel(manifest_uri)
+    store, key = store_and_key(manifest_uri)
     base = key.rpartition("/")[0]
     data = store.get_bytes(f"{base}/{path}" if base else path, max_bytes=int(entry["bytes"]))
     if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConfigError, FitError
+from .features.align import make_delays
 from .fit import fit_encoding
+from .stats import paired_held_out
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
@@ -106,8 +108,6 @@ def decoding_design(Y: np.ndarray, run_lengths: Sequence[int], delays: Sequence[
     haemodynamic delay), so the decoder of the features at ``t`` reads the responses at
     ``t + d``: block ``k`` holds ``Y[t + delays[k]]`` (zero past the end of a run).
     """
-    from .features.align import make_delays
-
     return make_delays(np.asarray(Y, dtype=np.float32), run_lengths, [-int(d) for d in delays])
 
 
@@ -149,8 +149,6 @@ def identification(F_true: np.ndarray, F_pred: np.ndarray, sample_fold: np.ndarr
     """
     if isinstance(segment_length, bool) or not isinstance(segment_length, (int, np.integer)) or segment_length < 1:
         raise ConfigError(f"'segment_length' must be an integer >= 1; got {segment_length!r}.")
-    from .stats import paired_held_out
-
     T, P, sample_fold = paired_held_out(F_true, F_pred, sample_fold, np.float64, ("F_true", "F_pred"))
     held = sample_fold >= 0
     usable = held & np.isfinite(P).all(1) & np.isfinite(T).all(1)

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .features.align import lanczos_resample
+from .features.language_model import extract_word_features
+from .simulate import demo_mask, simulate_run, sphere_mask
+from .stimulus import read_textgrid_words
+
 DEMO_SOURCE = Path(__file__).resolve().parents[1] / "data" / "ds002322-demo"
 TEXTGRID = "stimuli/DownTheRabbitHoleFinal_exp120_pad_1.TextGrid"
 SIM_SUBJECT = "sim01"
@@ -26,9 +31,6 @@ def packaged_model_dir() -> Path:
 def simulation_drivers(words, model_dir: str | Path, times: np.ndarray, layer: int = 4,
                        context_words: int = 16, n_components: int = 3) -> np.ndarray:
     """Drivers on the TR grid: word rate and the top principal components of LM features."""
-    from .features.align import lanczos_resample
-    from .features.language_model import extract_word_features
-
     mid = ((words["onset"] + words["offset"]) / 2).to_numpy()
     rate = lanczos_resample(np.ones((len(words), 1), np.float32), mid, times)
     feats = extract_word_features(list(words["word"]), str(model_dir), [layer], context_words)[layer]
@@ -42,8 +44,6 @@ def write_simulated_subject(dest: Path, drivers: np.ndarray, resolution_mm: floa
                             subject: str = SIM_SUBJECT, seed: int = 1, snr: float = 1.0) -> np.ndarray:
     """Write sub-<subject>'s simulated BOLD run, brain mask and sidecar; return the planted mask."""
     import nibabel as nib
-
-    from .simulate import demo_mask, simulate_run, sphere_mask
 
     mask_img = demo_mask(resolution_mm)
     mask = np.asarray(mask_img.dataobj) > 0
@@ -72,8 +72,6 @@ def write_simulated_subject(dest: Path, drivers: np.ndarray, resolution_mm: floa
 
 def build_demo_dataset(dest: Path, model_dir: str | Path | None = None, resolution_mm: float = 8.0) -> Path:
     """Copy the bundled real files to `dest` and add the simulated subject (deterministic)."""
-    from .stimulus import read_textgrid_words
-
     dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)

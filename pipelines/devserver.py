@@ -71,9 +71,9 @@ def create_public_bucket(name: str) -> None:
     """A bucket anyone may list and read without signing, as the real OpenNeuro bucket."""
     import json
 
-    from .storage import _client, endpoint_url
+    from .s3 import client_for, endpoint_url
 
-    client = _client(False, endpoint_url())
+    client = client_for(False, endpoint_url())
     try:
         client.create_bucket(Bucket=name)
     except client.exceptions.BucketAlreadyOwnedByYou:

@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DatasetError
+from .readers import check_not_pointer
+from .readers.nifti import load_nifti
 
 log = logging.getLogger("neuroflow")
 
@@ -158,8 +160,6 @@ def check_database(ingest, subject: str, kind: str) -> PycortexSubject:
 
 
 def _fetch_nifti(ingest, key: str):
-    from .readers.nifti import load_nifti
-
     return load_nifti(ingest.fetch(key), key)[0]
 
 
@@ -201,8 +201,6 @@ def local_filestore(ingest, subject: str, kind: str, root: str | Path) -> tuple[
     over the files' keys and sha256; it is built in a temporary folder and renamed into place,
     so a concurrent or interrupted build never leaves half a filestore.
     """
-    from .readers import check_not_pointer
-
     pcs, keys = database_keys(ingest, subject, kind)
     paths = {}
     for key in keys:

@@ -23,7 +23,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .errors import DatasetError
-from .storage import ResultStore, split_s3_uri
+from .manifest import read_manifest
+from .s3 import split_s3_uri, translate_s3_error
+from .resultstore import ResultStore
 
 log = logging.getLogger("neuroflow")
 
@@ -72,8 +74,6 @@ def _entry(rel: str, etag: str, manifest: dict[str, Any]) -> dict[str, Any]:
 def build_index(output_uri: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """The index of every analysis published under `output_uri` (entries of `previous` whose
     manifest ETag is unchanged are reused rather than read again)."""
-    from .consume import read_manifest
-
     store = ResultStore(output_uri)
     known = {e["manifest"]: e for e in (previous or {}).get("analyses", [])}
     analyses, problems = [], []
@@ -138,15 +138,13 @@ analysis report; its <code>manifest.json</code> lists every artifact with its sh
 def _read_index(store: ResultStore) -> tuple[dict[str, Any] | None, str | None]:
     from botocore.exceptions import ClientError
 
-    from .storage import translate_s3_error
-
     try:
         obj = store.client.get_object(Bucket=store.bucket, Key=store.key(INDEX_JSON))
         body = obj["Body"].read()
     except ClientError as err:
         if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
             return None, None
-        raise translate_s3_error(err, store.uri_of(INDEX_JSON)) from None
+        raise translate_s3_error(err, store.uri_of(INDEX_JSON)) from err
     try:
         return json.loads(body), obj["ETag"]
     except ValueError:
@@ -156,8 +154,6 @@ def _read_index(store: ResultStore) -> tuple[dict[str, Any] | None, str | None]:
 def _put_conditional(store: ResultStore, rel: str, body: bytes, content_type: str, etag: str | None) -> bool:
     from botocore.exceptions import ClientError
 
-    from .storage import translate_s3_error
-
     cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
     try:
         store.client.put_object(Bucket=store.bucket, Key=store.key(rel), Body=body, ContentType=content_type, **cond)
@@ -166,7 +162,7 @@ def _put_conditional(store: ResultStore, rel: str, body: bytes, content_type: st
         code = err.response.get("Error", {}).get("Code", "")
         if status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
             return False
-        raise translate_s3_error(err, store.uri_of(rel)) from None
+        raise translate_s3_error(err, store.uri_of(rel)) from err
     return True
 
 

@@ -156,7 +156,7 @@ def check_gzip_size(path: str | Path, key: str, expected: int, what: str, *, sla
                                        "re-download it or remove it from the dataset")
     except (OSError, EOFError, zlib.error) as err:
         raise DatasetError(f"{key}: corrupt or truncated {label} ({type(err).__name__}: {err}); "
-                           "re-download the file") from None
+                           "re-download the file") from err
     return total
 
 

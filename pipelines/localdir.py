@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConfigError
-from .storage import _locked, sha256_file
+from .storage import file_lock, sha256_file
 
 MARKER = ".neuroflow-output.json"
 MARKER_VERSION = 1
@@ -162,7 +162,7 @@ def install(staging: Path, files: list[str], dest: str | Path, analysis_id: str,
     cache_dir = Path(cache_dir)
     dest_shown = dest
     dest = check_local_dir(dest, analysis_id, cache_dir=cache_dir)  # again: the folder may have changed
-    with _locked(_lock_file(cache_dir, dest)):
+    with file_lock(_lock_file(cache_dir, dest)):
         dest = check_local_dir(dest_shown, analysis_id, cache_dir=cache_dir)
         dest.mkdir(parents=True, exist_ok=True)
         old = (read_marker(dest) or {}).get("files", {})

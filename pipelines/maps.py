@@ -79,7 +79,7 @@ def bids_map_name(subject: str, task: str, space: str | None, desc: str, stat: s
     return "_".join(parts) + _EXT_SUFFIX[ext]
 
 
-def _mask_bool(mask_img: nib.Nifti1Image) -> np.ndarray:
+def mask_bool(mask_img: nib.Nifti1Image) -> np.ndarray:
     data = np.asanyarray(mask_img.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -107,7 +107,7 @@ def write_volume_map(values: np.ndarray, mask_img: nib.Nifti1Image, path: str | 
         The written file.
     """
     path = Path(path)
-    mask = _mask_bool(mask_img)
+    mask = mask_bool(mask_img)
     values = np.asarray(values, dtype=np.float32)
     if values.ndim != 1 or values.shape[0] != int(mask.sum()):
         raise DatasetError(

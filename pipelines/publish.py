@@ -8,48 +8,30 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import re
 import shutil
 import tempfile
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__
+from . import flatmap
+from .cache import default_cache_dir, load_npz
 from .config import AnalysisConfig
 from .errors import ConfigError, PublishConflictError
 from .faults import failpoint
+from .gallery import update_index
+from .ingest import open_dataset
 from .localdir import check_local_dir, install
-from .storage import ResultStore, sha256_file, split_s3_uri
+from .manifest import SCHEMA_VERSION, library_versions, utc_now, validate_manifest
+from .report import render_report
+from .resultstore import ResultStore
+from .s3 import split_s3_uri
+from .storage import sha256_file
 
 log = logging.getLogger("neuroflow")
-
-SCHEMA_VERSION = "1.0"
-SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
-LIBRARIES = ("numpy", "scipy", "himalaya", "torch", "transformers", "nibabel", "nilearn", "dask",
-             "distributed", "boto3", "pydantic")
-
-
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for lib in LIBRARIES:
-        try:
-            out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def validate_manifest(manifest: dict) -> None:
-    """Raise jsonschema.ValidationError unless `manifest` matches the versioned schema."""
-    import jsonschema
-
-    jsonschema.validate(manifest, json.loads(SCHEMA_PATH.read_text()))
-
 
 def _desc(name: str) -> str:
     return "".join(ch for ch in name if ch.isalnum())
@@ -58,6 +40,7 @@ def _desc(name: str) -> str:
 def _surface_maps(sub: str, task: str, space: str | None, desc: str, feat: str, arrays: dict[str, np.ndarray],
                   sub_dir: Path, fig_dir: Path) -> tuple[list[dict], Path | None]:
     """GIFTI maps per hemisphere and statistic, and one picture of r on the inflated surface."""
+    # maps imports matplotlib and nilearn (heavy): loaded only when drawing
     from .maps import FSAVERAGE_VERTICES, bids_map_name, render_surface_png, write_surface_map
 
     hemi = arrays["info__hemi"].astype(str)
@@ -84,19 +67,20 @@ def _surface_maps(sub: str, task: str, space: str | None, desc: str, feat: str, 
 def _flatmap(sub: str, task: str, desc: str, feat: str, arrays: dict[str, np.ndarray], mask_img, kind: str,
              flat: tuple[Path, Any], fig_dir: Path, artifacts: list[dict]) -> dict:
     """One feature space's held-out r on the subject's pycortex flatmap; its report image."""
-    from .flatmap import render_flatmap_png
-    from .maps import _mask_bool, bids_map_name
+    # maps imports matplotlib and nilearn (heavy): loaded only when drawing
+    from .maps import bids_map_name, mask_bool
 
     filestore, pcs = flat
     r = np.where(arrays[f"{feat}__valid"].astype(bool), arrays[f"{feat}__r"], np.nan).astype(np.float32)
     if kind == "bold":  # volumes: r back on the reference grid, NaN outside the brain mask
-        mask = _mask_bool(mask_img)
+        mask = mask_bool(mask_img)
         values = np.full(mask.shape, np.nan, dtype=np.float32)
         values[mask] = r
     else:  # HDF5: r is already one value per voxel of the pycortex mask, in its order
         values = r
     png = fig_dir / bids_map_name(sub, task, None, desc, "r", ".png").replace("_statmap.png", "_flatmap.png")
-    render_flatmap_png(values, filestore, pcs, png, f"sub-{sub} {feat}: held-out r ({pcs.subject}, {pcs.transform})")
+    flatmap.render_flatmap_png(values, filestore, pcs, png,
+                               f"sub-{sub} {feat}: held-out r ({pcs.subject}, {pcs.transform})")
     artifacts.append({"file": png, "kind": "flatmap_png", "subject": sub, "feature_space": feat, "stat": "r"})
     return {"path": str(png), "caption": f"{feat}: held-out correlation on the flattened cortex of {pcs.subject} "
                                          "(pycortex)"}
@@ -109,6 +93,7 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
     ``flat`` is (pycortex filestore, :class:`pipelines.flatmap.PycortexSubject`) when each
     feature space's r is also drawn on the subject's flatmap.
     """
+    # maps imports matplotlib and nilearn (heavy): loaded only when drawing
     from .maps import (bids_map_name, render_electrodes_png, render_histogram_png, render_slices_png,
                        render_targets_png, render_topomaps_png, render_volume_png, write_target_table,
                        write_volume_map)
@@ -197,6 +182,7 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
         entries[0]["images"].append({"path": str(hist), "caption": "distribution of held-out r"})
     decoded = {f: m["decoding"] for f, m in fit["metrics"].items() if m.get("decoding")}
     if decoded:
+        # maps imports matplotlib and nilearn (heavy): loaded only when drawing
         from .maps import render_decoding_png
 
         djson = sub_dir / "decoding.json"
@@ -219,10 +205,8 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     published result is never replaced by a re-run with failed subjects, and a partial one never
     by a partial one with fewer subjects: :class:`PublishConflictError`, before any upload.
     ``cache_dir`` is the download cache (staging, locks, and ``maps.pycortex``'s database;
-    default :func:`pipelines.stages.default_cache_dir`).
+    default :func:`pipelines.cache.default_cache_dir`).
     """
-    from .stages import default_cache_dir
-
     cfg = config
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     local_shown = local_dir
@@ -251,8 +235,6 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
     """Render into the staging folder `out_dir`, upload verified, commit the manifest, then copy locally."""
     import nibabel as nib
 
-    from .report import render_report
-
     artifacts: list[dict] = []
     report_subjects = []
     subject_info: dict[str, dict] = {}
@@ -263,9 +245,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         if fit.get("status") != "ok":
             subject_info[sub] = {"status": "failed", "error": fit.get("error", "unknown error")}
             continue
-        from .stages import _load_npz
-
-        arrays = _load_npz(store.get_bytes(fit["result_rel"]))
+        arrays = load_npz(store.get_bytes(fit["result_rel"]))
         mask_img = None
         if fit.get("mask_rel"):
             mask_path = store.download(fit["mask_rel"], out_dir / ".work" / f"mask-{sub}.nii.gz")
@@ -342,7 +322,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         "artifacts": records,
         "inputs": [inputs[k] for k in sorted(inputs)],
         "provenance": {**provenance_static,
-                       "started": started or _now(), "finished": _now(), "airflow_run_id": airflow_run_id},
+                       "started": started or utc_now(), "finished": utc_now(), "airflow_run_id": airflow_run_id},
     }
     validate_manifest(manifest)
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -467,25 +447,18 @@ class _Flatmaps:
     """The pycortex filestore of each subject, fetched from the dataset when first needed."""
 
     def __init__(self, cfg: AnalysisConfig, cache_dir: str | Path | None):
-        from .flatmap import KINDS, enabled
-
-        self.cfg, self.kinds, self.ingest = cfg, KINDS, None
-        self.on = enabled(cfg)
+        self.cfg, self.kinds, self.ingest = cfg, flatmap.KINDS, None
+        self.on = flatmap.enabled(cfg)
         if cache_dir is None:
-            from .stages import default_cache_dir
-
-            cache_dir = default_cache_dir()
+                    cache_dir = default_cache_dir()
         self.cache_dir = Path(cache_dir)
 
     def of(self, subject: str, kind: str) -> tuple[Path, Any] | None:
         if not self.on or kind not in self.kinds:
             return None
-        from .flatmap import local_filestore
-        from .ingest import open_dataset
-
         if self.ingest is None:
             self.ingest = open_dataset(self.cfg, self.cache_dir)
-        return local_filestore(self.ingest, subject, kind, self.cache_dir / "pycortex")
+        return flatmap.local_filestore(self.ingest, subject, kind, self.cache_dir / "pycortex")
 
     def files_read(self) -> dict:
         return {"files_read": [r.as_dict() for r in self.ingest.files_read.values()] if self.ingest else []}
@@ -494,8 +467,6 @@ class _Flatmaps:
 def _update_gallery(output: str) -> None:
     """Refresh the index of analyses at the output root; the manifest is already committed, so
     a failure here is logged, never fatal (``neuroflow_maps_consumer`` refreshes it again)."""
-    from .gallery import update_index
-
     try:
         update_index(output)
     except Exception as err:  # noqa: BLE001 - the index is derived data, rebuilt by the next update
@@ -557,7 +528,3 @@ def _device(backend: str) -> str:
         except Exception:  # noqa: BLE001
             return "cuda"
     return "cpu"
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

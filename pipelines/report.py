@@ -139,8 +139,8 @@ def _fmt_value(value: Any) -> str:
 def _get(mapping: dict, key: str, where: str) -> Any:
     try:
         return mapping[key]
-    except (KeyError, TypeError):
-        raise NeuroflowError(f"report is missing key '{key}' in {where}") from None
+    except (KeyError, TypeError) as err:
+        raise NeuroflowError(f"report is missing key '{key}' in {where}") from err
 
 
 def render_report(report: dict, path: str | Path) -> Path:

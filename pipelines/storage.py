@@ -1,8 +1,7 @@
-"""S3 and local-folder access: listing, verified downloads into a cache, verified uploads.
+"""A dataset's files, S3 or a local folder: listing, and verified, resumable downloads into a cache.
 
-The S3 endpoint and credentials come from the standard AWS environment
-(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), so any S3-compatible server works.
-The public OpenNeuro bucket is read with unsigned requests. Downloads land in a
+Endpoints and clients are :mod:`pipelines.s3`'s; published results :mod:`pipelines.resultstore`'s.
+Downloads land in a
 ``.part`` file that is renamed only once its size (and checksum, when known) match,
 so a partial file is never visible as complete.
 """
@@ -17,16 +16,15 @@ import shutil
 import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from .config import check_relative_key
-from .errors import ConfigError, DatasetError, IntegrityError, TransientIOError
+from .keys import check_relative_key
+from .errors import DatasetError, IntegrityError, TransientIOError
+from .s3 import endpoint_identity, s3_client, split_s3_uri, translate_s3_error
 
 log = logging.getLogger(__name__)
 
-UNSIGNED_BUCKETS = frozenset({"openneuro.org"})
 CHUNK = 1 << 20
 
 
@@ -41,116 +39,12 @@ class ObjectInfo:
     modified: str = ""  # the listing's LastModified (the object's identity when a server gives no ETag)
 
 
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``."""
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[5:].partition("/")
-    return bucket, key.strip("/")
-
-
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(CHUNK), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def endpoint_url() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def redact_url(url: str | None) -> str | None:
-    """`url` fit for a log line: user, password and query (where credentials hide) replaced by ``***``."""
-    if not url:
-        return url
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:  # not a URL at all: show its scheme only
-        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
-    netloc = ("***@" if parts.username or parts.password else "") + host + port
-    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
-
-
-def check_endpoint(url: str | None) -> None:
-    """Refuse an ``AWS_ENDPOINT_URL`` boto3 cannot use, or one carrying credentials (they would be
-    sent in the clear and shown in errors); the message shows the URL redacted."""
-    if not url:
-        return
-    from urllib.parse import urlsplit
-
-    fix = ("give http(s)://host[:port] of the S3 server; credentials go in AWS_ACCESS_KEY_ID / "
-           "AWS_SECRET_ACCESS_KEY, never in the URL")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        raise ConfigError(f"AWS_ENDPOINT_URL is not a valid URL ({redact_url(url)}); {fix}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"AWS_ENDPOINT_URL is not an http(s) URL ({redact_url(url)}); {fix}")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ConfigError(f"AWS_ENDPOINT_URL carries credentials or a query ({redact_url(url)}); {fix}")
-
-
-def endpoint_identity() -> str:
-    """The S3 endpoint this process talks to, normalised, without credentials (``aws`` for AWS's own).
-
-    Part of the download cache's key: two servers that both have a bucket ``b`` never share entries.
-    """
-    from urllib.parse import urlsplit
-
-    url = endpoint_url()
-    if not url:
-        return "aws"
-    check_endpoint(url)
-    parts = urlsplit(url.strip())
-    host = (parts.hostname or "").lower()
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:  # not a number: boto3 refuses it anyway
-        port = ""
-    return f"{parts.scheme.lower()}://{host}{port}{parts.path.rstrip('/')}"
-
-
-def _client(unsigned: bool, endpoint: str | None):
-    check_endpoint(endpoint)
-    return _cached_client(unsigned, endpoint, os.environ.get("AWS_MAX_ATTEMPTS"), os.environ.get("AWS_RETRY_MODE"))
-
-
-@lru_cache(maxsize=16)
-def _cached_client(unsigned: bool, endpoint: str | None, _attempts: str | None, _mode: str | None):
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
-    # Throttling (503 SlowDown), 5xx and connection errors are retried with exponential backoff
-    # and jitter; AWS_MAX_ATTEMPTS / AWS_RETRY_MODE in the environment override these defaults.
-    cfg = Config(
-        signature_version=UNSIGNED if unsigned else None,
-        retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-                 "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "10"))},
-        connect_timeout=5,
-        read_timeout=60,
-        s3={"addressing_style": "path"},
-    )
-    session = boto3.session.Session()
-    try:
-        return session.client("s3", endpoint_url=endpoint, config=cfg,
-                              region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-    except ValueError as err:  # botocore's message holds the whole URL, credentials included
-        raise ConfigError(f"AWS_ENDPOINT_URL is not a valid URL ({redact_url(endpoint)}); give "
-                          "http(s)://host:port of the S3 server, with credentials in AWS_ACCESS_KEY_ID / "
-                          "AWS_SECRET_ACCESS_KEY, not in the URL") from None
-
-
-def s3_client(bucket: str):
-    """A boto3 S3 client for `bucket` (unsigned for public OpenNeuro)."""
-    return _client(bucket in UNSIGNED_BUCKETS, endpoint_url())
 
 
 def check_not_pointer(path: str | Path, where: str) -> None:
@@ -168,31 +62,6 @@ def check_not_pointer(path: str | Path, where: str) -> None:
     raise DatasetError(f"{where}: is a git-annex pointer ({size} bytes: {pointer[:120]}{real}), not data; the "
                        "dataset was published without this file's content. Fetch it (`datalad get`) or use a "
                        "source that has it")
-
-
-def translate_s3_error(err: Exception, what: str) -> Exception:
-    """Map botocore errors to the project's errors with a message naming `what` and a fix."""
-    from botocore.exceptions import ClientError, HTTPClientError
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-
-    if isinstance(err, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
-        return TransientIOError(
-            f"cannot reach the S3 endpoint for {what} ({redact_url(endpoint_url()) or 'AWS default'}); "
-            "check AWS_ENDPOINT_URL and that the server is running"
-        )
-    if isinstance(err, ClientError):
-        code = err.response.get("Error", {}).get("Code", "")
-        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in ("NoSuchBucket",):
-            return DatasetError(f"{what}: the bucket does not exist; check the s3:// URI")
-        if code in ("NoSuchKey", "404", "NotFound"):
-            return DatasetError(f"{what}: no such object; check the path and the dataset version")
-        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return DatasetError(f"{what}: access denied; check AWS credentials (AWS_ACCESS_KEY_ID, ...)")
-        if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
-            return TransientIOError(f"{what}: the S3 server answered {code or status}; retry later")
-        return DatasetError(f"{what}: S3 error {code or status}: {err}")
-    return err
 
 
 _ANNEX_KEY = re.compile(r"\b(?P<backend>MD5E?|SHA1E?|SHA256E?|SHA512E?)-s(?P<size>\d+)"
@@ -246,7 +115,7 @@ def safe_key(key: str, source: str) -> str:
     try:
         check_relative_key(key, "dataset file")
     except ValueError as err:
-        raise DatasetError(f"{source}: refusing key {key!r}: it would escape the cache folder ({err})") from None
+        raise DatasetError(f"{source}: refusing key {key!r}: it would escape the cache folder ({err})") from err
     if not key or key.endswith("/") or any(p in (".", "") for p in key.split("/")):
         raise DatasetError(f"{source}: refusing key {key!r}: empty or '.' path segment; it would escape "
                            "or alias the cache folder")
@@ -254,7 +123,7 @@ def safe_key(key: str, source: str) -> str:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock on `path` (two processes never write one cache file at once)."""
     import fcntl
 
@@ -382,7 +251,7 @@ class DatasetSource:
                         yield rel, ObjectInfo(rel, int(obj["Size"]), etag, checksum=etag_checksum(etag),
                                               modified=modified.isoformat() if modified else "")
         except Exception as err:  # noqa: BLE001 - translated to a project error
-            raise translate_s3_error(err, self.source) from None
+            raise translate_s3_error(err, self.source) from err
 
     def _list_local(self) -> Iterator[tuple[str, ObjectInfo]]:
         if not self.root.is_dir():
@@ -457,7 +326,7 @@ class DatasetSource:
             return self._fetch_local(key, info)
         dest = self.local_path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(self._aux_path("locks", key, ".lock")):
+        with file_lock(self._aux_path("locks", key, ".lock")):
             digests = self._reusable(key, info, dest)
             if digests is not None:
                 self.verified.setdefault(key, "size+sha256 (cached copy matches the record of its verified download)")
@@ -583,13 +452,13 @@ class DatasetSource:
             except streaming as err:
                 now = part.stat().st_size if part.exists() else 0
                 if now == before and not isinstance(err, _CutTransfer):  # nothing arrived: the server is unreachable
-                    raise translate_s3_error(err, f"{self.source}/{key}") from None
+                    raise translate_s3_error(err, f"{self.source}/{key}") from err
                 cuts += 1
                 offset = now
                 if cuts > MAX_RESUMES:
                     raise TransientIOError(
                         f"{self.source}/{key}: the transfer was cut {cuts} times (at {offset} of {info.size} "
-                        "bytes); run again: the download resumes from there") from None
+                        "bytes); run again: the download resumes from there") from err
             except Exception as err:  # noqa: BLE001
                 mapped = translate_s3_error(err, f"{self.source}/{key}")
                 if not isinstance(mapped, TransientIOError):  # the object is gone or changed: start over next time
@@ -600,7 +469,7 @@ class DatasetSource:
                     mapped = DatasetError(f"{self.source}/{key}: the object changed while it was being "
                                           "downloaded (ETag no longer matches the listing); the dataset is "
                                           "being modified: run again once it is stable")
-                raise mapped from None
+                raise mapped from err
 
     def _verify(self, key: str, info: ObjectInfo, part: Path) -> tuple[str, dict[str, str]]:
         """Size and (where the source gives one) checksum of a finished download; removes it if wrong.
@@ -692,170 +561,6 @@ def _write_atomic(path: Path, text: str) -> None:
 def _key_text(target: str) -> str:
     """The annex key (last path part) of a git-annex symlink target."""
     return PurePosixPath(target).name
-
-
-class ResultStore:
-    """Writes published results under an ``s3://bucket/prefix``, verifying each upload."""
-
-    def __init__(self, output_uri: str):
-        self.bucket, self.prefix = split_s3_uri(output_uri)
-        self.uri = output_uri.rstrip("/")
-
-    def key(self, rel: str) -> str:
-        check_relative_key(rel, "artifact path")
-        return f"{self.prefix}/{rel}" if self.prefix else rel
-
-    def uri_of(self, rel: str) -> str:
-        return f"s3://{self.bucket}/{self.key(rel)}"
-
-    @property
-    def client(self):
-        return s3_client(self.bucket)
-
-    def ensure_bucket(self) -> None:
-        """Fail early, naming 'output', when the results bucket is missing or unreachable."""
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError as err:
-            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                raise DatasetError(f"s3://{self.bucket}: the results bucket does not exist; "
-                                   "create it or fix 'output' in the config") from None
-            raise translate_s3_error(err, f"s3://{self.bucket}") from None
-        except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, f"s3://{self.bucket}") from None
-
-    def put_file(self, local: str | Path, rel: str, content_type: str | None = None) -> dict:
-        """Upload `local` to `rel`, read it back and check size and sha256."""
-        local = Path(local)
-        digest = sha256_file(local)
-        size = local.stat().st_size
-        extra = {"Metadata": {"sha256": digest}}
-        if content_type:
-            extra["ContentType"] = content_type
-        try:
-            self.client.upload_file(str(local), self.bucket, self.key(rel), ExtraArgs=extra)
-        except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri_of(rel)) from None
-        self.verify(rel, digest, size)
-        return {"path": rel, "sha256": digest, "bytes": size}
-
-    def put_bytes(self, data: bytes, rel: str, content_type: str = "application/octet-stream",
-                  if_none_match: bool = False) -> dict:
-        digest = hashlib.sha256(data).hexdigest()
-        kwargs = dict(Bucket=self.bucket, Key=self.key(rel), Body=data, ContentType=content_type,
-                      Metadata={"sha256": digest})
-        if if_none_match:
-            kwargs["IfNoneMatch"] = "*"
-        try:
-            self.client.put_object(**kwargs)
-        except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri_of(rel)) from None
-        self.verify(rel, digest, len(data))
-        return {"path": rel, "sha256": digest, "bytes": len(data)}
-
-    def create_bytes(self, data: bytes, rel: str, content_type: str = "application/octet-stream") -> dict | None:
-        """Write `rel` only if no object is there yet; None when one already was.
-
-        Uses S3's conditional write (``If-None-Match: *``) so that of two writers racing,
-        exactly one wins. On a server that ignores the header, the existence check just
-        before the write still catches every writer that is not simultaneous to the
-        millisecond; the remaining window is documented in the README.
-        """
-        from botocore.exceptions import ClientError
-
-        if self.exists(rel):
-            return None
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=data, ContentType=content_type,
-                                   Metadata={"sha256": digest}, IfNoneMatch="*")
-        except ClientError as err:
-            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = err.response.get("Error", {}).get("Code", "")
-            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return None
-            raise translate_s3_error(err, self.uri_of(rel)) from None
-        except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri_of(rel)) from None
-        self.verify(rel, digest, len(data))
-        return {"path": rel, "sha256": digest, "bytes": len(data)}
-
-    def get_bytes(self, rel: str, max_bytes: int | None = None) -> bytes:
-        """The object's bytes; with `max_bytes`, an object larger than that is refused before
-        it is read (and a body longer than announced is cut off), so memory stays bounded."""
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self.key(rel))
-            if max_bytes is None:
-                return resp["Body"].read()
-            size = int(resp.get("ContentLength", 0))
-            if size > max_bytes:
-                resp["Body"].close()
-                raise IntegrityError(f"{self.uri_of(rel)}: the object is {size:,} bytes, over the {max_bytes:,} "
-                                     "expected here; it is not what it claims to be, so it was not read")
-            data = resp["Body"].read(max_bytes + 1)
-        except IntegrityError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri_of(rel)) from None
-        if len(data) > max_bytes:
-            raise IntegrityError(f"{self.uri_of(rel)}: the object is over the {max_bytes:,} bytes expected here; "
-                                 "it was not read")
-        return data
-
-    def exists(self, rel: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self.key(rel))
-            return True
-        except ClientError as err:
-            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return False
-            raise translate_s3_error(err, self.uri_of(rel)) from None
-        except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri_of(rel)) from None
-
-    def list(self, rel_prefix: str = "") -> list[ObjectInfo]:
-        prefix = self.key(rel_prefix) if rel_prefix else (self.prefix + "/" if self.prefix else "")
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        out = []
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                for obj in page.get("Contents", []):
-                    out.append(ObjectInfo(obj["Key"][strip:], int(obj["Size"]), obj.get("ETag", "").strip('"')))
-        except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, f"s3://{self.bucket}/{prefix}") from None
-        return out
-
-    def verify(self, rel: str, sha256: str, size: int) -> None:
-        """Read the object back; raise IntegrityError unless size and sha256 match."""
-        data = self.get_bytes(rel)
-        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
-            raise IntegrityError(f"{self.uri_of(rel)}: verification after upload failed "
-                                 f"({len(data)} bytes, expected {size}); the upload was not stored intact")
-
-    def download(self, rel: str, dest: str | Path) -> Path:
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(dest.name + ".part")
-        part.write_bytes(self.get_bytes(rel))
-        os.replace(part, dest)
-        return dest
-
-
-def copy_tree_to_s3(local_root: str | Path, uri: str) -> int:
-    """Upload every file under `local_root` to `uri` (used to stage demo/test datasets)."""
-    bucket, prefix = split_s3_uri(uri)
-    client = _client(False, endpoint_url())
-    n = 0
-    for path in sorted(Path(local_root).rglob("*")):
-        if path.is_file():
-            rel = path.relative_to(local_root).as_posix()
-            client.upload_file(str(path), bucket, f"{prefix}/{rel}" if prefix else rel)
-            n += 1
-    return n
 
 
 def clear_cache_dir(path: Path) -> None:

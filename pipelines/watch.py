@@ -32,8 +32,12 @@ from typing import Any
 import yaml
 
 from .config import apply_overrides, parse_config
+from .demo import packaged_model_dir
 from .errors import ConfigError, DatasetError
-from .storage import DatasetSource, ResultStore, s3_client
+from .ingest import dataset_version
+from .resultstore import ResultStore
+from .s3 import s3_client
+from .storage import DatasetSource
 
 log = logging.getLogger("neuroflow")
 
@@ -82,8 +86,8 @@ def load_watchlist(text_or_path: str | Path, base_dir: str | Path | None = None)
         path = Path(text_or_path)
         try:
             text = path.read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: watch list not found") from None
+        except FileNotFoundError as err:
+            raise ConfigError(f"{path}: watch list not found") from err
         where = str(path)
         base_dir = base_dir or path.parent
     else:
@@ -91,7 +95,7 @@ def load_watchlist(text_or_path: str | Path, base_dir: str | Path | None = None)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML/JSON ({err})") from None
+        raise ConfigError(f"{where}: not valid YAML/JSON ({err})") from err
     items = data.get("datasets") if isinstance(data, dict) else data
     if items is None:
         items = []
@@ -136,13 +140,11 @@ def template_config(entry: WatchEntry) -> dict[str, Any]:
             path = next((c for c in candidates if c.is_file()), candidates[0])
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"watch entry {entry.state_name!r}: config template {path} not found") from None
+        except FileNotFoundError as err:
+            raise ConfigError(f"watch entry {entry.state_name!r}: config template {path} not found") from err
     data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in entry.set.items()])
     for feat in data.get("features") or []:
         if isinstance(feat, dict) and feat.get("model") == "MODEL_DIR":  # the demo's placeholder
-            from .demo import packaged_model_dir
-
             feat["model"] = str(packaged_model_dir())
     data.setdefault("dataset", {})["source"] = entry.source
     return data
@@ -175,9 +177,9 @@ class _Reader:
         try:
             body = s3_client(self.source.bucket).get_object(Bucket=self.source.bucket, Key=full)["Body"].read()
         except Exception as err:  # noqa: BLE001
-            from .storage import translate_s3_error
+            from .s3 import translate_s3_error
 
-            raise translate_s3_error(err, f"{self.source.source}/{key}") from None
+            raise translate_s3_error(err, f"{self.source.source}/{key}") from err
         if len(body) != info.size:
             raise DatasetError(f"{self.source.source}/{key}: changed while being read; run again")
         dest.write_bytes(body)
@@ -192,8 +194,6 @@ def _relevant(key: str, subjects: set[str]) -> bool:
 
 def read_snapshot(source: str, subjects: list[str] | None = None) -> Snapshot:
     """The version `source` declares now and the fingerprint of the files `subjects` would use."""
-    from .ingest import dataset_version
-
     ds = DatasetSource(source, "_watch", tempfile.gettempdir())
     listing = ds.list_files()
     wanted = set(subjects or [])
@@ -232,7 +232,7 @@ class WatchState:
         """(record, ETag); an empty record and None when there is none yet."""
         from botocore.exceptions import ClientError
 
-        from .storage import translate_s3_error
+        from .s3 import translate_s3_error
 
         try:
             obj = self.store.client.get_object(Bucket=self.store.bucket, Key=self.store.key(self.rel))
@@ -240,23 +240,23 @@ class WatchState:
         except ClientError as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return {"schema_version": STATE_SCHEMA_VERSION, "seen": []}, None
-            raise translate_s3_error(err, self.uri) from None
+            raise translate_s3_error(err, self.uri) from err
         except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri) from None
+            raise translate_s3_error(err, self.uri) from err
         try:
             record = json.loads(body)
             if not isinstance(record.get("seen"), list):
                 raise ValueError("no 'seen' list")
         except ValueError as err:
             raise DatasetError(f"{self.uri}: the watch state is unreadable ({err}); delete it to start over "
-                               "(the next watch run then triggers each watched dataset once)") from None
+                               "(the next watch run then triggers each watched dataset once)") from err
         return record, obj["ETag"]
 
     def write(self, record: dict[str, Any], etag: str | None) -> bool:
         """Replace the record if it is still the one read (ETag); False when another writer won."""
         from botocore.exceptions import ClientError
 
-        from .storage import translate_s3_error
+        from .s3 import translate_s3_error
 
         body = json.dumps(record, indent=2, sort_keys=True).encode()
         cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
@@ -269,9 +269,9 @@ class WatchState:
             if status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict",
                                                       "NoSuchKey"):
                 return False
-            raise translate_s3_error(err, self.uri) from None
+            raise translate_s3_error(err, self.uri) from err
         except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri) from None
+            raise translate_s3_error(err, self.uri) from err
         return True
 
 

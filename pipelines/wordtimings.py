@@ -104,7 +104,7 @@ def _open_textgrid(path: Path, key: str):
     try:
         return textgrid.openTextgrid(str(path), includeEmptyIntervals=False, reportingMode="silence")
     except Exception as err:  # noqa: BLE001 - any parse failure is a bad input file
-        raise DatasetError(f"{key}: not a readable Praat TextGrid ({err}); check the file") from None
+        raise DatasetError(f"{key}: not a readable Praat TextGrid ({err}); check the file") from err
 
 
 def read_textgrid_words(path: str | Path, tier: str = "word", offset: float = 0.0, *,
@@ -168,7 +168,7 @@ def read_gentle_words(path: str | Path, offset: float = 0.0, *, unaligned: str =
             raise TypeError("'words' is not a list")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as err:
         raise DatasetError(f"{key}: not a gentle align.json ({type(err).__name__}: {err}); expected "
-                           '{"words": [{"word": ..., "case": "success", "start": s, "end": s}, ...]}') from None
+                           '{"words": [{"word": ..., "case": "success", "start": s, "end": s}, ...]}') from err
     words, onsets, offsets = [], [], []
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
@@ -251,7 +251,7 @@ def read_words_tsv(path: str | Path, offset: float = 0.0, *, word_column: str | 
         table = pd.read_csv(path, sep=sep, encoding="utf-8-sig", na_values=["n/a", ""], keep_default_na=False,
                             dtype=str)
     except Exception as err:  # noqa: BLE001
-        raise DatasetError(f"{key}: unreadable table ({err})") from None
+        raise DatasetError(f"{key}: unreadable table ({err})") from err
     wcol = _pick_column(table, word_column, ("word", "words", "token", "text", "label"), key, "word")
     ocol = _pick_column(table, onset_column, ("onset", "start", "word onset", "start_time", "tmin"), key, "onset")
     ecol = _pick_column(table, offset_column, ("offset", "end", "word offset", "end_time", "tmax", "stop"),
@@ -293,7 +293,7 @@ def read_events_words(path: str | Path, offset: float = 0.0, *, trial_type: str 
     try:
         table = pd.read_csv(path, sep="\t", na_values=["n/a", ""], keep_default_na=False, dtype=str)
     except Exception as err:  # noqa: BLE001
-        raise DatasetError(f"{key}: unreadable events.tsv ({err})") from None
+        raise DatasetError(f"{key}: unreadable events.tsv ({err})") from err
     missing = [c for c in ("onset", "duration", "trial_type", word_column) if c not in table.columns]
     if missing:
         raise DatasetError(f"{key}: events.tsv lacks columns {missing} (it has {list(table.columns)}); "

@@ -27,7 +27,8 @@ from pipelines.consume import get_artifact, list_analyses, read_manifest  # noqa
 from pipelines.demo import build_demo_dataset, packaged_model_dir  # noqa: E402
 from pipelines.devserver import aws_env, create_public_bucket, start_s3_server, stop  # noqa: E402
 from pipelines.run import format_summary  # noqa: E402
-from pipelines.storage import copy_tree_to_s3, s3_client  # noqa: E402
+from pipelines.resultstore import copy_tree_to_s3
+from pipelines.storage import s3_client  # noqa: E402
 
 
 def say(msg: str) -> None:

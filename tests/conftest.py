@@ -103,14 +103,14 @@ def s3_url():
 @pytest.fixture
 def s3(s3_url):
     """A boto3 client for the test server."""
-    from pipelines.storage import s3_client
+    from pipelines.s3 import s3_client
 
     return s3_client("neuroflow-test")
 
 
 def make_bucket(name: str) -> None:
     from pipelines.devserver import create_public_bucket
-    from pipelines.storage import s3_client
+    from pipelines.s3 import s3_client
 
     if name == "openneuro.org":
         create_public_bucket(name)
@@ -148,7 +148,7 @@ def demo_tree(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def openneuro_demo(s3_url, demo_tree) -> str:
     """The demo dataset served as s3://openneuro.org/ds002322 by the test server."""
-    from pipelines.storage import copy_tree_to_s3
+    from pipelines.resultstore import copy_tree_to_s3
 
     make_bucket("openneuro.org")
     copy_tree_to_s3(demo_tree, "s3://openneuro.org/ds002322")

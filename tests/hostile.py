@@ -74,14 +74,37 @@ def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
     return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
 
 
+# The CLI, run so that it reports its own peak memory: VmHWM of /proc/self/status, which starts
+# afresh at exec. (RUSAGE_CHILDREN gives the largest child of the whole session, and a child's own
+# ru_maxrss starts at the RSS of the parent it was forked from: a large test process's.)
+_PEAK_WRAPPER = """
+import os, runpy, sys
+sys.argv = ["neuroflow", *sys.argv[1:]]
+try:
+    runpy.run_module("pipelines.cli", run_name="__main__", alter_sys=True)
+finally:
+    with open("/proc/self/status") as status:
+        peak_kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["NEUROFLOW_TEST_PEAK_FILE"], "w") as fh:
+        fh.write(peak_kb)
+"""
+
+
 def run_cli(scope, sandbox: Sandbox, *args: str, env: dict | None = None, timeout: float = 600,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``neuroflow ARGS`` in the sandbox; adds tracebacks and touched files to the ledger scope."""
+    """``neuroflow ARGS`` in the sandbox; adds tracebacks and touched files to the ledger scope.
+
+    The result also carries ``touched`` (the user's files changed) and ``peak_rss_kb`` (the
+    command's own peak resident memory, KB; None when it was killed before reporting it)."""
     before = sandbox.snapshot()
+    peak_file = sandbox.cache / f".peak-{os.getpid()}-{len(before)}"
+    peak_file.unlink(missing_ok=True)
     full_env = {**os.environ, "HOME": str(sandbox.home), "NEUROFLOW_CACHE": str(sandbox.cache),
-                "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                "PYTHONPATH": str(REPO), "NEUROFLOW_TEST_PEAK_FILE": str(peak_file), **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=str(cwd or sandbox.cwd))
+    proc.peak_rss_kb = int(peak_file.read_text()) if peak_file.exists() else None  # type: ignore[attr-defined]
+    peak_file.unlink(missing_ok=True)
     after = sandbox.snapshot()
     touched = changed(before, after)
     scope.touched += len(touched)

@@ -235,7 +235,8 @@ def test_real_scheduler_end_to_end(airflow, tiny_bert_dir, results_bucket):
     from pipelines.config import parse_config
     from pipelines.consume import read_manifest
     from pipelines.demo import DEMO_SOURCE
-    from pipelines.storage import ResultStore, copy_tree_to_s3, s3_client
+    from pipelines.s3 import s3_client
+    from pipelines.resultstore import ResultStore, copy_tree_to_s3
 
     t0 = time.monotonic()
     services, base = airflow

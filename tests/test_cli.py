@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipelines.devserver import free_port
-from pipelines.storage import ResultStore
+from pipelines.resultstore import ResultStore
 
 from .conftest import demo_config
 

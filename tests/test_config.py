@@ -124,3 +124,19 @@ def test_reader_options_are_validated():
     cfg["dataset"]["responses"] = {"kind": "hdf5", "files": "derivative/preprocessed_data/{subject}/{story}.hf5",
                                    "tr_counts": "derivative/respdict.json", "tr_counts_trim": 20}
     assert parse_config(cfg).dataset.responses.tr_counts_trim == 20
+
+
+def test_the_public_api_is_importable_from_the_package_and_light():
+    import subprocess
+    import sys
+
+    import pipelines
+
+    for name in pipelines.__all__:
+        assert getattr(pipelines, name) is not None, name
+    assert pipelines.run_analysis.__module__ == "pipelines.steps.flow"
+    # importing the package alone loads none of the heavy libraries (DAG files import it at parse time)
+    code = ("import sys, pipelines; heavy = [m for m in ('torch', 'transformers', 'nibabel', 'dask', 'himalaya', "
+            "'matplotlib') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

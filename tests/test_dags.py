@@ -84,7 +84,7 @@ def test_a_trigger_conf_with_extra_keys_fails_before_any_work(airflow_db, dagbag
                                                               ledger):
     from airflow.utils.state import DagRunState
 
-    from pipelines.storage import ResultStore
+    from pipelines.resultstore import ResultStore
 
     with ledger.bad_input("trigger conf with an extra top-level key"):
         config = demo_config(tiny_bert_dir, results_bucket, subjects=("18",))
@@ -126,7 +126,7 @@ def test_one_bad_subject_publishes_the_others_and_fails_the_run(airflow_db, dagb
 
     from pipelines.config import parse_config
     from pipelines.consume import read_manifest
-    from pipelines.storage import copy_tree_to_s3
+    from pipelines.resultstore import copy_tree_to_s3
 
     from .conftest import make_bucket
 
@@ -260,7 +260,7 @@ def _asset_events(uri: str) -> list[dict]:
 def watched_source(s3_url, request) -> str:
     """A small dataset of its own (CHANGES says 1.0.4) that the test may bump."""
     from .conftest import make_bucket
-    from pipelines.storage import s3_client
+    from pipelines.s3 import s3_client
 
     bucket = "watched-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
     make_bucket(bucket)
@@ -276,7 +276,7 @@ def test_dag_test_watch_triggers_encoding_once_per_snapshot(airflow_db, dagbag, 
                                                             results_bucket, monkeypatch):
     from airflow.utils.state import DagRunState
 
-    from pipelines.storage import s3_client
+    from pipelines.s3 import s3_client
 
     config = demo_config(tiny_bert_dir, results_bucket, subjects=("18",))
     monkeypatch.setenv("AIRFLOW_VAR_NEUROFLOW_WATCHLIST", json.dumps(
@@ -334,7 +334,7 @@ def test_dag_test_watch_fails_visibly_when_a_dataset_cannot_be_read(airflow_db, 
 def test_dag_test_consumer_writes_the_gallery(airflow_db, dagbag, results_bucket):
     from airflow.utils.state import DagRunState
 
-    from pipelines.storage import ResultStore
+    from pipelines.resultstore import ResultStore
 
     from .test_gallery import manifest, publish_fake
 
@@ -367,7 +367,7 @@ def test_retriggering_recomputes_nothing_and_a_layer_change_only_its_feature_spa
     from airflow.utils.state import DagRunState
 
     from pipelines.config import parse_config
-    from pipelines.storage import ResultStore
+    from pipelines.resultstore import ResultStore
 
     monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
     dag = dagbag.dags["neuroflow_encoding"]
@@ -397,3 +397,53 @@ def test_retriggering_recomputes_nothing_and_a_layer_change_only_its_feature_spa
     assert [s for s in recomputed if s.startswith("features:")] == [f"features:{lm}"]
     fits = [s for s in recomputed if s.startswith("fit:")]
     assert fits == [f"fit:sub-18:{lm}"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_cli_and_the_dag_run_the_same_steps_to_the_same_manifest(airflow_db, dagbag, demo_tree, tiny_bert_dir,
+                                                                     results_bucket, tmp_path, monkeypatch):
+    """One dataset with a good and a bad subject, through the DAG and through `run_analysis` (what
+    `neuroflow run` calls): the same failure policy gives the same partial manifest."""
+    import shutil
+
+    from airflow.utils.state import DagRunState
+
+    from pipelines.config import parse_config
+    from pipelines.consume import read_manifest
+    from pipelines.run import run_analysis
+    from pipelines.resultstore import ResultStore, copy_tree_to_s3
+
+    from .conftest import make_bucket
+
+    tree = tmp_path / "ds"
+    shutil.copytree(demo_tree, tree)
+    tsv = tree / "derivatives/brennan2016roi/sub-23/func/sub-23_task-alice_desc-roi6mm_timeseries.tsv"
+    tsv.write_text("\n".join(tsv.read_text().splitlines()[:150]) + "\n")  # a truncated run
+    make_bucket("same-steps-src")
+    copy_tree_to_s3(tree, "s3://same-steps-src/ds002322")
+    config = demo_config(tiny_bert_dir, results_bucket, subjects=("22", "23"))
+    config["dataset"]["source"] = "s3://same-steps-src/ds002322"
+    cfg = parse_config(config)
+    uri = f"{cfg.publish_prefix}/manifest.json"
+
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "dag-cache"))
+    run = dagbag.dags["neuroflow_encoding"].test(run_conf={"config": config})
+    assert run.state == DagRunState.FAILED  # check_complete: a subject failed
+    from_dag = read_manifest(uri)
+
+    store = ResultStore(results_bucket)
+    for obj in store.list():  # a clean start for the command line's run
+        store.client.delete_object(Bucket=store.bucket, Key=obj.key)
+    result = run_analysis(cfg, cache_dir=tmp_path / "cli-cache")
+    from_cli = read_manifest(uri)
+
+    def comparable(manifest: dict) -> dict:
+        m = json.loads(json.dumps(manifest))
+        for key in ("started", "finished", "airflow_run_id"):
+            m["provenance"].pop(key)
+        return m
+
+    assert result["status"] == "partial" and from_dag["status"] == "partial"
+    assert from_dag["subject_info"]["23"]["status"] == "failed" and "samples" in from_dag["subject_info"]["23"]["error"]
+    assert comparable(from_cli) == comparable(from_dag)

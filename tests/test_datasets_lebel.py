@@ -215,7 +215,7 @@ def test_the_whole_analysis_runs_on_lebels_layout(lebel, tmp_path, results_bucke
     import json as _json
 
     from pipelines.run import run_analysis
-    from pipelines.storage import ResultStore
+    from pipelines.resultstore import ResultStore
 
     cfg = demo_config(tmp_path, results_bucket, subjects=("UTS01",))
     cfg["dataset"].update(source=SOURCE, version="3.1.0", task="stories", responses=RESPONSES, word_timings=WORDS)
@@ -255,7 +255,7 @@ def test_a_repeated_test_story_gives_ceiling_normalised_scores(lebel, tmp_path, 
     from pipelines.consume import read_manifest
     from pipelines.run import run_analysis
     from pipelines.stats import noise_ceiling
-    from pipelines.storage import ResultStore
+    from pipelines.resultstore import ResultStore
 
     rng = np.random.default_rng(7)
     files = {}
@@ -288,7 +288,7 @@ def test_a_repeated_test_story_gives_ceiling_normalised_scores(lebel, tmp_path, 
     # the repeated story as the held-out test story: alphas from the other three stories only
     cfg["model"]["test_stories"] = ["wheretheressmoke"]
     held = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
-    from pipelines.stages import _load_npz
+    from pipelines.cache import load_npz as _load_npz
 
     (fit,) = held["fits"]
     arrays = _load_npz(ResultStore(results_bucket).get_bytes(fit["result_rel"]))
@@ -297,6 +297,6 @@ def test_a_repeated_test_story_gives_ceiling_normalised_scores(lebel, tmp_path, 
     from pipelines.errors import DatasetError as _DatasetError
 
     with pytest.raises(_DatasetError, match="'model.test_stories'"):
-        from pipelines.stages import fit_subject
+        from pipelines.steps import fit_subject
 
         fit_subject(parse_config(cfg), "UTS07", held["features"], cache_dir=tmp_path / "cache")

@@ -158,8 +158,8 @@ def test_the_whole_analysis_runs_on_meg_with_words_from_events(megmasc, tmp_path
     (fit,) = result["fits"]
     assert result["status"] == "complete" and fit["kind"] == "meg" and fit["n_targets"] == 208
     assert fit["stories"] == ["lw1"]
-    from pipelines.stages import _load_npz
-    from pipelines.storage import ResultStore
+    from pipelines.cache import load_npz as _load_npz
+    from pipelines.resultstore import ResultStore
 
     arrays = _load_npz(ResultStore(results_bucket).get_bytes(fit["result_rel"]))
     r = arrays["wordrate__r"]

@@ -239,7 +239,7 @@ def test_the_whole_analysis_on_surfaces_with_an_audio_feature(narratives, tmp_pa
 
     from pipelines.consume import read_manifest
     from pipelines.run import run_analysis
-    from pipelines.storage import ResultStore
+    from pipelines.resultstore import ResultStore
 
     from .datasets import smooth_rate
 

@@ -191,8 +191,8 @@ def test_the_whole_analysis_runs_on_the_podcast_ecog(podcast, tmp_path, results_
     assert result["status"] == "complete" and fit["kind"] == "ieeg" and fit["n_targets"] == 99
     m = result["metrics"]["01"]["wordrate"]
     assert m["max_r"] > 0.5 and m["n_valid"] == 99
-    from pipelines.stages import _load_npz
-    from pipelines.storage import ResultStore
+    from pipelines.cache import load_npz as _load_npz
+    from pipelines.resultstore import ResultStore
 
     r = _load_npz(ResultStore(results_bucket).get_bytes(fit["result_rel"]))["wordrate__r"]
     assert r[:5].min() > 0.5 and abs(float(np.median(r[5:]))) < 0.1  # the planted electrodes, not the rest

@@ -290,7 +290,7 @@ def test_results_do_not_depend_on_chunking(data, reference):
 
 
 def test_chunk_plan_is_equal_chunks_and_caps_a_gpu_chunk(monkeypatch):
-    import pipelines.fit as fit_module
+    import pipelines.fit.chunks as fit_module
 
     monkeypatch.setattr(fit_module, "memory_budget_bytes", lambda *args: 8 * 2**30)
     idx = np.arange(80_000)

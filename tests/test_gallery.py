@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from pipelines.gallery import INDEX_HTML, INDEX_JSON, build_index, output_of, render_html, update_index
-from pipelines.storage import ResultStore
+from pipelines.resultstore import ResultStore
 
 pytestmark = pytest.mark.integration
 
@@ -165,11 +165,11 @@ def test_concurrent_updates_leave_a_whole_index_with_every_analysis(results_buck
 def test_reads_are_reused_for_unchanged_manifests(results_bucket, monkeypatch):
     publish_fake(results_bucket, manifest(n=1))
     update_index(results_bucket)
-    import pipelines.consume as consume
+    import pipelines.gallery as gallery
 
     reads = []
-    real = consume.read_manifest
-    monkeypatch.setattr(consume, "read_manifest", lambda uri: reads.append(uri) or real(uri))
+    real = gallery.read_manifest
+    monkeypatch.setattr(gallery, "read_manifest", lambda uri: reads.append(uri) or real(uri))
     publish_fake(results_bucket, manifest(n=2))
     update_index(results_bucket)
     assert len(reads) == 1  # only the new manifest was read

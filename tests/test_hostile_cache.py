@@ -39,7 +39,7 @@ def _source(src: str, cache: Path, version: str = "1.0.0", **kw):
 
 
 def _put(src: str, key: str, body: bytes) -> None:
-    from pipelines.storage import s3_client, split_s3_uri
+    from pipelines.s3 import s3_client, split_s3_uri
 
     bucket, prefix = split_s3_uri(src)
     s3_client(bucket).put_object(Bucket=bucket, Key=f"{prefix}/{key}" if prefix else key, Body=body)
@@ -100,7 +100,7 @@ def test_one_bucket_name_on_two_s3_servers_never_shares_entries(s3_url, tmp_path
 
 def test_endpoint_identity_ignores_case_and_refuses_credentials(monkeypatch):
     from pipelines.errors import ConfigError
-    from pipelines.storage import endpoint_identity
+    from pipelines.s3 import endpoint_identity
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "HTTP://user:secret@Example.org:9000/")
     with pytest.raises(ConfigError, match="carries credentials") as err:
@@ -252,7 +252,7 @@ def test_fit_cache_key_pairs_files_with_their_digests_and_read_options(tmp_path)
     from types import SimpleNamespace
 
     from pipelines.ingest import ResponseOptions
-    from pipelines.stages import responses_key
+    from pipelines.steps.fit_subject import responses_key
 
     def ingest(files: dict[str, str], **opts):
         return SimpleNamespace(files_read={k: SimpleNamespace(sha256=v) for k, v in files.items()},

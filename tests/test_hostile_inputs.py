@@ -11,7 +11,6 @@ import base64
 import gzip
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pipelines.config import parse_config
 from pipelines.consume import read_manifest
 from pipelines.errors import DatasetError
 from pipelines.ingest import load_subject, open_dataset, sidecar_number, stimulus_from_events
-from pipelines.stages import prepare
+from pipelines.steps import prepare
 
 from .conftest import REPO, demo_config
 from .hostile import Sandbox, run_cli
@@ -186,7 +185,7 @@ def _prepare_without_bucket(cfg: dict, tmp_path: Path) -> dict:
     """prepare() up to the output bucket (not needed here)."""
     from unittest import mock
 
-    with mock.patch("pipelines.stages.ResultStore"):
+    with mock.patch("pipelines.steps.prepare.ResultStore"):
         return prepare(cfg, cache_dir=tmp_path / "cache")
 
 
@@ -271,7 +270,7 @@ def test_a_nifti_header_claiming_10000_cubed_voxels_is_refused_before_allocating
 
 
 CHILD = """
-import resource, sys
+import sys
 from pipelines.errors import DatasetError
 from pipelines.readers.nifti import load_nifti
 try:
@@ -279,7 +278,8 @@ try:
     print("READ")
 except DatasetError as err:
     print("REFUSED", err)
-print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+with open("/proc/self/status") as status:  # VmHWM starts afresh at exec; ru_maxrss keeps the parent's
+    print("PEAK", int(next(line.split()[1] for line in status if line.startswith("VmHWM:"))) * 1024)
 """
 
 
@@ -421,5 +421,5 @@ def test_bad_values_and_a_huge_header_fail_their_subjects_the_other_publishes(de
         assert manifest["subject_info"]["22"]["status"] == "ok" and "22" in manifest["metrics"]
         for sub in ("23", "sim01"):
             assert manifest["subject_info"][sub]["status"] == "failed" and sub not in manifest["metrics"]
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # largest child so far
+        peak = proc.peak_rss_kb * 1024  # the command's own peak
         assert peak < PEAK_RSS_LIMIT, peak

@@ -25,7 +25,7 @@ import yaml
 from pipelines.config import parse_config
 from pipelines.errors import ConfigError, PublishConflictError
 from pipelines.localdir import MARKER, check_local_dir, install
-from pipelines.storage import ResultStore, copy_tree_to_s3
+from pipelines.resultstore import ResultStore, copy_tree_to_s3
 
 from .conftest import demo_config, make_bucket
 from .hostile import Sandbox, assert_one_clear_error, run_cli
@@ -465,7 +465,7 @@ OUTPUTS = {
 @pytest.mark.parametrize("name", sorted(OUTPUTS))
 def test_an_output_inside_the_dataset_or_another_analysis_is_refused(name, two_subject_source, tiny_bert_dir,
                                                                      results_bucket, tmp_path, ledger):
-    from pipelines.stages import prepare
+    from pipelines.steps import prepare
 
     make_output, fragment = OUTPUTS[name]
     with ledger.bad_input(name):

@@ -325,8 +325,9 @@ def test_the_fit_uses_an_existing_dask_cluster_named_in_the_config(dask_cluster,
     from dask.distributed import Client
 
     from pipelines.config import parse_config
-    from pipelines.stages import _load_npz, extract_features, fit_subject
-    from pipelines.storage import ResultStore
+    from pipelines.cache import load_npz as _load_npz
+    from pipelines.steps import extract_features, fit_subject
+    from pipelines.resultstore import ResultStore
 
     base = demo_config(Path("/unused"), results_bucket, subjects=("sim01",))
     base["features"] = [base["features"][0]]  # word rate: the cluster, not the model, is under test

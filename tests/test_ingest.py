@@ -11,7 +11,7 @@ import pytest
 from pipelines.config import parse_config
 from pipelines.errors import DatasetError
 from pipelines.ingest import check_run_timing, check_subjects, load_subject, load_words, open_dataset
-from pipelines.storage import copy_tree_to_s3
+from pipelines.resultstore import copy_tree_to_s3
 
 from .conftest import demo_config, make_bucket
 
@@ -234,7 +234,7 @@ def test_a_download_that_does_not_match_its_etag_is_deleted(blob_source, tmp_pat
 def test_an_object_replaced_mid_download_is_not_spliced(blob_source, tmp_path):
     import json
 
-    from pipelines.storage import s3_client, split_s3_uri
+    from pipelines.s3 import s3_client, split_s3_uri
 
     src, data = blob_source
     source = _source(src, tmp_path)

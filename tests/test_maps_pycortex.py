@@ -197,7 +197,7 @@ def test_flatmap_is_published_and_shows_the_planted_voxels(layout, database, cac
     from pipelines.consume import read_manifest
     from pipelines.flatmap import HEIGHT
     from pipelines.run import run_analysis
-    from pipelines.storage import ResultStore
+    from pipelines.resultstore import ResultStore
 
     result = run_analysis(parse_config(config(results_bucket, tmp_path)), cache_dir=cache)
     assert result["status"] == "complete"
@@ -248,7 +248,7 @@ def test_without_pycortex_nothing_changes(layout, cache, tmp_path, results_bucke
 
 
 def test_a_subject_without_a_database_is_refused_at_prepare(layout, cache, tmp_path, results_bucket):
-    from pipelines.stages import prepare
+    from pipelines.steps import prepare
 
     with pytest.raises(DatasetError, match=r"ds003020: no pycortex subject 'UTS03' for sub-UTS03: "
                                            r"derivative/pycortex-db/UTS03/ is not in the dataset \(pycortex subjects "
@@ -271,7 +271,7 @@ def test_a_subject_without_a_database_is_refused_at_prepare(layout, cache, tmp_p
 
 def test_a_voxel_count_of_no_mask_is_refused_at_ingest(layout, cache, tmp_path, results_bucket):
     """UTS02's responses have 8 voxels fewer than UTS01's thick mask: its fit stops before fitting."""
-    from pipelines.stages import fit_subject
+    from pipelines.steps import fit_subject
 
     cfg = parse_config(config(results_bucket, tmp_path, subjects=("UTS02",), subject="UTS01", transform="UTS01_auto"))
     n = layout["n_vox"]

@@ -14,7 +14,8 @@ from pipelines.consume import get_artifact, list_analyses, read_manifest
 from pipelines.errors import IntegrityError
 from pipelines.publish import validate_manifest
 from pipelines.run import run_analysis
-from pipelines.storage import ResultStore, split_s3_uri
+from pipelines.s3 import split_s3_uri
+from pipelines.resultstore import ResultStore
 
 from .conftest import demo_config
 
@@ -171,7 +172,8 @@ def test_report_opens_in_a_browser_with_every_image(published, browser):
 
 def test_a_layer_sweep_is_one_extraction_per_story_and_one_fit_per_layer(openneuro_demo, tiny_bert_dir,
                                                                         results_bucket, tmp_path):
-    from pipelines.stages import _load_npz, extract_features, fit_subject
+    from pipelines.cache import load_npz as _load_npz
+    from pipelines.steps import extract_features, fit_subject
 
     store = ResultStore(results_bucket)
     sweep_cfg = demo_config(tiny_bert_dir, results_bucket, subjects=("18", "22"))

@@ -11,7 +11,7 @@ import yaml
 
 from pipelines.config import parse_config
 from pipelines.consume import read_manifest
-from pipelines.storage import ResultStore
+from pipelines.resultstore import ResultStore
 
 from .conftest import demo_config
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -18,12 +19,14 @@ import yaml
 from pipelines.config import parse_config
 from pipelines.consume import read_manifest
 from pipelines.errors import ModelError, TransientIOError
-from pipelines.storage import ResultStore, copy_tree_to_s3
+from pipelines.resultstore import ResultStore, copy_tree_to_s3
 
 from .conftest import demo_config, make_bucket
 from .faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
+
+PROGRESS_LINE = re.compile(r"^\d\d:\d\d:\d\d neuroflow: ")
 
 
 def cli(*args, env=None, timeout=600):
@@ -200,7 +203,8 @@ def test_a_persistent_outage_fails_retryably_and_publishes_nothing(openneuro_dem
 
 def test_a_corrupt_feature_cache_entry_is_recomputed(openneuro_demo, tiny_bert_dir, results_bucket, tmp_path,
                                                      ledger):
-    from pipelines.stages import _load_npz, extract_features
+    from pipelines.cache import load_npz as _load_npz
+    from pipelines.steps import extract_features
 
     with ledger.fault("corrupt feature cache entry"):
         cfg = parse_config(demo_config(tiny_bert_dir, results_bucket, subjects=["22"]))
@@ -274,7 +278,8 @@ def test_bad_config_is_refused_cleanly(name, openneuro_demo, tiny_bert_dir, resu
         path = tmp_path / "c.yaml"
         path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
         proc = cli("run", str(path), "--cache-dir", str(tmp_path / "cache"))
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        # progress lines (stage by stage, on stderr) may come before an error found by a later stage
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln)]
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert len(lines) == 1 and lines[0].startswith("neuroflow: error: ")
         if fragment:

@@ -10,7 +10,8 @@ import pytest
 
 from pipelines.config import AnalysisConfig, parse_config
 from pipelines.errors import ConfigError, DatasetError
-from pipelines.storage import ResultStore, s3_client
+from pipelines.s3 import s3_client
+from pipelines.resultstore import ResultStore
 from pipelines.watch import (WatchState, confirm, load_watchlist, plan_all, plan_entry, read_snapshot,
                              template_config)
 

@@ -54,7 +54,7 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     try:
         sr, data = wavfile.read(str(path), mmap=False)
     except (ValueError, OSError) as err:
-        raise DatasetError(f"{path}: not a readable WAV file ({err}); convert it to PCM WAV") from None
+        raise DatasetError(f"{path}: not a readable WAV file ({err}); convert it to PCM WAV") from err
     data = np.asarray(data)
     if data.dtype == np.uint8:
         x = (data.astype(np.float32) - 128.0) / 128.0

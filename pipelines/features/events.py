@@ -66,8 +66,8 @@ def read_events(source: str | Path | pd.DataFrame, column: str = "trial_type") -
     try:
         onset = pd.to_numeric(table["onset"]).to_numpy(np.float64)
         duration = pd.to_numeric(table["duration"].fillna(0.0)).to_numpy(np.float64)
-    except (ValueError, TypeError):
-        raise DatasetError(f"{name}: 'onset' and 'duration' must be numbers (seconds)") from None
+    except (ValueError, TypeError) as err:
+        raise DatasetError(f"{name}: 'onset' and 'duration' must be numbers (seconds)") from err
     if not (np.all(np.isfinite(onset)) and np.all(np.isfinite(duration))) or np.any(duration < 0):
         raise DatasetError(f"{name}: onsets must be finite and durations finite and >= 0")
     out = pd.DataFrame({"onset": onset, "duration": duration, "trial_type": table[column].astype(str).str.strip()})

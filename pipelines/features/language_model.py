@@ -35,13 +35,24 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from pipelines.errors import ModelError
+from pipelines.features.lm_windows import (
+    LoadedModel,
+    Window,
+    check_extraction_args,
+    check_words,
+    forward_batch,
+    layer_indices,
+    length_batches,
+    strided_plan,
+    tokenize_window,
+    tokens_per_batch,
+)
 
 __all__ = [
     "LoadedModel",
@@ -61,45 +72,6 @@ CAUSAL_MODEL_TYPES = frozenset({
     "transfo-xl", "xlnet", "smollm3", "granite",
 })
 
-_POOLINGS = ("last", "mean")
-
-
-@dataclass
-class LoadedModel:
-    """A tokenizer and model ready for feature extraction.
-
-    Attributes
-    ----------
-    tokenizer : transformers.PreTrainedTokenizerFast
-        Fast tokenizer (needed for ``word_ids()``).
-    model : torch.nn.Module
-        Base model in eval mode, float32, on ``device``.
-    is_causal : bool
-        True for decoder-only models (each token sees only earlier tokens).
-    n_layers : int
-        Number of transformer layers; hidden states are indexed ``0..n_layers``.
-    hidden_size : int
-        Width of each hidden state.
-    name : str
-        The ``model`` argument as given (folder or hub id).
-    max_tokens : int
-        Longest token sequence one window may hold.
-    device : str
-        Torch device the model lives on.
-    head : {"base", "causal_lm"}
-        ``"causal_lm"`` when the model also returns next-token logits (for surprisal).
-    """
-
-    tokenizer: Any
-    model: Any
-    is_causal: bool
-    n_layers: int
-    hidden_size: int
-    name: str
-    max_tokens: int = 512
-    device: str = "cpu"
-    head: str = "base"
-
 
 def safe_model_config(model: str, revision: str | None, label: str) -> tuple[str, dict[str, Any], Any]:
     """(source, from_pretrained kwargs, config) of a model that is safe to load, else ModelError.
@@ -109,7 +81,7 @@ def safe_model_config(model: str, revision: str | None, label: str) -> tuple[str
     asking for its own code (``auto_map``) is refused: ``trust_remote_code`` is never set.
     ``label`` names the model in messages ("model", "speech model").
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy and optional: imported only when a model loads
 
     path = Path(os.path.expanduser(model))
     local = path.is_dir()
@@ -220,7 +192,7 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         Unknown or missing model, no safetensors weights, no fast tokenizer,
         or an encoder-decoder model.
     """
-    import torch
+    import torch  # heavy and optional: imported only when a model loads
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if head not in ("base", "causal_lm"):
@@ -280,127 +252,9 @@ def _resolve_model(model: str | LoadedModel, revision: str | None) -> LoadedMode
     return load_language_model(model, revision=revision)
 
 
-def _check_words(words: Sequence[str]) -> list[str]:
-    if isinstance(words, str):
-        raise ValueError("words must be a sequence of words, not one string: split it first")
-    words = list(words)
-    if not words:
-        raise ValueError("words is empty: give at least one word")
-    for i, w in enumerate(words):
-        if not isinstance(w, str) or not w.strip():
-            raise ValueError(f"words[{i}] = {w!r} is not a non-empty string: remove empty/silence entries")
-    return words
-
-
-def _check_args(context_words: int, batch_size: int, pooling: str) -> None:
-    if isinstance(context_words, bool) or not isinstance(context_words, (int, np.integer)) or context_words < 0:
-        raise ValueError(f"context_words = {context_words!r} must be an integer >= 0")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size = {batch_size!r} must be an integer >= 1")
-    if pooling not in _POOLINGS:
-        raise ValueError(f"pooling = {pooling!r} is unknown: use one of {', '.join(_POOLINGS)}")
-
-
-def _layer_indices(layers: Sequence[int], lm: LoadedModel) -> list[int]:
-    """Map user layer indices to positions in ``hidden_states`` (0..n_layers)."""
-    if isinstance(layers, (int, np.integer)):
-        raise ModelError(f"layers = {layers!r} must be a list of layer indices, e.g. [{layers}]")
-    layers = list(layers)
-    if not layers:
-        raise ModelError("layers is empty: give at least one layer index")
-    n = lm.n_layers
-    out = []
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -(n + 1) <= layer <= n:
-            raise ModelError(
-                f"layer {layer!r} is out of range for model {lm.name!r}: valid layers are "
-                f"0..{n} (0 = embeddings) or -{n + 1}..-1"
-            )
-        out.append(int(layer) % (n + 1))
-    return out
-
-
-@dataclass
-class _Window:
-    """Words given to the model together, and the (local) word positions whose features it provides."""
-
-    words: list[str]
-    targets: list[int]  # local indices into ``words``
-    dest: list[int]  # global word indices the targets fill
-
-
-def _tokenize(lm: LoadedModel, words: list[str]) -> tuple[list[int], list[int | None], bool]:
-    """Token ids and word ids of one window, left-truncated to ``lm.max_tokens``.
-
-    Returns ids, word ids, and whether truncation happened.
-    """
-    enc = lm.tokenizer(words, is_split_into_words=True, add_special_tokens=True)
-    ids = list(enc["input_ids"])
-    wids = list(enc.word_ids())
-    if len(ids) <= lm.max_tokens:
-        return ids, wids, False
-    word_pos = [k for k, w in enumerate(wids) if w is not None]
-    if not word_pos:
-        return ids[: lm.max_tokens], wids[: lm.max_tokens], True
-    first, last = word_pos[0], word_pos[-1]
-    head, body, tail = slice(0, first), slice(first, last + 1), slice(last + 1, None)
-    keep = lm.max_tokens - (first + len(ids) - last - 1)
-    if keep < 1:
-        raise ModelError(f"model {lm.name!r} accepts only {lm.max_tokens} tokens: too few for its special tokens")
-    body_ids, body_wids = ids[body][-keep:], wids[body][-keep:]
-    return ids[head] + body_ids + ids[tail], wids[head] + body_wids + wids[tail], True
-
-
-def _batch_tokens(lm: LoadedModel, batch_tokens: int | None) -> int:
-    if batch_tokens is None:
-        return 16384 if str(lm.device).startswith("cuda") else 1024
-    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, (int, np.integer)) or batch_tokens < 1:
-        raise ValueError(f"batch_tokens = {batch_tokens!r} must be an integer >= 1 (tokens per forward pass)")
-    return int(batch_tokens)
-
-
-def _batches(lengths: Sequence[int], batch_size: int, batch_tokens: int) -> list[list[int]]:
-    """Group sequences of similar length: at most ``batch_size`` rows and ``batch_tokens`` padded tokens.
-
-    A sequence longer than ``batch_tokens`` gets a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda k: lengths[k])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for k in order:  # ascending length: the new row is the widest of its batch
-        if current and (len(current) >= batch_size or (len(current) + 1) * lengths[k] > batch_tokens):
-            batches.append(current)
-            current = []
-        current.append(k)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _pad_id(lm: LoadedModel) -> int:
-    pad_id = lm.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = lm.tokenizer.eos_token_id if lm.tokenizer.eos_token_id is not None else 0
-    return int(pad_id)
-
-
-def _forward(lm: LoadedModel, seqs: list[list[int]]) -> Any:
-    """One forward pass on right-padded sequences; returns the model output (hidden states on)."""
-    import torch
-
-    width = max(len(seq) for seq in seqs)
-    ids = torch.full((len(seqs), width), _pad_id(lm), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    with torch.inference_mode():
-        return lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), output_hidden_states=True)
-
-
 def _run_windows(
     lm: LoadedModel,
-    windows: list[_Window],
+    windows: list[Window],
     tokenized: list[tuple[list[int], list[int | None]]],
     hs_index: list[int],
     out: np.ndarray,
@@ -414,10 +268,10 @@ def _run_windows(
     tokens are gathered (and mean-pooled) on the model's device and copied to the host, in
     one transfer per batch: context tokens never leave the GPU.
     """
-    import torch
+    import torch  # heavy and optional: imported only when a model runs
 
-    for chunk in _batches([len(t[0]) for t in tokenized], batch_size, batch_tokens):
-        result = _forward(lm, [tokenized[k][0] for k in chunk])
+    for chunk in length_batches([len(t[0]) for t in tokenized], batch_size, batch_tokens):
+        result = forward_batch(lm, [tokenized[k][0] for k in chunk])
         rows: list[np.ndarray] = []
         pos: list[np.ndarray] = []
         slots: list[np.ndarray] = []
@@ -450,18 +304,18 @@ def _run_windows(
         del result
 
 
-def _per_word_windows(words: list[str], starts: np.ndarray, indices: Sequence[int]) -> list[_Window]:
-    return [_Window(words=words[int(starts[i]) : i + 1], targets=[i - int(starts[i])], dest=[i]) for i in indices]
+def _per_word_windows(words: list[str], starts: np.ndarray, indices: Sequence[int]) -> list[Window]:
+    return [Window(words=words[int(starts[i]) : i + 1], targets=[i - int(starts[i])], dest=[i]) for i in indices]
 
 
-def _tokenize_windows(lm: LoadedModel, words: list[str], windows: list[_Window],
-                      starts_for_fallback: np.ndarray | None) -> tuple[list[_Window], list[tuple[list[int], list]]]:
+def _tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window],
+                      starts_for_fallback: np.ndarray | None) -> tuple[list[Window], list[tuple[list[int], list]]]:
     """Tokenize every window; a truncated multi-word window is split into per-word windows."""
     tokenized: list[tuple[list[int], list[int | None]]] = []
-    kept: list[_Window] = []
+    kept: list[Window] = []
     fallback: list[int] = []
     for win in windows:
-        ids, wids, truncated = _tokenize(lm, win.words)
+        ids, wids, truncated = tokenize_window(lm, win.words)
         if truncated and starts_for_fallback is not None and len(win.targets) > 1:
             fallback.extend(win.dest)  # strided window too long: do its words one by one
             continue
@@ -472,7 +326,7 @@ def _tokenize_windows(lm: LoadedModel, words: list[str], windows: list[_Window],
         tokenized.append((ids, wids))
     if fallback:
         for win in _per_word_windows(words, starts_for_fallback, fallback):
-            ids, wids, _ = _tokenize(lm, win.words)
+            ids, wids, _ = tokenize_window(lm, win.words)
             if win.targets[0] not in wids:
                 raise ModelError(f"word {win.words[-1]!r} alone exceeds the {lm.max_tokens} tokens "
                                  f"model {lm.name!r} accepts: split it")
@@ -485,18 +339,18 @@ def _extract(
     lm: LoadedModel,
     words: list[str],
     layers: Sequence[int],
-    windows: list[_Window],
+    windows: list[Window],
     starts_for_fallback: np.ndarray | None,
     batch_size: int,
     pooling: str,
     batch_tokens: int | None = None,
     n_rows: int | None = None,
 ) -> dict[int, np.ndarray]:
-    hs_index = _layer_indices(layers, lm)
+    hs_index = layer_indices(layers, lm)
     uniq = sorted(set(hs_index))
     kept, tokenized = _tokenize_windows(lm, words, windows, starts_for_fallback)
     out = np.zeros((len(uniq), len(words) if n_rows is None else n_rows, lm.hidden_size), dtype=np.float32)
-    _run_windows(lm, kept, tokenized, uniq, out, batch_size, pooling, _batch_tokens(lm, batch_tokens))
+    _run_windows(lm, kept, tokenized, uniq, out, batch_size, pooling, tokens_per_batch(lm, batch_tokens))
     return {layer: out[uniq.index(h)].copy() for layer, h in zip(layers, hs_index)}
 
 
@@ -515,7 +369,7 @@ def word_token_counts(words: Sequence[str], lm: LoadedModel) -> tuple[np.ndarray
     n_special : int
         Tokens the tokenizer adds around every window ([CLS]/[SEP], BOS...).
     """
-    words = _check_words(words)
+    words = check_words(words)
     counts = np.zeros(len(words), dtype=np.int64)
     chunk = 256  # keep each call under the tokenizer's length warning
     for lo in range(0, len(words), chunk):
@@ -525,34 +379,6 @@ def word_token_counts(words: Sequence[str], lm: LoadedModel) -> tuple[np.ndarray
     probe = lm.tokenizer(words[:1], is_split_into_words=True, add_special_tokens=True)
     n_special = len(probe["input_ids"]) - int(counts[0])
     return counts, max(n_special, 0)
-
-
-def _strided_plan(n_words: int, context_words: int, word_tokens: np.ndarray | None = None,
-                  max_tokens: int | None = None, stride: int | None = None) -> list[tuple[int, int, int]]:
-    """Windows of the strided scheme as ``(start, first_target, end)``: words ``start .. end - 1``
-    are read, words ``first_target .. end - 1`` get their features from this window.
-
-    Without a token limit every window after the first reads ``context_words + stride`` words.
-    With ``word_tokens``/``max_tokens`` the stride of a window is shortened so that its words
-    fit in ``max_tokens`` (never below one new word).
-    """
-    c = int(context_words)
-    stride = max(c, 1) if stride is None else int(stride)
-    cum = None
-    if word_tokens is not None and max_tokens is not None:
-        cum = np.concatenate([[0], np.cumsum(np.asarray(word_tokens, dtype=np.int64))])
-    plan = []
-    first = 0
-    while first < n_words:
-        start = max(0, first - c)
-        end = min(n_words, start + c + stride) if first < c + stride else min(n_words, first + stride)
-        if cum is not None:
-            # largest end such that words start .. end - 1 fit in max_tokens (at least first + 1)
-            fit = int(np.searchsorted(cum, cum[start] + max_tokens, side="right")) - 1
-            end = max(first + 1, min(end, fit))
-        plan.append((start, first, end))
-        first = end
-    return plan
 
 
 def strided_window_starts(n_words: int, context_words: int, *, word_tokens: Sequence[int] | None = None,
@@ -588,7 +414,7 @@ def strided_window_starts(n_words: int, context_words: int, *, word_tokens: Sequ
     if wt is not None and wt.shape != (n_words,):
         raise ValueError(f"word_tokens must hold {n_words} counts (one per word), got shape {wt.shape}")
     starts = np.zeros(n_words, dtype=np.int64)
-    for start, first, end in _strided_plan(n_words, context_words, wt, max_tokens):
+    for start, first, end in strided_plan(n_words, context_words, wt, max_tokens):
         starts[first:end] = start
     return starts
 
@@ -605,15 +431,15 @@ def causal_window_starts(words: Sequence[str], model: str | LoadedModel, context
     -------
     np.ndarray of int, shape (n_words,)
     """
-    words = _check_words(words)
+    words = check_words(words)
     lm = _resolve_model(model, revision)
     counts, n_special = word_token_counts(words, lm)
     return strided_window_starts(len(words), int(context_words), word_tokens=counts,
                                  max_tokens=lm.max_tokens - n_special)
 
 
-def _strided_windows(words: list[str], plan: list[tuple[int, int, int]]) -> list[_Window]:
-    return [_Window(words=words[s:e], targets=list(range(f - s, e - s)), dest=list(range(f, e))) for s, f, e in plan]
+def _strided_windows(words: list[str], plan: list[tuple[int, int, int]]) -> list[Window]:
+    return [Window(words=words[s:e], targets=list(range(f - s, e - s)), dest=list(range(f, e))) for s, f, e in plan]
 
 
 # ---------------------------------------------------------------------------- public API
@@ -676,8 +502,8 @@ def extract_word_features_per_word(
     ModelError
         Model cannot be loaded or a layer is out of range.
     """
-    words = _check_words(words)
-    _check_args(context_words, batch_size, pooling)
+    words = check_words(words)
+    check_extraction_args(context_words, batch_size, pooling)
     n = len(words)
     if window_starts is None:
         starts = np.maximum(np.arange(n) - int(context_words), 0)
@@ -694,7 +520,7 @@ def extract_word_features_per_word(
     idx = [int(i) for i in indices]
     if not idx or any(not 0 <= i < n for i in idx):
         raise ValueError(f"indices must be a non-empty list of word positions in 0..{n - 1}")
-    windows = [_Window(words=w.words, targets=w.targets, dest=[k]) for k, w in
+    windows = [Window(words=w.words, targets=w.targets, dest=[k]) for k, w in
                enumerate(_per_word_windows(words, starts, idx))]
     return _extract(lm, words, layers, windows, None, batch_size, pooling, batch_tokens, n_rows=len(idx))
 
@@ -750,14 +576,14 @@ def extract_word_features(
     ModelError
         Model cannot be loaded or a layer is out of range.
     """
-    words = _check_words(words)
-    _check_args(context_words, batch_size, pooling)
+    words = check_words(words)
+    check_extraction_args(context_words, batch_size, pooling)
     lm = _resolve_model(model, revision)
     if not lm.is_causal:
         return extract_word_features_per_word(words, lm, layers, context_words, batch_size=batch_size,
                                               pooling=pooling, batch_tokens=batch_tokens)
     counts, n_special = word_token_counts(words, lm)
-    plan = _strided_plan(len(words), int(context_words), counts, lm.max_tokens - n_special)
+    plan = strided_plan(len(words), int(context_words), counts, lm.max_tokens - n_special)
     starts = np.zeros(len(words), dtype=np.int64)
     for s, f, e in plan:
         starts[f:e] = s

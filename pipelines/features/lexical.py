@@ -22,6 +22,20 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import DatasetError, ModelError
+from pipelines.features.language_model import (
+    LoadedModel,
+    load_language_model,
+    strided_window_starts,
+    word_token_counts,
+)
+from pipelines.features.lm_windows import (
+    check_extraction_args,
+    check_words,
+    forward_batch,
+    length_batches,
+    strided_plan,
+    tokens_per_batch,
+)
 
 __all__ = [
     "PHONE_SILENCE_LABELS",
@@ -164,8 +178,6 @@ def _bos_id(lm) -> int:
 
 
 def _load_causal_lm(model, revision):
-    from pipelines.features.language_model import LoadedModel, load_language_model
-
     if isinstance(model, LoadedModel):
         if model.head != "causal_lm":
             raise ModelError(f"model {model.name!r} was loaded without its language-modelling head: load it with "
@@ -180,9 +192,7 @@ def _surprisal_windows(lm, words: list[str], windows: list[tuple[int, list[int]]
 
     A window reads ``[BOS] + words[start .. max(targets)]``, left-truncated to the model's limit.
     """
-    import torch
-
-    from pipelines.features.language_model import _batch_tokens, _batches, _forward
+    import torch  # heavy and optional: imported only when a model runs
 
     bos = _bos_id(lm)
     seqs: list[list[int]] = []
@@ -201,8 +211,8 @@ def _surprisal_windows(lm, words: list[str], windows: list[tuple[int, list[int]]
         seqs.append([bos] + ids)
         wids_all.append(np.concatenate([[-1], wids]))
     out = np.zeros(n_rows, dtype=np.float64)
-    for chunk_idx in _batches([len(s) for s in seqs], batch_size, _batch_tokens(lm, batch_tokens)):
-        result = _forward(lm, [seqs[k] for k in chunk_idx])
+    for chunk_idx in length_batches([len(s) for s in seqs], batch_size, tokens_per_batch(lm, batch_tokens)):
+        result = forward_batch(lm, [seqs[k] for k in chunk_idx])
         with torch.inference_mode():
             logp = torch.log_softmax(result.logits.float(), dim=-1)
             for row, k in enumerate(chunk_idx):
@@ -256,13 +266,11 @@ def word_surprisal(
     ModelError
         Not a causal LM, no BOS/EOS token, or a model that cannot be loaded.
     """
-    from pipelines.features.language_model import _check_args, _check_words, _strided_plan, word_token_counts
-
-    words = _check_words(words)
-    _check_args(context_words, batch_size, "last")
+    words = check_words(words)
+    check_extraction_args(context_words, batch_size, "last")
     lm = _load_causal_lm(model, revision)
     counts, _ = word_token_counts(words, lm)
-    plan = _strided_plan(len(words), int(context_words), counts, lm.max_tokens - 1)
+    plan = strided_plan(len(words), int(context_words), counts, lm.max_tokens - 1)
     windows = [(s, list(range(f, e))) for s, f, e in plan]
     values = _surprisal_windows(lm, words, windows, batch_size, batch_tokens, len(words), [w[1] for w in windows])
     return values[:, None].astype(np.float32)
@@ -271,9 +279,7 @@ def word_surprisal(
 def surprisal_window_starts(words: Sequence[str], model, context_words: int, *,
                             revision: str | None = None) -> np.ndarray:
     """First word each word is predicted from in :func:`word_surprisal` (one BOS token less room)."""
-    from pipelines.features.language_model import _check_words, strided_window_starts, word_token_counts
-
-    words = _check_words(words)
+    words = check_words(words)
     lm = _load_causal_lm(model, revision)
     counts, _ = word_token_counts(words, lm)
     return strided_window_starts(len(words), int(context_words), word_tokens=counts, max_tokens=lm.max_tokens - 1)
@@ -294,9 +300,7 @@ def word_surprisal_per_word(
     -------
     np.ndarray, shape (n_words, 1), float32
     """
-    from pipelines.features.language_model import _check_words
-
-    words = _check_words(words)
+    words = check_words(words)
     starts = np.asarray(window_starts)
     n = len(words)
     if starts.shape != (n,) or np.any(starts < 0) or np.any(starts > np.arange(n)):

@@ -518,7 +518,7 @@ def parse_feature(params: Mapping[str, Any] | BaseModel, origin: str = "feature"
     try:
         entry = get_kind(kind)
     except ValueError as err:
-        raise ConfigError(f"{origin}: {err}") from None
+        raise ConfigError(f"{origin}: {err}") from err
     try:
         return _ADAPTER.validate_python(dict(params))
     except ValidationError as err:
@@ -531,11 +531,11 @@ def parse_feature(params: Mapping[str, Any] | BaseModel, origin: str = "feature"
             valid = list(entry.spec.model_fields)
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
-            raise ConfigError(f"{origin}: unknown key {key!r} for kind {kind!r}.{hint}") from None
+            raise ConfigError(f"{origin}: unknown key {key!r} for kind {kind!r}.{hint}") from err
         msg = first["msg"].removeprefix("Value error, ")
         if loc and loc[0] == "layer":  # a union: pydantic's message names only one of its members
             msg = f"must be a layer index, a list of layer indices, or 'all'; got {params.get('layer')!r}"
-        raise ConfigError(f"{origin}: {key or kind}: {msg}") from None
+        raise ConfigError(f"{origin}: {key or kind}: {msg}") from err
 
 
 def compute_feature(params: Mapping[str, Any] | BaseModel, stimulus: Stimulus, *, device: str = "auto",

@@ -43,6 +43,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipelines.errors import ModelError
+from pipelines.features.language_model import safe_model_config
+from pipelines.features.lm_windows import layer_indices
 
 __all__ = [
     "SPEECH_MODEL_TYPES",
@@ -142,8 +144,6 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
 
     if not isinstance(model, str) or not model.strip():
         raise ModelError(f"speech model {model!r} is not a model name: give a local folder or a hub id")
-    from .language_model import safe_model_config
-
     src, kwargs, config = safe_model_config(model, revision, "speech model")
     mtype = getattr(config, "model_type", "")
     if mtype not in SPEECH_MODEL_TYPES:
@@ -156,12 +156,12 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
         fe = AutoFeatureExtractor.from_pretrained(src, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"feature extractor of speech model {model!r} cannot be loaded ({_first_line(exc)}): "
-                         "save it next to the model (preprocessor_config.json)") from None
+                         "save it next to the model (preprocessor_config.json)") from exc
     try:
         net = AutoModel.from_pretrained(src, use_safetensors=True, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"weights of speech model {model!r} cannot be loaded ({_first_line(exc)}): "
-                         "safetensors weights are required") from None
+                         "safetensors weights are required") from exc
     if mtype == "whisper":
         net = net.get_encoder()
         n_layers = int(config.encoder_layers)
@@ -288,7 +288,6 @@ def extract_speech_features(
         encoder accepts.
     """
     from pipelines.features.acoustic import resample_audio
-    from pipelines.features.language_model import _layer_indices
 
     x = np.asarray(audio, dtype=np.float32)
     if x.ndim != 1 or x.size == 0 or not np.all(np.isfinite(x)):
@@ -303,7 +302,7 @@ def extract_speech_features(
     if lm.max_window_s is not None and window_s > lm.max_window_s + 1e-9:
         raise ModelError(f"window_s = {window_s} s is longer than the {lm.max_window_s:g} s speech model "
                          f"{lm.name!r} accepts: use window_s <= {lm.max_window_s:g}")
-    hs_index = _layer_indices(layers, lm)
+    hs_index = layer_indices(layers, lm)
     uniq = sorted(set(hs_index))
     sr = lm.sampling_rate
     x = resample_audio(x, int(sampling_rate), sr)

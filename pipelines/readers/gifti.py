@@ -64,7 +64,7 @@ def check_gifti_sizes(path: Path, key: str) -> int:
                 elem.clear()
     except (ET.ParseError, ValueError, binascii.Error, zlib.error) as err:
         raise DatasetError(f"{key}: corrupt or truncated GIFTI ({type(err).__name__}: {err}); "
-                           "re-download the file") from None
+                           "re-download the file") from err
     return total
 
 
@@ -80,7 +80,7 @@ def _hemi_array(path: Path, key: str) -> tuple[np.ndarray, float | None]:
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, ExpatError,
             nib.filebasedimages.ImageFileError) as err:
         raise DatasetError(f"{key}: corrupt or truncated GIFTI ({type(err).__name__}: {err}); "
-                           "re-download the file") from None
+                           "re-download the file") from err
     if not arrays:
         raise DatasetError(f"{key}: the GIFTI file holds no data arrays")
     if len(arrays) == 1 and arrays[0].ndim == 2:
@@ -96,9 +96,9 @@ def _hemi_array(path: Path, key: str) -> tuple[np.ndarray, float | None]:
         if ts:
             try:
                 step = float(ts) / 1000.0  # GIFTI TimeStep is in milliseconds
-            except ValueError:
+            except ValueError as err:
                 raise DatasetError(f"{key}: TimeStep {ts!r} is not a number of milliseconds; fix the file or set "
-                                   "'dataset.responses.tr'") from None
+                                   "'dataset.responses.tr'") from err
             if not (np.isfinite(step) and 0 < step <= 100):
                 raise DatasetError(f"{key}: TimeStep {ts!r} ms is not a TR (0-100000 ms); fix the file or set "
                                    "'dataset.responses.tr'")

@@ -69,7 +69,7 @@ def read_hdf5(path: str | Path, key: str, *, dataset: str | None = None, tr: flo
         h5 = h5py.File(path, "r")
     except OSError as err:
         raise DatasetError(f"{key}: not a readable HDF5 file ({err}); the download is truncated or the file "
-                           "is damaged: re-download it") from None
+                           "is damaged: re-download it") from err
     with h5:
         arrays = _datasets(h5)
         if dataset is not None:
@@ -114,7 +114,7 @@ def read_hdf5(path: str | Path, key: str, *, dataset: str | None = None, tr: flo
                                    "[samples, targets] or [repeats, samples, targets]")
         except OSError as err:
             raise DatasetError(f"{key}: HDF5 array {name!r} is unreadable ({err}); the file is truncated or "
-                               "damaged: re-download it") from None
+                               "damaged: re-download it") from err
     meta = {"hdf5_dataset": name, "n_repeats": n_repeats}
     if n_repeats >= 2:
         meta["r_max"] = r_max

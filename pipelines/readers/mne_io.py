@@ -38,7 +38,7 @@ def read_channels_tsv(path: str | Path, key: str) -> pd.DataFrame:
         table = pd.read_csv(path, sep="\t", encoding="utf-8-sig", na_values=["n/a"], keep_default_na=False,
                             dtype={"name": str})
     except Exception as err:  # noqa: BLE001
-        raise DatasetError(f"{key}: unreadable channels.tsv ({err})") from None
+        raise DatasetError(f"{key}: unreadable channels.tsv ({err})") from err
     if "name" not in table.columns:
         raise DatasetError(f"{key}: channels.tsv has no 'name' column (columns: {list(table.columns)})")
     return table
@@ -66,7 +66,7 @@ def _open_raw(path: Path, key: str, bids_root: str | Path | None):
         raise
     except Exception as err:  # noqa: BLE001 - vendor readers raise anything on a damaged file
         raise DatasetError(f"{key}: MNE cannot read this recording ({type(err).__name__}: {err}); "
-                           "the file is truncated, damaged or not the format its name says") from None
+                           "the file is truncated, damaged or not the format its name says") from err
 
 
 def read_mne_raw(path: str | Path, key: str, *, kind: str = "ieeg", bids_root: str | Path | None = None,

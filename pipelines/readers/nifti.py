@@ -57,7 +57,7 @@ def load_nifti(path: Path, key: str):
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, TypeError, OverflowError,
             nib.filebasedimages.ImageFileError) as err:
         raise DatasetError(f"{key}: corrupt or truncated NIfTI ({type(err).__name__}: {err}); "
-                           "re-download the file or remove it from the dataset") from None
+                           "re-download the file or remove it from the dataset") from err
     return img, vol
 
 
@@ -98,7 +98,7 @@ def read_bold(path: str | Path, key: str, *, tr: float | None = None, mask_path:
         except DatasetError:
             raise
         except Exception as err:  # noqa: BLE001
-            raise DatasetError(f"{mask_key}: unreadable mask ({err}); re-download it") from None
+            raise DatasetError(f"{mask_key}: unreadable mask ({err}); re-download it") from err
         if mask.shape != vol.shape[:3]:
             raise DatasetError(f"{mask_key}: mask shape {mask.shape} differs from {key} {vol.shape[:3]}")
     else:

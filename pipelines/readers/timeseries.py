@@ -18,7 +18,7 @@ def read_timeseries(path: str | Path, key: str, *, tr: float | None = None, star
     try:
         table = pd.read_csv(path, sep="\t", na_values=["n/a"])
     except Exception as err:  # noqa: BLE001
-        raise DatasetError(f"{key}: unreadable TSV ({err})") from None
+        raise DatasetError(f"{key}: unreadable TSV ({err})") from err
     non_numeric = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
     if non_numeric or table.empty:
         raise DatasetError(f"{key}: expected numeric columns only (one per ROI); got non-numeric {non_numeric}")

@@ -62,7 +62,8 @@ def metadata_files(name: str, include=None) -> dict[str, Path]:
 
 def stage(uri: str, files: dict[str, Path | bytes | str]) -> str:
     """Upload `files` (key -> local path, bytes or text) under `uri` on the test S3 server."""
-    from pipelines.storage import _client, endpoint_url, split_s3_uri
+    from pipelines.s3 import endpoint_url, split_s3_uri
+    from pipelines.s3 import client_for as _client
     from tests.conftest import make_bucket
 
     bucket, prefix = split_s3_uri(uri)

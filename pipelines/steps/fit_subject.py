@@ -1,249 +1,42 @@
-"""The analysis stages, as plain functions taking and returning small JSON-able dicts.
+"""Step 3, fit_subject: one subject's encoding models, one per feature space and layer.
 
-``prepare -> extract_features (per feature space) -> fit_subject (per subject) -> publish``.
-The command line runs them in-process; the ``neuroflow_encoding`` DAG runs each as a
-task. Large arrays live in S3 under the output bucket: feature arrays in the
-content-addressed cache ``{output}/_cache/features/``, fit results in
-``{output}/_work/{analysis_id}/``; only URIs and small dicts pass between stages.
+Reads the subject's responses and the feature cache entries the features step wrote (it never
+computes features: a missing entry is an error naming the feature and the story); writes each
+fit to ``{output}/_cache/fits/`` and the subject's results to ``{output}/_work/{analysis_id}/``,
+metadata last, so a retry or a re-run never recomputes finished work.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import flatmap
-from .config import AnalysisConfig, parse_config
-from .errors import DatasetError, FitError, IntegrityError, NeuroflowError
-from .features.registry import KINDS, FeatureResult, ModelCache, Stimulus, align_to_samples, cache_key, compute_feature
-from .ingest import (Ingest, Run, check_run_timing, check_subjects, find_runs, load_run_words, load_subject,
-                     open_dataset, plan_runs, word_timing_key)
-from .progress import Progress
-from .publish import check_output_place
-from .storage import ResultStore
+from .. import flatmap
+from ..cache import default_cache_dir, load_npz, save_npz, sha256_bytes, write_entry
+from ..compute import get_client
+from ..config import AnalysisConfig, as_config
+from ..decoding import decoding_design, fit_decoding, roc_auc
+from ..errors import DatasetError, FitError, IntegrityError
+from ..features.align import make_delays
+from ..features.lags import lag_samples, trf_design
+from ..features.registry import KINDS, FeatureResult, align_to_samples
+from ..fit import fit_banded_encoding, fit_encoding, fit_ridge_fixed_alpha, zscore_by_group
+from ..ingest import Ingest, Run, check_run_timing, load_run_words, load_subject, open_dataset
+from ..progress import Progress
+from ..stats import fdr_bh, normalise_by_ceiling, permutation_test
+from ..resultstore import ResultStore
+from .features import feature_spec, read_feature_cache, run_stimulus
+from .results import FeatureSet, SubjectFit
 
 log = logging.getLogger("neuroflow")
 
-FEATURE_CODE_VERSION = "2"
 FIT_CODE_VERSION = "1"
 
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("NEUROFLOW_CACHE", Path.home() / ".cache" / "neuroflow")).expanduser()
-
-
-def _config(config: dict | AnalysisConfig) -> AnalysisConfig:
-    return config if isinstance(config, AnalysisConfig) else parse_config(config, origin="config")
-
-
-def _save_npz(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def _load_npz(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
-
-
-# --- stimuli ----------------------------------------------------------------------
-
-def _sha_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def run_stimulus(ingest: Ingest, run: Run, needs: tuple[str, ...] | set[str]) -> tuple[Stimulus, str]:
-    """What ``run`` heard, on its clock, and a hash of the parts ``needs`` names.
-
-    ``words`` are the run's word timings (:func:`pipelines.ingest.load_run_words`); ``audio`` is
-    ``stimuli/<stim_file>`` of the run's events.tsv, starting at the events' onset (plus
-    ``word_timings.offset``); ``textgrid`` is the story's TextGrid (phone tier), shifted as its
-    words are; ``events`` is the run's events.tsv. The hash covers only what ``needs`` names, so
-    a story heard in several runs, sessions or subjects on the same clock is extracted once.
-    """
-    w = ingest.words
-    words = load_run_words(ingest, run)
-    shift = w.offset + (float(run.meta.get("stimulus_onset", 0.0)) if w.onset_from_events else 0.0)
-    parts: dict[str, Any] = {}
-    audio = textgrid = events = None
-    offset = shift
-    if "words" in needs:
-        table = words[["word", "onset", "offset"]]
-        parts["words"] = _sha_bytes(json.dumps([[str(a), round(float(b), 4), round(float(c), 4)]
-                                                for a, b, c in table.itertuples(index=False)]).encode())
-    if "textgrid" in needs:
-        if w.format != "textgrid":
-            raise DatasetError(f"{run.key}: a phone-based feature needs TextGrid word timings; "
-                               f"'dataset.word_timings.format' is {w.format!r}: drop the feature or use TextGrids")
-        key = word_timing_key(ingest, run.story, run.task, None, run.session, None)
-        textgrid = ingest.fetch(key)
-        parts["textgrid"] = ingest.files_read[key].sha256
-    if "audio" in needs:
-        stim_file = run.meta.get("stimulus_file")
-        key = f"stimuli/{stim_file}" if stim_file else None
-        if key is None or key not in ingest.listing:
-            raise DatasetError(f"{run.key}: an audio feature needs the run's sound: its events.tsv names "
-                               f"{stim_file!r}, and {key or 'stimuli/<stim_file>'} is not in the dataset; "
-                               "drop the audio feature or add the stimulus to the dataset")
-        audio = ingest.fetch(key)
-        offset = w.offset + float(run.meta.get("stimulus_onset", 0.0))
-        parts["audio"] = ingest.files_read[key].sha256
-    if "events" in needs:
-        if run.events_key is None:
-            raise DatasetError(f"{run.key}: an events feature needs the run's events.tsv, which it does not have; "
-                               "drop the feature or add the events")
-        events = ingest.fetch(run.events_key)
-        parts["events"] = ingest.files_read[run.events_key].sha256
-    if "audio" in needs or "textgrid" in needs:
-        parts["offset"] = round(offset, 6)
-    stim = Stimulus(words=words, audio=audio, textgrid=textgrid, events=events, offset=offset)
-    return stim, _sha_bytes(json.dumps(parts, sort_keys=True).encode())
-
-
-def _feature_spec(cfg: AnalysisConfig, feature_name: str):
-    spec = next((f for f in cfg.features if f.name == feature_name), None)
-    if spec is None:
-        raise DatasetError(f"no feature space {feature_name!r} in the config; it has "
-                           f"{[f.name for f in cfg.features]}")
-    return spec
-
-
-def write_entry(store: ResultStore, data: bytes, rel: str) -> None:
-    """Write a content-keyed cache or work entry once.
-
-    A concurrent writer of the same key writes the same content (the key hashes the inputs), so
-    when one is already there our write is dropped (conditional create) rather than racing its
-    read-back check; a corrupt entry found earlier is overwritten.
-    """
-    if store.exists(rel):
-        store.put_bytes(data, rel)  # only reached for an entry found corrupt and recomputed
-    else:
-        store.create_bytes(data, rel)
-
-
-def _read_feature_cache(store: ResultStore, rel: str, feature_name: str) -> FeatureResult | None:
-    """A verified cache entry, or None (missing or corrupt: then it is recomputed)."""
-    if not store.exists(rel):
-        return None
-    try:
-        result = FeatureResult.from_arrays(_load_npz(store.get_bytes(rel)))
-        for arr in result.values.values():
-            if arr.ndim != 2 or arr.shape[0] != result.times.shape[0] or not np.isfinite(arr).all():
-                raise IntegrityError("shape or values do not match")
-        log.info("feature %s: reused cache entry %s", feature_name, rel)
-        return result
-    except Exception as err:  # noqa: BLE001 - a corrupt cache entry is recomputed, never trusted
-        log.warning("feature %s: cache entry %s is corrupt (%s); recomputing", feature_name, rel, err)
-        return None
-
-
-def stimulus_features(store: ResultStore, spec, stim: Stimulus, stim_sha: str, *,
-                      models: ModelCache | None = None) -> tuple[FeatureResult, bool, str]:
-    """(result, computed, cache rel) of one feature space on one stimulus, from the content cache."""
-    key = cache_key(spec, stim_sha, extra={"neuroflow_features": FEATURE_CODE_VERSION})
-    rel = f"_cache/features/{key}.npz"
-    cached = _read_feature_cache(store, rel, spec.name)
-    if cached is not None:
-        return cached, False, rel
-    result = compute_feature(spec, stim, models=models)
-    write_entry(store, _save_npz(result.to_arrays()), rel)
-    return result, True, rel
-
-
-# --- prepare ----------------------------------------------------------------------
-
-def prepare(config: dict | AnalysisConfig, *, cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """Validate the config against the dataset: version, subjects, runs, word timings, output bucket
-    (and, with ``maps.pycortex``, each subject's pycortex database)."""
-    cfg = _config(config)
-    check_output_place(cfg)  # never write into the dataset or into another analysis' folder
-    ingest = open_dataset(cfg, cache_dir or default_cache_dir())
-    subjects = check_subjects(ingest)
-    stories: dict[str, int] = {}
-    problems: dict[str, str] = {}
-    flatmaps = flatmap.enabled(cfg)
-    for subject in subjects:
-        try:
-            for run in plan_runs(ingest, subject):
-                stories[str(run.story)] = int(len(load_run_words(ingest, run)))
-            if flatmaps:
-                flatmap.check_database(ingest, subject, find_runs(ingest, subject)[0])
-        except Exception as err:  # noqa: BLE001 - reported as this subject's failure by its fit; the others go on
-            problems[subject] = str(as_subject_error(subject, err))
-    if problems and len(problems) == len(subjects):
-        raise DatasetError(next(iter(problems.values())))
-    ResultStore(cfg.output).ensure_bucket()
-    return {
-        "analysis_id": cfg.analysis_id,
-        "config_hash": cfg.config_hash,
-        "publish_uri": cfg.publish_prefix,
-        "subjects": subjects,
-        "feature_spaces": [f.name for f in cfg.features],
-        "stories": stories,
-        "n_words": int(sum(stories.values())),
-        "subject_problems": problems,
-        "files_read": [r.as_dict() for r in ingest.files_read.values()],
-    }
-
-
-# --- features ---------------------------------------------------------------------
-
-def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
-                     cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """One feature space on every distinct stimulus of the analysis, content-cached in S3.
-
-    Returns the cache entries by stimulus hash; ``computed`` says whether anything was
-    computed (a re-run of the same analysis computes nothing).
-    """
-    cfg = _config(config)
-    spec = _feature_spec(cfg, feature_name)
-    needs = KINDS[spec.kind].needs
-    ingest = open_dataset(cfg, cache_dir or default_cache_dir())
-    store = ResultStore(cfg.output)
-    models = ModelCache()
-    entries: dict[str, str] = {}
-    spaces: set[str] = set()
-    n_computed = 0
-    subjects = check_subjects(ingest)
-    progress = Progress(len(subjects), f"features {feature_name}: subjects' stimuli", unit="subjects")
-    for subject in subjects:
-        progress.update(detail=f"sub-{subject}, {n_computed} computed")
-        try:
-            runs = plan_runs(ingest, subject)
-        except Exception as err:  # noqa: BLE001
-            err = as_subject_error(subject, err)  # this subject's fit reports it; the others' features are still needed
-            log.warning("feature %s: skipping sub-%s: %s", feature_name, subject, err)
-            continue
-        for run in runs:
-            try:
-                stim, sha = run_stimulus(ingest, run, needs)
-            except Exception as err:  # noqa: BLE001
-                err = as_subject_error(subject, err)
-                log.warning("feature %s: skipping sub-%s run %s: %s", feature_name, subject, run.label, err)
-                continue
-            if sha in entries:
-                continue
-            result, computed, rel = stimulus_features(store, spec, stim, sha, models=models)
-            entries[sha] = rel
-            spaces.update(result.values)
-            n_computed += int(computed)
-    models.clear()
-    progress.close()
-    key = _sha_bytes(json.dumps(sorted(entries.values())).encode())[:24]
-    return {"feature": feature_name, "kind": spec.kind, "key": key, "entries": entries, "spaces": sorted(spaces),
-            "computed": n_computed > 0, "n_computed": n_computed, "n_stimuli": len(entries),
-            "files_read": [r.as_dict() for r in ingest.files_read.values()]}
-
-
-# --- fit --------------------------------------------------------------------------
 
 def is_ephys(runs: list[Run]) -> bool:
     """MEG / EEG / iEEG runs (sampled faster than 4 Hz), aligned by samples and TRF lags."""
@@ -253,8 +46,6 @@ def is_ephys(runs: list[Run]) -> bool:
 def aligned_features(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], space: str) -> np.ndarray:
     """One space of a feature on every run's samples (Lanczos / TR average for fMRI, the response
     rate for MEG / EEG / iEEG), runs concatenated, z-scored per run."""
-    from .fit import zscore_by_group
-
     method = "samples" if is_ephys(runs) else cfg.model.resample
     blocks = [align_to_samples(result, run.times, method=method, window=cfg.model.lanczos_window, tr=run.tr,
                                space=space) for result, run in zip(results, runs)]
@@ -265,9 +56,6 @@ def aligned_features(cfg: AnalysisConfig, results: list[FeatureResult], runs: li
 def design_matrix(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], space: str) -> np.ndarray:
     """One space of a feature on every run's samples, z-scored per run, then FIR-delayed (fMRI) or
     TRF-lagged from ``model.tmin`` to ``model.tmax`` (MEG / EEG / iEEG), never across runs."""
-    from .features.align import make_delays
-    from .features.lags import trf_design
-
     lengths = [len(r.times) for r in runs]
     X = aligned_features(cfg, results, runs, space)
     if is_ephys(runs):
@@ -326,11 +114,9 @@ def responses_key(ingest: Ingest) -> str:
     files are swapped between runs), and ``dataset.responses`` (band, trim, repeats, ...) changes the arrays
     read from the same bytes. The source's URI is no part of it: identical content shares one fit.
     """
-    import dataclasses
-
     files = sorted((key, rec.sha256) for key, rec in ingest.files_read.items())
-    options = dataclasses.asdict(ingest.responses)
-    return _sha_bytes(json.dumps({"files": files, "options": options}, sort_keys=True, default=str).encode())
+    options = ingest.responses.model_dump()
+    return sha256_bytes(json.dumps({"files": files, "options": options}, sort_keys=True, default=str).encode())
 
 
 def fit_key(cfg: AnalysisConfig, subject: str, responses_sha: str, feature_rels: list[str], space: str) -> str:
@@ -342,17 +128,17 @@ def fit_key(cfg: AnalysisConfig, subject: str, responses_sha: str, feature_rels:
     model = cfg.model.model_dump(mode="json")
     blob = json.dumps({"subject": subject, "responses": responses_sha, "features": feature_rels, "space": space,
                        "model": model, "code": FIT_CODE_VERSION}, sort_keys=True)
-    return _sha_bytes(blob.encode())[:24]
+    return sha256_bytes(blob.encode())[:24]
 
 
 FIT_ARRAYS = ("r", "r2", "alpha", "valid", "p", "q", "significant", "lag_weights", "lag_times")
 
 
-def _read_fit_cache(store: ResultStore, rel: str, n_targets: int) -> dict[str, np.ndarray] | None:
+def read_fit_cache(store: ResultStore, rel: str, n_targets: int) -> dict[str, np.ndarray] | None:
     if not store.exists(rel):
         return None
     try:
-        arrays = _load_npz(store.get_bytes(rel))
+        arrays = load_npz(store.get_bytes(rel))
         if any(arrays[k].shape != (n_targets,) for k in ("r", "r2", "alpha", "valid")):
             raise IntegrityError("shape does not match")
         return arrays
@@ -361,18 +147,37 @@ def _read_fit_cache(store: ResultStore, rel: str, n_targets: int) -> dict[str, n
         return None
 
 
-def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict[str, Any]], *,
-                cache_dir: str | Path | None = None, client=None) -> dict[str, Any]:
+def cached_features(ingest: Ingest, store: ResultStore, spec, feat: FeatureSet, runs: list[Run],
+                    subject: str) -> tuple[list[FeatureResult], list[str]]:
+    """Each run's features from the cache entries the features step wrote, and their cache keys.
+
+    The fit never computes features (a language model must not load inside a fit task): an entry
+    that is missing, or that went bad since, is an error naming the feature space and the run.
+    """
+    results, rels = [], []
+    for run in runs:
+        _stim, sha = run_stimulus(ingest, run, KINDS[spec.kind].needs)
+        rel = feat.get("entries", {}).get(sha)
+        cached = read_feature_cache(store, rel, spec.name) if rel else None
+        if cached is None:
+            what = "went bad in" if rel else "is missing from"
+            raise DatasetError(f"sub-{subject} {run.label}: feature {spec.name!r} of story {run.story!r} {what} the "
+                               "feature cache; run the features step for it first (neuroflow run does), then "
+                               "fit again")
+        results.append(cached)
+        rels.append(rel)
+    return results, rels
+
+
+def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[FeatureSet], *,
+                cache_dir: str | Path | None = None, client=None) -> SubjectFit:
     """Fit one subject's encoding models (one per feature space and layer) and store the scores.
 
     Each (feature space, layer) fit is cached by content under ``{output}/_cache/fits/``; the
     subject's results go to ``{output}/_work/{analysis_id}/sub-{subject}/``, metadata last, so
     a retry or re-run never recomputes finished work.
     """
-    cfg = _config(config)
-    from .compute import get_client
-    from .fit import fit_encoding, zscore_by_group
-
+    cfg = as_config(config)
     ingest = open_dataset(cfg, cache_dir or default_cache_dir())
     store = ResultStore(cfg.output)
     responses = load_subject(ingest, subject)
@@ -421,25 +226,12 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
     metrics: dict[str, Any] = {}
     computed_features: list[str] = []
     backend = ""
-    models = ModelCache()
     progress = Progress(len(features), f"sub-{subject} fits", unit="feature spaces")
     bands: list[tuple[str, list[FeatureResult], str, list[str]]] = []
     for feat in sorted(features, key=lambda f: f["feature"]):
         progress.update(detail=feat["feature"])
-        spec = _feature_spec(cfg, feat["feature"])
-        results, rels = [], []
-        for run in runs:
-            stim, sha = run_stimulus(ingest, run, KINDS[spec.kind].needs)
-            if sha in feat.get("entries", {}):
-                cached = _read_feature_cache(store, feat["entries"][sha], spec.name)
-            else:
-                cached = None
-            if cached is None:  # not extracted (or the entry went bad): computed here, cached for later
-                cached, _, entry_rel = stimulus_features(store, spec, stim, sha, models=models)
-            else:
-                entry_rel = feat["entries"][sha]
-            results.append(cached)
-            rels.append(entry_rel)
+        spec = feature_spec(cfg, feat["feature"])
+        results, rels = cached_features(ingest, store, spec, feat, runs, subject)
         spaces = sorted(results[0].values)
         for space in spaces:
             name = spec.name if space == "values" else f"{spec.name}_{space}"
@@ -448,7 +240,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
                 continue
             key = fit_key(cfg, subject, responses_sha, rels, space)
             cache_rel = f"_cache/fits/sub-{subject}/{key}.npz"
-            fitted = _read_fit_cache(store, cache_rel, Y.shape[1])
+            fitted = read_fit_cache(store, cache_rel, Y.shape[1])
             if fitted is None:
                 X = design_matrix(cfg, results, runs, space)
                 if client is None and Y.shape[1] > 64:
@@ -465,7 +257,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
                     fitted.update(_permutation_maps(cfg, Y, result))
                 if is_ephys(runs):
                     fitted.update(_lag_weights(cfg, X, Y, result, runs))
-                write_entry(store, _save_npz(fitted), cache_rel)
+                write_entry(store, save_npz(fitted), cache_rel)
                 computed_features.append(name)
             else:
                 log.info("sub-%s: reused fit %s of %s", subject, cache_rel, name)
@@ -484,7 +276,6 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
                                              "mean_r": round(float(np.nanmean(np.where(decoded.valid, decoded.r,
                                                                                        np.nan))), 6)
                                              if decoded.valid.any() else None}
-    models.clear()
     progress.close()
     _ceiling_normalised(runs, arrays, metrics)
     if bands:
@@ -506,14 +297,14 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[dict
             metrics["banded"][f"r2_split_mean:{name}"] = round(float(share.mean()), 6) if share.size else None
     mask_rel = None
     if responses.mask_img is not None:
-        import nibabel as nib
+        import nibabel as nib  # only volumes have a mask; nibabel is heavy to import for the others
 
         mask_rel = f"{base}/mask-{inputs_key}.nii.gz"
         with tempfile.TemporaryDirectory() as tmp:
             mpath = Path(tmp) / "mask.nii.gz"
             nib.save(responses.mask_img, mpath)
             store.put_file(mpath, mask_rel)
-    write_entry(store, _save_npz(arrays), rel)
+    write_entry(store, save_npz(arrays), rel)
     meta = {
         "subject": subject, "status": "ok", "kind": responses.kind, "space": responses.space,
         "simulated": responses.simulated, "n_samples": int(sum(lengths)), "n_runs": len(lengths),
@@ -537,8 +328,6 @@ def _ceiling_normalised(runs: list[Run], arrays: dict[str, np.ndarray], metrics:
     The ceiling is that of the repeated story's averaged responses; the score it divides is the
     held-out r over all folds, so it is an estimate of how close the model comes to the ceiling.
     """
-    from .stats import normalise_by_ceiling
-
     ceilings = [r.meta["r_max"] for r in runs if "r_max" in r.meta]
     if not ceilings:
         return
@@ -557,12 +346,10 @@ def _fit_banded(cfg: AnalysisConfig, store: ResultStore, subject: str, responses
                 runs: list[Run], Y: np.ndarray, groups: np.ndarray, gap: int, client,
                 test_groups: list[int] | None = None) -> tuple[dict, bool]:
     """Banded ridge over every feature space (one band each), cached by content like single fits."""
-    from .fit import fit_banded_encoding
-
     key = fit_key(cfg, subject, responses_sha, [r for band in bands for r in band[3]],
                   "banded:" + ",".join(f"{name}/{space}" for name, _, space, _ in bands))
     cache_rel = f"_cache/fits/sub-{subject}/{key}.npz"
-    fitted = _read_fit_cache(store, cache_rel, Y.shape[1])
+    fitted = read_fit_cache(store, cache_rel, Y.shape[1])
     if fitted is not None and "r2_split" in fitted:
         return fitted, False
     Xs = {name: design_matrix(cfg, results, runs, space) for name, results, space, _ in bands}
@@ -575,7 +362,7 @@ def _fit_banded(cfg: AnalysisConfig, store: ResultStore, subject: str, responses
               "r2_split": np.asarray(result.r2_split, dtype=np.float32), "backend": np.asarray(result.backend)}
     if cfg.model.permutations > 0:
         fitted.update(_permutation_maps(cfg, Y, result))
-    write_entry(store, _save_npz(fitted), cache_rel)
+    write_entry(store, save_npz(fitted), cache_rel)
     return fitted, True
 
 
@@ -585,9 +372,6 @@ def _lag_weights(cfg: AnalysisConfig, X: np.ndarray, Y: np.ndarray, result, runs
     Weights come from a refit on all samples with each target's alpha rounded to the grid
     (targets sharing an alpha are fitted together); ``lag_times`` are the lags in seconds.
     """
-    from .features.lags import lag_samples
-    from .fit import fit_ridge_fixed_alpha
-
     sfreq = runs[0].sfreq
     lags = lag_samples(cfg.model.tmin, cfg.model.tmax, sfreq)
     grid = np.asarray(cfg.model.alphas, dtype=np.float64)
@@ -611,8 +395,6 @@ def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], 
     on held-out data of the same folds, so identification is slightly optimistic when targets are
     many; every target when they are fewer), at ``decoding.delays`` samples after each sample.
     """
-    from .decoding import decoding_design, fit_decoding
-
     lengths = [len(r.times) for r in runs]
     F = aligned_features(cfg, results, runs, space)
     valid = fitted["valid"].astype(bool) & np.isfinite(Y).all(axis=0)
@@ -629,8 +411,6 @@ def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], 
                            client=client, return_predictions=word_level)
     word_auc = None
     if word_level:  # MEG / ECoG: does the decoder tell the samples where a word falls from the others?
-        from .decoding import roc_auc
-
         raw = np.concatenate([align_to_samples(res, run.times, method="samples", space=space)
                               for res, run in zip(results, runs)])
         held = decoded.sample_fold >= 0
@@ -641,82 +421,8 @@ def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], 
 
 def _permutation_maps(cfg: AnalysisConfig, Y: np.ndarray, result) -> dict[str, np.ndarray]:
     """Block-permutation p-values of the held-out r, and Benjamini-Hochberg FDR at 0.05."""
-    from .stats import fdr_bh, permutation_test
-
     perm = permutation_test(Y, result.predictions, result.sample_fold, n_permutations=cfg.model.permutations,
                             backend=cfg.compute.backend)
     p = np.where(perm.valid, perm.p_values, np.nan).astype(np.float32)
     significant, q = fdr_bh(p, 0.05)
     return {"p": p, "q": np.asarray(q, dtype=np.float32), "significant": np.asarray(significant, dtype=bool)}
-
-
-SUBJECT_ERRORS = (DatasetError, FitError, IntegrityError)  # a subject's own bad input: others go on
-
-
-def as_subject_error(subject: str, err: Exception) -> Exception:
-    """`err` if it is one of ours; else a DatasetError naming the subject (the cause chained, logged).
-
-    A library raising TypeError/ValueError/MemoryError on one subject's odd file must fail that
-    subject alone, with one line, never the whole analysis.
-    """
-    if isinstance(err, SUBJECT_ERRORS):
-        return err
-    if isinstance(err, NeuroflowError):
-        # a transient S3 outage, a config or model error: the run's problem, not this subject's; the run
-        # stops (and a retry resumes) rather than publishing a result with this subject marked failed
-        raise err
-    log.info("sub-%s: unexpected error", subject, exc_info=err)
-    wrapped = DatasetError(f"sub-{subject}: its files could not be read ({type(err).__name__}: "
-                           f"{str(err)[:300]}); check them (run with -v for details) or drop the subject")
-    wrapped.__cause__ = err
-    return wrapped
-
-
-def failed_fit(subject: str, error: Exception | str) -> dict[str, Any]:
-    """The record of a subject whose fit failed, for a partial manifest."""
-    return {"subject": subject, "status": "failed", "error": str(error)[:1000], "metrics": {}}
-
-
-def record_failed_fit(config: dict | AnalysisConfig, subject: str, error: Exception | str) -> dict[str, Any]:
-    """Store a subject's failure under the analysis' work prefix, for publish to put in the manifest."""
-    cfg = _config(config)
-    record = failed_fit(subject, error)
-    ResultStore(cfg.output).put_bytes(json.dumps(record, sort_keys=True).encode(),
-                                      f"_work/{cfg.analysis_id}/sub-{subject}/failed.json",
-                                      content_type="application/json")
-    return record
-
-
-def collect_fits(config: dict | AnalysisConfig, subjects: list[str], fits: list[dict]) -> list[dict]:
-    """The fits that finished, plus a failed record for every other subject of the analysis.
-
-    A subject's failure is the one ``record_failed_fit`` stored, else "its fit task failed"
-    (e.g. retries exhausted): a subject is never silently left out of the manifest.
-    """
-    cfg = _config(config)
-    store = ResultStore(cfg.output)
-    done = {f["subject"]: f for f in fits if f}
-    out = []
-    for subject in subjects:
-        if subject in done:
-            out.append(done[subject])
-            continue
-        rel = f"_work/{cfg.analysis_id}/sub-{subject}/failed.json"
-        if store.exists(rel):
-            out.append(json.loads(store.get_bytes(rel)))
-        else:
-            out.append(failed_fit(subject, "its fit_subject task failed (see the task log)"))
-    return out
-
-
-# --- publish ----------------------------------------------------------------------
-
-def publish_from_config(config: dict | AnalysisConfig, prepared: dict, features: list[dict], fits: list[dict], *,
-                        cache_dir: str | Path | None = None, airflow_run_id: str | None = None) -> dict[str, Any]:
-    """Render maps and report, upload them verified, write the manifest last."""
-    from .publish import publish
-
-    cfg = _config(config)
-    local_dir = Path(cache_dir or default_cache_dir()) / "published" / cfg.analysis_id
-    return publish(cfg, prepared, features, fits, local_dir=local_dir, airflow_run_id=airflow_run_id,
-                   cache_dir=cache_dir or default_cache_dir())

@@ -1,0 +1,159 @@
+"""Step 2, features: one feature space on every distinct stimulus of the analysis.
+
+Reads the prepared dataset's runs; writes each (feature space, stimulus) result once to the
+content-addressed cache ``{output}/_cache/features/``; returns the entries by stimulus hash.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..cache import default_cache_dir, load_npz, save_npz, sha256_bytes, write_entry
+from ..config import AnalysisConfig, as_config
+from ..errors import DatasetError, IntegrityError
+from ..features.registry import KINDS, FeatureResult, ModelCache, Stimulus, cache_key, compute_feature
+from ..ingest import Ingest, Run, check_subjects, load_run_words, open_dataset, plan_runs, word_timing_key
+from ..progress import Progress
+from ..resultstore import ResultStore
+from .policy import as_subject_error
+from .results import FeatureSet
+
+log = logging.getLogger("neuroflow")
+
+FEATURE_CODE_VERSION = "2"
+
+
+def run_stimulus(ingest: Ingest, run: Run, needs: tuple[str, ...] | set[str]) -> tuple[Stimulus, str]:
+    """What ``run`` heard, on its clock, and a hash of the parts ``needs`` names.
+
+    ``words`` are the run's word timings (:func:`pipelines.ingest.load_run_words`); ``audio`` is
+    ``stimuli/<stim_file>`` of the run's events.tsv, starting at the events' onset (plus
+    ``word_timings.offset``); ``textgrid`` is the story's TextGrid (phone tier), shifted as its
+    words are; ``events`` is the run's events.tsv. The hash covers only what ``needs`` names, so
+    a story heard in several runs, sessions or subjects on the same clock is extracted once.
+    """
+    w = ingest.words
+    words = load_run_words(ingest, run)
+    shift = w.offset + (float(run.meta.get("stimulus_onset", 0.0)) if w.onset_from_events else 0.0)
+    parts: dict[str, Any] = {}
+    audio = textgrid = events = None
+    offset = shift
+    if "words" in needs:
+        table = words[["word", "onset", "offset"]]
+        parts["words"] = sha256_bytes(json.dumps([[str(a), round(float(b), 4), round(float(c), 4)]
+                                                for a, b, c in table.itertuples(index=False)]).encode())
+    if "textgrid" in needs:
+        if w.format != "textgrid":
+            raise DatasetError(f"{run.key}: a phone-based feature needs TextGrid word timings; "
+                               f"'dataset.word_timings.format' is {w.format!r}: drop the feature or use TextGrids")
+        key = word_timing_key(ingest, run.story, run.task, None, run.session, None)
+        textgrid = ingest.fetch(key)
+        parts["textgrid"] = ingest.files_read[key].sha256
+    if "audio" in needs:
+        stim_file = run.meta.get("stimulus_file")
+        key = f"stimuli/{stim_file}" if stim_file else None
+        if key is None or key not in ingest.listing:
+            raise DatasetError(f"{run.key}: an audio feature needs the run's sound: its events.tsv names "
+                               f"{stim_file!r}, and {key or 'stimuli/<stim_file>'} is not in the dataset; "
+                               "drop the audio feature or add the stimulus to the dataset")
+        audio = ingest.fetch(key)
+        offset = w.offset + float(run.meta.get("stimulus_onset", 0.0))
+        parts["audio"] = ingest.files_read[key].sha256
+    if "events" in needs:
+        if run.events_key is None:
+            raise DatasetError(f"{run.key}: an events feature needs the run's events.tsv, which it does not have; "
+                               "drop the feature or add the events")
+        events = ingest.fetch(run.events_key)
+        parts["events"] = ingest.files_read[run.events_key].sha256
+    if "audio" in needs or "textgrid" in needs:
+        parts["offset"] = round(offset, 6)
+    stim = Stimulus(words=words, audio=audio, textgrid=textgrid, events=events, offset=offset)
+    return stim, sha256_bytes(json.dumps(parts, sort_keys=True).encode())
+
+
+def feature_spec(cfg: AnalysisConfig, feature_name: str):
+    spec = next((f for f in cfg.features if f.name == feature_name), None)
+    if spec is None:
+        raise DatasetError(f"no feature space {feature_name!r} in the config; it has "
+                           f"{[f.name for f in cfg.features]}")
+    return spec
+
+
+def read_feature_cache(store: ResultStore, rel: str, feature_name: str) -> FeatureResult | None:
+    """A verified cache entry, or None (missing or corrupt: then it is recomputed)."""
+    if not store.exists(rel):
+        return None
+    try:
+        result = FeatureResult.from_arrays(load_npz(store.get_bytes(rel)))
+        for arr in result.values.values():
+            if arr.ndim != 2 or arr.shape[0] != result.times.shape[0] or not np.isfinite(arr).all():
+                raise IntegrityError("shape or values do not match")
+        log.info("feature %s: reused cache entry %s", feature_name, rel)
+        return result
+    except Exception as err:  # noqa: BLE001 - a corrupt cache entry is recomputed, never trusted
+        log.warning("feature %s: cache entry %s is corrupt (%s); recomputing", feature_name, rel, err)
+        return None
+
+
+def stimulus_features(store: ResultStore, spec, stim: Stimulus, stim_sha: str, *,
+                      models: ModelCache | None = None) -> tuple[FeatureResult, bool, str]:
+    """(result, computed, cache rel) of one feature space on one stimulus, from the content cache."""
+    key = cache_key(spec, stim_sha, extra={"neuroflow_features": FEATURE_CODE_VERSION})
+    rel = f"_cache/features/{key}.npz"
+    cached = read_feature_cache(store, rel, spec.name)
+    if cached is not None:
+        return cached, False, rel
+    result = compute_feature(spec, stim, models=models)
+    write_entry(store, save_npz(result.to_arrays()), rel)
+    return result, True, rel
+
+
+def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
+                     cache_dir: str | Path | None = None) -> FeatureSet:
+    """One feature space on every distinct stimulus of the analysis, content-cached in S3.
+
+    Returns the cache entries by stimulus hash; ``computed`` says whether anything was
+    computed (a re-run of the same analysis computes nothing).
+    """
+    cfg = as_config(config)
+    spec = feature_spec(cfg, feature_name)
+    needs = KINDS[spec.kind].needs
+    ingest = open_dataset(cfg, cache_dir or default_cache_dir())
+    store = ResultStore(cfg.output)
+    models = ModelCache()
+    entries: dict[str, str] = {}
+    spaces: set[str] = set()
+    n_computed = 0
+    subjects = check_subjects(ingest)
+    progress = Progress(len(subjects), f"features {feature_name}: subjects' stimuli", unit="subjects")
+    for subject in subjects:
+        progress.update(detail=f"sub-{subject}, {n_computed} computed")
+        try:
+            runs = plan_runs(ingest, subject)
+        except Exception as err:  # noqa: BLE001
+            err = as_subject_error(subject, err)  # this subject's fit reports it; the others' features are still needed
+            log.warning("feature %s: skipping sub-%s: %s", feature_name, subject, err)
+            continue
+        for run in runs:
+            try:
+                stim, sha = run_stimulus(ingest, run, needs)
+            except Exception as err:  # noqa: BLE001
+                err = as_subject_error(subject, err)
+                log.warning("feature %s: skipping sub-%s run %s: %s", feature_name, subject, run.label, err)
+                continue
+            if sha in entries:
+                continue
+            result, computed, rel = stimulus_features(store, spec, stim, sha, models=models)
+            entries[sha] = rel
+            spaces.update(result.values)
+            n_computed += int(computed)
+    models.clear()
+    progress.close()
+    key = sha256_bytes(json.dumps(sorted(entries.values())).encode())[:24]
+    return {"feature": feature_name, "kind": spec.kind, "key": key, "entries": entries, "spaces": sorted(spaces),
+            "computed": n_computed > 0, "n_computed": n_computed, "n_stimuli": len(entries),
+            "files_read": [r.as_dict() for r in ingest.files_read.values()]}

@@ -1,0 +1,30 @@
+"""Step 4, publish: render maps and the report, upload them verified, write the manifest last.
+
+Reads the subjects' results from ``{output}/_work/``; writes under the analysis' prefix (see
+:mod:`pipelines.publish` for the commit rules: manifest last, nothing a user owns replaced).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..cache import default_cache_dir
+from ..config import AnalysisConfig, as_config
+from ..publish import publish
+from .results import FeatureSet, Prepared, Published, SubjectFit
+
+
+def publish_from_config(config: dict[str, Any] | AnalysisConfig, prepared: Prepared, features: list[FeatureSet],
+                        fits: list[SubjectFit], *, cache_dir: str | Path | None = None,
+                        local_dir: str | Path | None = None, started: str | None = None,
+                        airflow_run_id: str | None = None) -> Published:
+    """Render maps and report, upload them verified, write the manifest last.
+
+    ``local_dir`` (default ``<cache>/published/<analysis_id>``) keeps a copy of the published
+    files; ``started`` is the run's start time for the manifest's provenance.
+    """
+    cfg = as_config(config)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    local = Path(local_dir) if local_dir else cache / "published" / cfg.analysis_id
+    return publish(cfg, prepared, features, fits, local_dir=local, started=started, airflow_run_id=airflow_run_id,
+                   cache_dir=cache)

@@ -1,0 +1,81 @@
+"""What each step returns: small JSON-able dicts (Airflow passes them between tasks as XCom),
+typed here so that a step reads its inputs by name and a type checker can follow them."""
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class FileRead(TypedDict, total=False):
+    """One dataset file read, as recorded in the manifest's ``inputs``."""
+
+    key: str
+    size: int
+    etag: str
+    sha256: str
+
+
+class Prepared(TypedDict):
+    """The result of :func:`pipelines.steps.prepare`."""
+
+    analysis_id: str
+    config_hash: str
+    publish_uri: str
+    subjects: list[str]
+    feature_spaces: list[str]
+    stories: dict[str, int]
+    n_words: int
+    subject_problems: dict[str, str]  # subject -> one line; that subject's fit reports it
+    files_read: list[FileRead]
+
+
+class FeatureSet(TypedDict):
+    """The result of :func:`pipelines.steps.extract_features`: one feature space's cache entries."""
+
+    feature: str
+    kind: str
+    key: str
+    entries: dict[str, str]  # stimulus sha256 -> cache entry (relative to the output)
+    spaces: list[str]
+    computed: bool
+    n_computed: int
+    n_stimuli: int
+    files_read: list[FileRead]
+
+
+class SubjectFit(TypedDict, total=False):
+    """The result of :func:`pipelines.steps.fit_subject` (``status`` "ok"), or the record of a
+    subject that failed (``status`` "failed", ``error``); both go into the manifest."""
+
+    subject: str
+    status: str
+    error: str
+    kind: str
+    space: str | None
+    simulated: bool
+    n_samples: int
+    n_runs: int
+    stories: list[str]
+    n_targets: int
+    n_invalid_targets: int
+    n_constant_targets: int
+    result_rel: str
+    mask_rel: str | None
+    metrics: dict[str, Any]
+    backend: str
+    reused: bool
+    computed_features: list[str]
+    files_read: list[FileRead]
+
+
+class Published(TypedDict, total=False):
+    """The result of :func:`pipelines.steps.publish_from_config` (and of the whole flow)."""
+
+    manifest_uri: str
+    report_path: str
+    local_dir: str
+    status: str
+    metrics: dict[str, Any]
+    failed_subjects: list[str]
+    reused: bool
+    features: list[FeatureSet]
+    fits: list[SubjectFit]
