@@ -40,6 +40,7 @@ reliability: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_fit.py --out bench/results/fit.md
 	$(BIN)/python bench/bench_features.py --out bench/results/features.md
+	$(BIN)/python bench/bench_responses.py --targets 80000 --out bench/results/responses.md
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -19,7 +19,7 @@ __all__ = ["OuterSplit", "nested_group_splits", "sample_fold", "zscore_by_group"
 _MIN_GROUPS = 3
 
 
-def zscore_by_group(A: np.ndarray, groups: np.ndarray) -> np.ndarray:
+def zscore_by_group(A: np.ndarray, groups: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """Z-score the columns of ``A`` within each group (run).
 
     Parameters
@@ -28,6 +28,10 @@ def zscore_by_group(A: np.ndarray, groups: np.ndarray) -> np.ndarray:
         Data to standardize (features or responses).
     groups : array of shape (n_samples,)
         Group label of each sample (e.g. the run).
+    out : float32 array of the shape of ``A``, optional
+        Where to write the result; ``out=A`` (a float32 ``A``) z-scores in place, so that a
+        response matrix is never held twice. Statistics are computed in float64 one group at a
+        time, so the result is the same either way.
 
     Returns
     -------
@@ -39,16 +43,21 @@ def zscore_by_group(A: np.ndarray, groups: np.ndarray) -> np.ndarray:
     groups = np.asarray(groups)
     if groups.shape != (A.shape[0],):
         raise FitError(f"'groups' must have shape ({A.shape[0]},) to match the data; got {groups.shape}.")
-    A2 = A.astype(np.float64, copy=False).reshape(A.shape[0], -1)
-    Z = np.empty(A2.shape, dtype=np.float32)
+    if out is None:
+        out = np.empty(A.shape, dtype=np.float32)
+    elif out.shape != A.shape or out.dtype != np.float32:
+        raise FitError(f"'out' must be float32 of shape {A.shape}; got {out.dtype} {out.shape}.")
+    A2 = A.reshape(A.shape[0], -1)
+    Z = out.reshape(A2.shape)
     for label in np.unique(groups):
         rows = groups == label
-        block = A2[rows]
+        block = A2[rows].astype(np.float64)  # one group in float64 at a time, never the whole matrix
         varies = np.ptp(block, axis=0) > 0  # exact test: a rounding-error std is not variance
         scale = np.where(varies, block.std(axis=0), np.inf)  # constant columns -> 0, not NaN
-        Z[rows] = (block - block.mean(axis=0)) / scale
-    Z = Z.reshape(A.shape)
-    return Z
+        block -= block.mean(axis=0)
+        block /= scale
+        Z[rows] = block
+    return out
 
 
 class OuterSplit(NamedTuple):

@@ -147,6 +147,46 @@ def read_fit_cache(store: ResultStore, rel: str, n_targets: int) -> dict[str, np
         return None
 
 
+def stack_responses(runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The runs' responses as one matrix, z-scored within each run, built in place.
+
+    Each run is copied into one preallocated float32 matrix and its own array released, NaN/Inf
+    are zeroed, and the z-scoring writes over the matrix: the responses are held once (plus one
+    run in float64), never as a list of runs, a concatenation and a z-scored copy at once.
+
+    Returns
+    -------
+    Y : float32 array of shape (n_samples, n_targets)
+        Z-scored within each run; the columns of targets with any NaN/Inf are NaN (reported
+        invalid by the fit, never fitted).
+    finite : bool array of shape (n_targets,)
+        Targets whose every sample was finite.
+    constant : bool array of shape (n_targets,)
+        Finite targets that are constant within every run (nothing to fit).
+    """
+    n_targets = runs[0].data.shape[1]
+    Y = np.empty((sum(len(r.times) for r in runs), n_targets), dtype=np.float32)
+    run_ids = np.empty(Y.shape[0], dtype=np.int64)
+    finite = np.ones(n_targets, dtype=bool)
+    start = 0
+    for i, run in enumerate(runs):
+        block = Y[start:start + len(run.times)]
+        block[...] = run.data
+        ok = np.isfinite(block)
+        finite &= ok.all(axis=0)
+        np.copyto(block, 0.0, where=~ok)
+        run_ids[start:start + len(block)] = i
+        run.data = np.empty((0, n_targets), dtype=np.float32)  # copied: the run's own array is released
+        start += len(block)
+    zscore_by_group(Y, run_ids, out=Y)
+    varies = np.zeros(n_targets, dtype=bool)
+    for first in range(0, Y.shape[0], 1024):  # in row blocks: no full-size temporary
+        varies |= (Y[first:first + 1024] != 0).any(axis=0)
+    constant = finite & ~varies
+    Y[:, ~finite] = np.nan
+    return Y, finite, constant
+
+
 def cached_features(ingest: Ingest, store: ResultStore, spec, feat: FeatureSet, runs: list[Run],
                     subject: str) -> tuple[list[FeatureResult], list[str]]:
     """Each run's features from the cache entries the features step wrote, and their cache keys.
@@ -201,13 +241,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
 
     runs = responses.runs
     lengths = [len(r.times) for r in runs]
-    Y = np.concatenate([r.data for r in runs]).astype(np.float32)
-    run_ids = np.repeat(np.arange(len(lengths)), lengths)
-    finite = np.isfinite(Y).all(axis=0)
-    Y = np.where(np.isfinite(Y), Y, 0.0).astype(np.float32)
-    Y = zscore_by_group(Y, run_ids)
-    constant = finite & ~(np.abs(Y).sum(axis=0) > 0)
-    Y[:, ~finite] = np.nan  # NaN/Inf targets are reported invalid by the fit, never fitted
+    Y, finite, constant = stack_responses(runs)
     groups, gap = cv_groups(cfg, lengths, subject, longest_lag(cfg, runs))
     test_groups = None
     if cfg.model.test_stories:
