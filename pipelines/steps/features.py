@@ -116,8 +116,9 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
                      cache_dir: str | Path | None = None) -> FeatureSet:
     """One feature space on every distinct stimulus of the analysis, content-cached in S3.
 
-    Returns the cache entries by stimulus hash; ``computed`` says whether anything was
-    computed (a re-run of the same analysis computes nothing).
+    Returns the cache entries by stimulus hash, the stimulus hash of every run (so that the fit
+    never re-derives it) and why a subject or run has none; ``computed`` says whether anything
+    was computed (a re-run of the same analysis computes nothing).
     """
     cfg = as_config(config)
     spec = feature_spec(cfg, feature_name)
@@ -126,6 +127,8 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
     store = ResultStore(cfg.output)
     models = ModelCache()
     entries: dict[str, str] = {}
+    by_run: dict[str, str] = {}  # "<subject>/<run label>" -> stimulus sha256: the fit reads it, never re-derives it
+    problems: dict[str, str] = {}  # "<subject>" or "<subject>/<run label>" -> why it has no features
     spaces: set[str] = set()
     n_computed = 0
     subjects = check_subjects(ingest)
@@ -137,6 +140,7 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
         except Exception as err:  # noqa: BLE001
             err = as_subject_error(subject, err)  # this subject's fit reports it; the others' features are still needed
             log.warning("feature %s: skipping sub-%s: %s", feature_name, subject, err)
+            problems[subject] = str(err)
             continue
         for run in runs:
             try:
@@ -144,7 +148,9 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
             except Exception as err:  # noqa: BLE001
                 err = as_subject_error(subject, err)
                 log.warning("feature %s: skipping sub-%s run %s: %s", feature_name, subject, run.label, err)
+                problems[f"{subject}/{run.label}"] = str(err)
                 continue
+            by_run[f"{subject}/{run.label}"] = sha
             if sha in entries:
                 continue
             result, computed, rel = stimulus_features(store, spec, stim, sha, models=models)
@@ -154,6 +160,7 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
     models.clear()
     progress.close()
     key = sha256_bytes(json.dumps(sorted(entries.values())).encode())[:24]
-    return {"feature": feature_name, "kind": spec.kind, "key": key, "entries": entries, "spaces": sorted(spaces),
+    return {"feature": feature_name, "kind": spec.kind, "key": key, "entries": entries, "runs": by_run,
+            "problems": problems, "spaces": sorted(spaces),
             "computed": n_computed > 0, "n_computed": n_computed, "n_stimuli": len(entries),
             "files_read": [r.as_dict() for r in ingest.files_read.values()]}

@@ -24,13 +24,13 @@ from ..decoding import decoding_design, fit_decoding, roc_auc
 from ..errors import DatasetError, FitError, IntegrityError
 from ..features.align import make_delays
 from ..features.lags import lag_samples, trf_design
-from ..features.registry import KINDS, FeatureResult, align_to_samples
+from ..features.registry import FeatureResult, align_to_samples
 from ..fit import fit_banded_encoding, fit_encoding, fit_ridge_fixed_alpha, zscore_by_group
 from ..ingest import Ingest, Run, check_run_timing, load_run_words, load_subject, open_dataset
 from ..progress import Progress
 from ..stats import fdr_bh, normalise_by_ceiling, permutation_test
 from ..resultstore import ResultStore
-from .features import feature_spec, read_feature_cache, run_stimulus
+from .features import feature_spec, read_feature_cache
 from .results import FeatureSet, SubjectFit
 
 log = logging.getLogger("neuroflow")
@@ -187,17 +187,22 @@ def stack_responses(runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return Y, finite, constant
 
 
-def cached_features(ingest: Ingest, store: ResultStore, spec, feat: FeatureSet, runs: list[Run],
+def cached_features(store: ResultStore, spec, feat: FeatureSet, runs: list[Run],
                     subject: str) -> tuple[list[FeatureResult], list[str]]:
     """Each run's features from the cache entries the features step wrote, and their cache keys.
 
-    The fit never computes features (a language model must not load inside a fit task): an entry
-    that is missing, or that went bad since, is an error naming the feature space and the run.
+    The features step's result names each run's stimulus; the fit reads the entries and never
+    computes features (a language model must not load inside a fit task): a run the features step
+    could not do is its error, and an entry that is missing or went bad since is an error naming
+    the feature space and the run.
     """
     results, rels = [], []
     for run in runs:
-        _stim, sha = run_stimulus(ingest, run, KINDS[spec.kind].needs)
-        rel = feat.get("entries", {}).get(sha)
+        problem = feat.get("problems", {}).get(f"{subject}/{run.label}") or feat.get("problems", {}).get(subject)
+        if problem:
+            raise DatasetError(problem)
+        sha = feat.get("runs", {}).get(f"{subject}/{run.label}")
+        rel = feat.get("entries", {}).get(sha) if sha else None
         cached = read_feature_cache(store, rel, spec.name) if rel else None
         if cached is None:
             what = "went bad in" if rel else "is missing from"
@@ -265,7 +270,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
     for feat in sorted(features, key=lambda f: f["feature"]):
         progress.update(detail=feat["feature"])
         spec = feature_spec(cfg, feat["feature"])
-        results, rels = cached_features(ingest, store, spec, feat, runs, subject)
+        results, rels = cached_features(store, spec, feat, runs, subject)
         spaces = sorted(results[0].values)
         for space in spaces:
             name = spec.name if space == "values" else f"{spec.name}_{space}"

@@ -35,6 +35,8 @@ class FeatureSet(TypedDict):
     kind: str
     key: str
     entries: dict[str, str]  # stimulus sha256 -> cache entry (relative to the output)
+    runs: dict[str, str]  # "<subject>/<run label>" -> stimulus sha256
+    problems: dict[str, str]  # "<subject>" or "<subject>/<run label>" -> why it has no features
     spaces: list[str]
     computed: bool
     n_computed: int
