@@ -104,7 +104,7 @@ def safe_model_config(model: str, revision: str | None, label: str) -> tuple[str
         config = AutoConfig.from_pretrained(src, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{label} {model!r} cannot be loaded ({_first_line(exc)}): "
-                         "give a local folder or a hub id available offline") from None
+                         "give a local folder or a hub id available offline") from exc
     if getattr(config, "auto_map", None):
         raise ModelError(
             f"{label} {model!r} asks for its own code (auto_map in config.json); neuroflow never runs "
@@ -207,7 +207,7 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"tokenizer of model {model!r} cannot be loaded ({_first_line(exc)}): "
-                         "give a folder with tokenizer files") from None
+                         "give a folder with tokenizer files") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"model {model!r} has no fast tokenizer (tokenizer.json): save one with the tokenizers library")
     # Byte-level BPE tokenizers (GPT-2, RoBERTa...) encode a word differently with and without
@@ -223,7 +223,7 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         raise ModelError(
             f"weights of model {model!r} cannot be loaded ({_first_line(exc)}): "
             "safetensors weights are required, give a local folder or a hub id available offline"
-        ) from None
+        ) from exc
     net.config.output_hidden_states = True
     if hasattr(net.config, "use_cache"):
         net.config.use_cache = False  # windows are independent: no key/value cache to build

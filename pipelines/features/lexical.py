@@ -80,7 +80,7 @@ def read_phones(path: str | Path, tier: str | None = None, offset: float = 0.0) 
     try:
         tg = textgrid.openTextgrid(str(path), includeEmptyIntervals=False)
     except Exception as err:  # noqa: BLE001 - any parse failure is a bad input file
-        raise DatasetError(f"{path}: not a readable Praat TextGrid ({err}); check the file") from None
+        raise DatasetError(f"{path}: not a readable Praat TextGrid ({err}); check the file") from err
     names = list(tg.tierNames)
     if tier is None:
         found = [n for n in names if "phone" in n.lower()]
@@ -144,8 +144,8 @@ def word_frequency_values(words: Sequence[str], language: str = "en", wordlist: 
     """
     try:
         from wordfreq import available_languages, zipf_frequency
-    except ImportError:
-        raise ModelError("word_frequency needs the 'wordfreq' package: pip install wordfreq==3.1.1") from None
+    except ImportError as err:
+        raise ModelError("word_frequency needs the 'wordfreq' package: pip install wordfreq==3.1.1") from err
     if wordlist not in ("best", "large", "small"):
         raise ValueError(f"wordlist = {wordlist!r} is unknown: use 'best', 'large' or 'small'")
     langs = available_languages(wordlist)
