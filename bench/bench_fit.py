@@ -4,7 +4,7 @@ On the same synthetic data, in one run, this times:
 
 * **neuroflow** :func:`pipelines.fit.fit_encoding` with a held-out test set
   (``test_groups``): alphas chosen by leave-one-group-out over the training runs, refit,
-  held-out predictions and their r / R² (auto backend, i.e. torch on this CPU; and the
+  held-out predictions and their r / R² (auto backend, i.e. numpy on a CPU; and the
   numpy backend);
 * a **reference solver** written here: the minimal fast method, one SVD of each
   training fold, then every alpha from it (``U^T Y`` once per fold, one product per
@@ -71,8 +71,8 @@ SIZES = {
 }
 
 METHODS = [
-    ("neuroflow", "neuroflow fit_encoding (auto: torch)"),
-    ("neuroflow_numpy", "neuroflow fit_encoding (numpy)"),
+    ("neuroflow", "neuroflow fit_encoding (auto: numpy)"),
+    ("neuroflow_torch", "neuroflow fit_encoding (torch)"),
     ("reference", "reference solver (SVD per fold, numpy)"),
     ("himalaya_torch", "himalaya RidgeCV (torch)"),
     ("himalaya_numpy", "himalaya RidgeCV (numpy)"),
@@ -201,10 +201,10 @@ def run_method(method: str, data: dict, test_label: int):
     """Fit, predict the test run; returns (alphas per target, test predictions or r)."""
     X, Y, groups, alphas = data["X"], data["Y"], data["groups"], data["alphas"]
     train, test = groups != test_label, groups == test_label
-    if method in ("neuroflow", "neuroflow_numpy", "neuroflow_cpu"):
+    if method in ("neuroflow", "neuroflow_numpy", "neuroflow_torch", "neuroflow_cpu"):
         from pipelines.fit import fit_encoding
 
-        backend = {"neuroflow_numpy": "numpy", "neuroflow_cpu": "torch"}.get(method, "auto")
+        backend = {"neuroflow_numpy": "numpy", "neuroflow_torch": "torch", "neuroflow_cpu": "torch"}.get(method, "auto")
         res = fit_encoding(X, Y, groups, alphas, test_groups=[test_label], return_predictions=False, backend=backend)
         return res.alpha, res.r
     if method == "reference":
