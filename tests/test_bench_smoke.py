@@ -1,0 +1,33 @@
+"""The end-to-end benchmarks run (tiny sizes): their tables come out whole."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+from .datasets import realdata
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def test_bench_responses_writes_its_table(tmp_path):
+    out = tmp_path / "responses.md"
+    subprocess.run([sys.executable, str(REPO / "bench" / "bench_responses.py"), "--runs", "3", "--samples", "300",
+                    "--targets", "500", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and not ln.startswith("| recipe |")]
+    assert [r.split("|")[1].strip() for r in rows] == ["plain recipe", "neuroflow"]
+
+
+def test_bench_scale_runs_neuroflow_and_the_minimal_script(tmp_path):
+    realdata("ds003020_lebel_meta")  # skips when shared/ is not beside the repository
+    out = tmp_path / "scale.md"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_scale.py"), "--stories", "3", "--voxels", "300",
+                           "--out", str(out), "--workdir", str(tmp_path / "work")], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "| `neuroflow run` |" in text and "| minimal script" in text
+    planted = float(text.split("planted voxels: ")[1].split(" ")[0])
+    assert planted > 0.2  # the minimal script finds the planted voxels: it does the same fit
