@@ -170,6 +170,22 @@ def demo_config(model_dir: Path, output: str, subjects=("18", "sim01"), **overri
     return cfg
 
 
+def source_with_a_truncated_subject(demo_tree: Path, tmp_path: Path, bucket: str) -> str:
+    """The demo dataset with sub-23's run cut to 150 samples, served as ``s3://<bucket>/ds002322``
+    (one bad subject among good ones); returns that source URI."""
+    import shutil
+
+    from pipelines.resultstore import copy_tree_to_s3
+
+    tree = tmp_path / "ds"
+    shutil.copytree(demo_tree, tree)
+    tsv = tree / "derivatives/brennan2016roi/sub-23/func/sub-23_task-alice_desc-roi6mm_timeseries.tsv"
+    tsv.write_text("\n".join(tsv.read_text().splitlines()[:150]) + "\n")  # a truncated run
+    make_bucket(bucket)
+    copy_tree_to_s3(tree, f"s3://{bucket}/ds002322")
+    return f"s3://{bucket}/ds002322"
+
+
 @pytest.fixture
 def results_bucket(s3_url, request) -> str:
     """A fresh, empty results bucket per test."""

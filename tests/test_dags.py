@@ -120,26 +120,18 @@ def test_dag_test_runs_the_analysis_and_publishes(airflow_db, dagbag, openneuro_
 @pytest.mark.reliability
 def test_one_bad_subject_publishes_the_others_and_fails_the_run(airflow_db, dagbag, demo_tree, tiny_bert_dir,
                                                                 results_bucket, tmp_path, monkeypatch, ledger):
-    import shutil
-
     from airflow.utils.state import DagRunState
 
     from pipelines.config import parse_config
     from pipelines.consume import read_manifest
-    from pipelines.resultstore import copy_tree_to_s3
 
-    from .conftest import make_bucket
+    from .conftest import source_with_a_truncated_subject
 
     with ledger.fault("one bad subject among good ones (Airflow)"):
         monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
-        tree = tmp_path / "ds"
-        shutil.copytree(demo_tree, tree)
-        tsv = tree / "derivatives/brennan2016roi/sub-23/func/sub-23_task-alice_desc-roi6mm_timeseries.tsv"
-        tsv.write_text("\n".join(tsv.read_text().splitlines()[:150]) + "\n")  # a truncated run
-        make_bucket("dag-bad-subject-src")
-        copy_tree_to_s3(tree, "s3://dag-bad-subject-src/ds002322")
+        source = source_with_a_truncated_subject(demo_tree, tmp_path, "dag-bad-subject-src")
         config = demo_config(tiny_bert_dir, results_bucket, subjects=("22", "23"))
-        config["dataset"]["source"] = "s3://dag-bad-subject-src/ds002322"
+        config["dataset"]["source"] = source
         run = dagbag.dags["neuroflow_encoding"].test(run_conf={"config": config})
         assert run.state == DagRunState.FAILED  # the run state says a subject failed
         states = {(ti.task_id, ti.map_index): ti.state for ti in run.get_task_instances()}
@@ -405,25 +397,18 @@ def test_the_cli_and_the_dag_run_the_same_steps_to_the_same_manifest(airflow_db,
                                                                      results_bucket, tmp_path, monkeypatch):
     """One dataset with a good and a bad subject, through the DAG and through `run_analysis` (what
     `neuroflow run` calls): the same failure policy gives the same partial manifest."""
-    import shutil
-
     from airflow.utils.state import DagRunState
 
     from pipelines.config import parse_config
     from pipelines.consume import read_manifest
+    from pipelines.resultstore import ResultStore
     from pipelines.run import run_analysis
-    from pipelines.resultstore import ResultStore, copy_tree_to_s3
 
-    from .conftest import make_bucket
+    from .conftest import source_with_a_truncated_subject
 
-    tree = tmp_path / "ds"
-    shutil.copytree(demo_tree, tree)
-    tsv = tree / "derivatives/brennan2016roi/sub-23/func/sub-23_task-alice_desc-roi6mm_timeseries.tsv"
-    tsv.write_text("\n".join(tsv.read_text().splitlines()[:150]) + "\n")  # a truncated run
-    make_bucket("same-steps-src")
-    copy_tree_to_s3(tree, "s3://same-steps-src/ds002322")
+    source = source_with_a_truncated_subject(demo_tree, tmp_path, "same-steps-src")
     config = demo_config(tiny_bert_dir, results_bucket, subjects=("22", "23"))
-    config["dataset"]["source"] = "s3://same-steps-src/ds002322"
+    config["dataset"]["source"] = source
     cfg = parse_config(config)
     uri = f"{cfg.publish_prefix}/manifest.json"
 

@@ -19,9 +19,9 @@ import yaml
 from pipelines.config import parse_config
 from pipelines.consume import read_manifest
 from pipelines.errors import ModelError, TransientIOError
-from pipelines.resultstore import ResultStore, copy_tree_to_s3
+from pipelines.resultstore import ResultStore
 
-from .conftest import demo_config, make_bucket
+from .conftest import demo_config, source_with_a_truncated_subject
 from .faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
@@ -223,14 +223,9 @@ def test_a_corrupt_feature_cache_entry_is_recomputed(openneuro_demo, tiny_bert_d
 @pytest.mark.slow
 def test_one_bad_subject_among_good_ones(demo_tree, tiny_bert_dir, results_bucket, tmp_path, ledger):
     with ledger.fault("one bad subject among good ones"):
-        tree = tmp_path / "ds"
-        shutil.copytree(demo_tree, tree)
-        tsv = tree / "derivatives/brennan2016roi/sub-23/func/sub-23_task-alice_desc-roi6mm_timeseries.tsv"
-        tsv.write_text("\n".join(tsv.read_text().splitlines()[:150]) + "\n")  # a truncated run
-        make_bucket("reliability-src")
-        copy_tree_to_s3(tree, "s3://reliability-src/ds002322")
+        source = source_with_a_truncated_subject(demo_tree, tmp_path, "reliability-src")
         cfg = demo_config(tiny_bert_dir, results_bucket, subjects=["22", "23"])
-        cfg["dataset"]["source"] = "s3://reliability-src/ds002322"
+        cfg["dataset"]["source"] = source
         path = tmp_path / "c.yaml"
         path.write_text(yaml.safe_dump(cfg))
         proc = cli("run", str(path), "--cache-dir", str(tmp_path / "cache"))
