@@ -478,3 +478,15 @@ def test_use_backend_restores_previous_backend_after_an_error():
         assert get_backend().name == "numpy"
     finally:
         set_backend(previous)
+
+
+def test_scores_do_not_depend_on_keeping_the_predictions(rng):
+    """fit_subject keeps the held-out predictions (as large as Y) only for permutation tests."""
+    X = rng.standard_normal((600, 20)).astype(np.float32)
+    Y = (X @ rng.standard_normal((20, 300)) + 3 * rng.standard_normal((600, 300))).astype(np.float32)
+    groups = np.repeat(np.arange(5), 120)
+    kept = fit_encoding(X, Y, groups, [1.0, 10.0, 100.0], return_predictions=True)
+    dropped = fit_encoding(X, Y, groups, [1.0, 10.0, 100.0], return_predictions=False)
+    assert dropped.predictions is None and kept.predictions.shape == Y.shape
+    for name in ("r", "r2", "alpha", "valid"):
+        np.testing.assert_array_equal(getattr(dropped, name), getattr(kept, name))

@@ -286,8 +286,10 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
                     client = get_client(cfg.compute.dask, cfg.compute.n_workers)
                 log.info("sub-%s: fitting %s (%d samples x %d features -> %d targets)", subject, name,
                          X.shape[0], X.shape[1], Y.shape[1])
+                # held-out predictions (as large as Y) are kept only for the permutation test that needs them
                 result = fit_encoding(X, Y, groups, cfg.model.alphas, backend=cfg.compute.backend, gap=gap,
-                                      client=client, test_groups=test_groups)
+                                      client=client, test_groups=test_groups,
+                                      return_predictions=cfg.model.permutations > 0)
                 backend = result.backend
                 fitted = {"r": result.r.astype(np.float32), "r2": result.r2.astype(np.float32),
                           "alpha": result.alpha.astype(np.float32), "valid": result.valid,
