@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ConfigError
 from .features.align import lanczos_resample
 from .features.language_model import extract_word_features
 from .simulate import demo_mask, simulate_run, sphere_mask
@@ -70,16 +71,47 @@ def write_simulated_subject(dest: Path, drivers: np.ndarray, resolution_mm: floa
     return planted
 
 
+def _build_record(dest: Path) -> Path:
+    """Beside the built dataset (never inside it, where it would be uploaded): the files a build wrote."""
+    return dest.parent / f".{dest.name}.neuroflow-demo-build.json"
+
+
+def _clear_previous_build(dest: Path) -> None:
+    """Make room at `dest`: nothing there, an empty folder, or an earlier demo build whose files
+    are exactly the ones its record lists (those files are removed, nothing else). Anything else is
+    someone's folder: refused, untouched."""
+    if not dest.exists() and not dest.is_symlink():
+        return
+    if dest.is_symlink() or not dest.is_dir():
+        raise ConfigError(f"{dest}: exists and is not a folder; give a new folder for the demo dataset")
+    present = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if not p.is_dir() or p.is_symlink()}
+    if not present:
+        return
+    record = _build_record(dest)
+    listed = set(json.loads(record.read_text())) if record.is_file() and not record.is_symlink() else None
+    if listed is None or present != listed:
+        raise ConfigError(f"{dest}: is not empty and is not an earlier demo build; give a new or empty folder "
+                          "(nothing in it was touched)")
+    for rel in sorted(present):
+        (dest / rel).unlink()
+    for folder in sorted((p for p in dest.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        folder.rmdir()
+
+
 def build_demo_dataset(dest: Path, model_dir: str | Path | None = None, resolution_mm: float = 8.0) -> Path:
-    """Copy the bundled real files to `dest` and add the simulated subject (deterministic)."""
+    """Copy the bundled real files to `dest` and add the simulated subject (deterministic).
+
+    `dest` must be new, empty, or an earlier build (whose files, listed in its record, are
+    replaced); any other folder is refused untouched."""
     dest = Path(dest)
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(DEMO_SOURCE, dest)
+    _clear_previous_build(dest)
+    shutil.copytree(DEMO_SOURCE, dest, dirs_exist_ok=True)
     words = read_textgrid_words(dest / TEXTGRID)
     times = SIM_TR * np.arange(SIM_N_TRS)
     drivers = simulation_drivers(words, model_dir or packaged_model_dir(), times)
     write_simulated_subject(dest, drivers, resolution_mm)
     with open(dest / "participants.tsv", "a") as fh:
         fh.write(f"sub-{SIM_SUBJECT}\tn/a\tn/a\tn/a\tn/a\n")
+    built = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    _build_record(dest).write_text(json.dumps(built, indent=1))
     return dest

@@ -212,8 +212,9 @@ def local_filestore(ingest, subject: str, kind: str, root: str | Path) -> tuple[
     if (final / pcs.subject).is_dir():
         return final, pcs
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
-    try:
+    # built in a folder of its own, renamed into place whole; TemporaryDirectory removes only that folder
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-", ignore_cleanup_errors=True) as staging:
+        tmp = Path(staging)
         for key, path in paths.items():
             dest = tmp / pcs.subject / key[len(pcs.prefix) + 1:]
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -223,8 +224,6 @@ def local_filestore(ingest, subject: str, kind: str, root: str | Path) -> tuple[
         except OSError:
             if not (final / pcs.subject).is_dir():  # not a concurrent build of the same files
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final, pcs
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -221,12 +220,10 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
         return _reused(store, manifest_rel, existing, local_shown, cache_dir)
     staging_root = cache_dir / "staging"
     staging_root.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(tempfile.mkdtemp(prefix=f"{cfg.analysis_id}-", dir=staging_root))
-    try:
-        return _publish_staged(cfg, prepared, features, fits, store, prefix_rel, manifest_rel, out_dir,
+    # a private staging folder per run: removed whole when done, and nothing else ever is
+    with tempfile.TemporaryDirectory(prefix=f"{cfg.analysis_id}-", dir=staging_root) as staging:
+        return _publish_staged(cfg, prepared, features, fits, store, prefix_rel, manifest_rel, Path(staging),
                                local_shown, cache_dir, started, airflow_run_id)
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], fits: list[dict], store: ResultStore,
@@ -326,7 +323,6 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
     }
     validate_manifest(manifest)
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    shutil.rmtree(out_dir / ".work", ignore_errors=True)
     failpoint("publish.commit")
     current = _guard(store, manifest_rel, cfg, fits)
     if current is None:
@@ -498,16 +494,14 @@ def _reused(store: ResultStore, manifest_rel: str, manifest: dict, local_dir: st
     """The result of an analysis already committed: its manifest and report copied to `local_dir`."""
     staging_root = cache_dir / "staging"
     staging_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="reused-", dir=staging_root))
-    try:
+    with tempfile.TemporaryDirectory(prefix="reused-", dir=staging_root) as staging:
+        tmp = Path(staging)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         files = ["manifest.json"]
         if any(a["path"] == "report.html" for a in manifest["artifacts"]):
             store.download(manifest_rel.rsplit("/", 1)[0] + "/report.html", tmp / "report.html")
             files.append("report.html")
         local = install(tmp, files, local_dir, manifest["analysis_id"], cache_dir=cache_dir, prune=False)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return _result(store, manifest_rel, manifest, local, reused=True)
 
 

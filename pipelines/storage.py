@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -537,7 +536,11 @@ def _drop_if_link(path: Path) -> bool:
     if stat.S_ISREG(st.st_mode):
         return True
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
+        try:
+            path.rmdir()  # an empty folder only: what it holds was not put there by neuroflow
+        except OSError as err:
+            raise IntegrityError(f"{path}: a folder with files in it stands where neuroflow keeps a cached file; "
+                                 "it is left as it is: move it away, then run again") from err
     else:
         path.unlink()
     return False
@@ -562,6 +565,3 @@ def _key_text(target: str) -> str:
     """The annex key (last path part) of a git-annex symlink target."""
     return PurePosixPath(target).name
 
-
-def clear_cache_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

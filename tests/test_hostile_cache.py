@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines.errors import ConfigError, DatasetError
+from pipelines.errors import ConfigError, DatasetError, IntegrityError
 
 from .conftest import demo_config
 from .datasets import stage
@@ -161,6 +161,13 @@ def test_a_damaged_cache_entry_is_downloaded_again(blob, tmp_path, ledger, damag
         else:
             path.unlink()
             (path / "inner").mkdir(parents=True)
+            (path / "inner" / "notes.txt").write_text("not neuroflow's")
+            # a folder holding files is not deleted to make room: one clear error, the folder left as it is
+            with pytest.raises(IntegrityError, match="a folder with files in it stands where neuroflow keeps"):
+                _source(src, tmp_path).fetch(KEY)
+            assert (path / "inner" / "notes.txt").read_text() == "not neuroflow's"
+            (path / "inner" / "notes.txt").unlink()
+            (path / "inner").rmdir()  # an empty folder in its place is simply replaced
         assert _source(src, tmp_path).fetch(KEY).read_bytes() == data
 
 

@@ -517,3 +517,32 @@ def test_the_default_local_copy_under_the_cache_is_always_ours(tmp_path):
     assert check_local_dir(default, "a-0123456789ab", cache_dir=cache) == default.resolve()
     with pytest.raises(ConfigError, match="is not empty"):  # the same files anywhere else are not ours
         check_local_dir(default, "a-0123456789ab", cache_dir=tmp_path / "another-cache")
+
+
+def test_the_demo_dataset_is_never_built_over_a_users_folder(tmp_path, ledger, tiny_bert_dir, monkeypatch):
+    """`neuroflow demo-data DEST`: a folder of the user's is refused untouched; an earlier build is replaced."""
+    import numpy as np
+
+    import pipelines.demo as demo
+    from pipelines.demo import build_demo_dataset
+    from pipelines.errors import ConfigError
+
+    # word rate alone drives the simulated subject here (the packaged model's layer 4 is not in the tiny one)
+    monkeypatch.setattr(demo, "simulation_drivers", lambda words, model, times: np.ones((len(times), 2), np.float32))
+
+    with ledger.bad_input("demo-data into a folder holding the user's files"):
+        mine = tmp_path / "mine"
+        (mine / "sub").mkdir(parents=True)
+        (mine / "sub" / "notes.txt").write_text("keep")
+        with pytest.raises(ConfigError, match="not an earlier demo build"):
+            build_demo_dataset(mine, model_dir=tiny_bert_dir, resolution_mm=16.0)
+        assert [p.name for p in mine.rglob("*")] == ["sub", "notes.txt"]
+
+        built = build_demo_dataset(tmp_path / "demo", model_dir=tiny_bert_dir, resolution_mm=16.0)
+        files = sorted(p.relative_to(built) for p in built.rglob("*") if p.is_file())
+        again = build_demo_dataset(built, model_dir=tiny_bert_dir, resolution_mm=16.0)  # an earlier build: replaced
+        assert sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file()) == files
+        (again / "added-by-user.txt").write_text("mine")  # now it holds a file no build wrote
+        with pytest.raises(ConfigError, match="not an earlier demo build"):
+            build_demo_dataset(again, model_dir=tiny_bert_dir, resolution_mm=16.0)
+        assert (again / "added-by-user.txt").read_text() == "mine"
