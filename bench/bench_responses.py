@@ -27,7 +27,7 @@ CHILD = r"""
 import json, sys, time
 import numpy as np
 from pipelines.ingest import Run
-from pipelines.steps.fit_subject import stack_responses  # imported by both rows: not counted in the step
+from pipelines.steps.response_matrix import stack_responses  # imported by both rows: not counted in the step
 
 def hwm_kb():
     with open("/proc/self/status") as f:

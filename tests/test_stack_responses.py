@@ -6,7 +6,7 @@ import numpy as np
 
 from pipelines.fit import zscore_by_group
 from pipelines.ingest import Run
-from pipelines.steps.fit_subject import stack_responses
+from pipelines.steps.response_matrix import stack_responses
 
 
 def _runs(rng, lengths=(50, 70, 40), n_targets=30) -> list[Run]:

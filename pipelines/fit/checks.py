@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import ConfigError, FitError
 
-__all__ = ["check_alphas", "check_inputs", "check_int", "valid_targets"]
+__all__ = ["check_alphas", "check_inputs", "check_int", "is_stored", "valid_targets"]
 
 
 def _format_values(values: np.ndarray) -> str:
@@ -51,6 +51,13 @@ def check_int(value: Any, name: str, minimum: int) -> int:
     return int(value)
 
 
+def is_stored(Y: Any) -> bool:
+    """Whether ``Y`` is a 2-D array on storage (``h5py.Dataset``, zarr, dask, ``np.memmap`` is not:
+    it is an ndarray), read a block of columns at a time by the fits instead of held in memory."""
+    return (not isinstance(Y, np.ndarray) and hasattr(Y, "shape") and hasattr(Y, "dtype")
+            and hasattr(Y, "__getitem__") and len(Y.shape) == 2)
+
+
 def check_inputs(Xs: list[np.ndarray], Y: np.ndarray, groups: np.ndarray,
                  ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Feature arrays, responses and groups as float32 / numpy arrays of matching shapes.
@@ -58,13 +65,14 @@ def check_inputs(Xs: list[np.ndarray], Y: np.ndarray, groups: np.ndarray,
     Parameters
     ----------
     Xs : list of arrays of shape (n_samples, n_features_b)
-    Y : array of shape (n_samples, n_targets) or (n_samples,)
+    Y : array of shape (n_samples, n_targets) or (n_samples,), or a float32 2-D array on
+        storage (:func:`is_stored`), returned as it is
     groups : array of shape (n_samples,)
 
     Returns
     -------
     Xs : list of float32 arrays of shape (n_samples, n_features_b)
-    Y : float32 array of shape (n_samples, n_targets)
+    Y : float32 array of shape (n_samples, n_targets), or the stored array
     groups : array of shape (n_samples,)
 
     Raises
@@ -73,7 +81,11 @@ def check_inputs(Xs: list[np.ndarray], Y: np.ndarray, groups: np.ndarray,
         Arrays not 2-D, sample counts or ``groups`` shape that differ, NaN or Inf in ``X``.
     """
     Xs = [np.asarray(X, dtype=np.float32) for X in Xs]
-    Y = np.asarray(Y, dtype=np.float32)
+    if is_stored(Y):  # read a block of columns at a time by the fit, never whole
+        if np.dtype(Y.dtype) != np.float32:
+            raise FitError(f"A stored Y must be float32 (it is read as it is stored); got {Y.dtype}.")
+    else:
+        Y = np.asarray(Y, dtype=np.float32)
     groups = np.asarray(groups)
     if Y.ndim == 1:
         Y = Y[:, None]
@@ -101,7 +113,7 @@ def valid_targets(Y: np.ndarray, batch: int = 2048) -> np.ndarray:
 
     Parameters
     ----------
-    Y : array of shape (n_samples, n_targets)
+    Y : array of shape (n_samples, n_targets), in memory or on storage (:func:`is_stored`)
     batch : int
         Columns checked at a time.
 
@@ -110,8 +122,11 @@ def valid_targets(Y: np.ndarray, batch: int = 2048) -> np.ndarray:
     valid : array of shape (n_targets,), bool
     """
     valid = np.empty(Y.shape[1], dtype=bool)
+    stored_chunks = getattr(Y, "chunks", None) if is_stored(Y) else None
+    if isinstance(stored_chunks, tuple) and len(stored_chunks) == 2 and isinstance(stored_chunks[1], int):
+        batch = max(batch, stored_chunks[1])  # an HDF5 / zarr array: whole storage chunks of columns at a time
     with np.errstate(invalid="ignore"):
         for start in range(0, Y.shape[1], batch):
-            block = Y[:, start:start + batch]
+            block = np.asarray(Y[:, start:start + batch])
             valid[start:start + batch] = np.isfinite(block).all(axis=0) & (np.ptp(block, axis=0) > 0)
     return valid

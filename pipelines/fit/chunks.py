@@ -34,6 +34,7 @@ __all__ = [
     "plan_chunks",
     "run_chunks",
     "scatter",
+    "set_columns",
 ]
 
 #: Memory budget of one chunk when none is given and none can be measured.
@@ -92,11 +93,40 @@ def default_targets_chunk(n_samples: int, n_features: int, max_val: int, max_tes
     return max(1, int(budget_bytes) // per_target)
 
 
-def columns(Y: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``Y[:, cols]``: a view when ``cols`` is a contiguous range."""
-    if cols.size and cols[-1] - cols[0] + 1 == cols.size:
-        return Y[:, int(cols[0]):int(cols[-1]) + 1]
-    return Y[:, cols]
+def columns(Y: Any, cols: np.ndarray) -> np.ndarray:
+    """``Y[:, cols]`` (``cols`` increasing): a view when ``cols`` is a contiguous range.
+
+    ``Y`` may also be an array on storage (an ``h5py.Dataset``, a zarr or dask array: see
+    :func:`pipelines.fit.checks.is_stored`): the range ``cols[0]..cols[-1]`` is read as one
+    block of columns and the others dropped in memory.
+    """
+    if not cols.size:
+        return np.empty((Y.shape[0], 0), dtype=np.float32)
+    first, last = int(cols[0]), int(cols[-1]) + 1
+    contiguous = last - first == cols.size
+    if isinstance(Y, np.ndarray):
+        return Y[:, first:last] if contiguous else Y[:, cols]
+    block = np.asarray(Y[:, first:last], dtype=np.float32)
+    return block if contiguous else block[:, cols - first]
+
+
+def set_columns(out: Any, cols: np.ndarray, values: np.ndarray) -> None:
+    """``out[:, cols] = values`` (``cols`` increasing); on storage, one block of columns written.
+
+    The block spans ``cols[0]..cols[-1]``; the columns in it that are not in ``cols`` are
+    written NaN (the chunks of a fit cover disjoint ranges, and the targets between their
+    columns are the invalid ones, NaN in every result).
+    """
+    if isinstance(out, np.ndarray) or not cols.size:
+        out[:, cols] = values
+        return
+    first, last = int(cols[0]), int(cols[-1]) + 1
+    if last - first == cols.size:
+        out[:, first:last] = values
+        return
+    block = np.full((out.shape[0], last - first), np.nan, dtype=np.float32)
+    block[:, cols - first] = values
+    out[:, first:last] = block
 
 
 def _worker_threads(client: Client) -> dict[str, int]:
@@ -112,7 +142,7 @@ def _chunk_budget(backend_name: str, budget: int) -> int:
 
 
 def plan_chunks(valid_idx: np.ndarray, n_targets_chunk: int | None, per_target: int, backend_name: str,
-                client: Client | None) -> tuple[list[np.ndarray], int | None]:
+                client: Client | None, y_bytes: int | None = None) -> tuple[list[np.ndarray], int | None]:
     """Chunks of target indices, and the BLAS threads each dask task may use.
 
     ``valid_idx`` (n_valid,) are the targets to fit, ``per_target`` the bytes a chunk holds
@@ -123,12 +153,19 @@ def plan_chunks(valid_idx: np.ndarray, n_targets_chunk: int | None, per_target: 
     (or on the most loaded dask worker) and on the GPU; then the chunks are made equal in
     size (no small last chunk) and, on dask, their number a multiple of the worker threads,
     so every thread gets the same share of the work.
+
+    In process, ``y_bytes`` (the size of ``Y`` when it is held in memory) also caps a chunk at
+    half of it (never under :data:`MEMORY_BUDGET_BYTES`): the fit then holds at most about 1.5
+    times the responses, whatever the free memory, and a large chunk gains no speed (the
+    decompositions of ``X`` are shared by the chunks).
     """
     n_valid = valid_idx.size
     n_threads = None
     if client is None:
         if n_targets_chunk is None:
             budget = _chunk_budget(backend_name, memory_budget_bytes(backend_name))
+            if y_bytes is not None:
+                budget = min(budget, max(MEMORY_BUDGET_BYTES, y_bytes // 2))
             n_targets_chunk = _balanced(n_valid, max(1, budget // per_target), 1)
     else:
         threads = _worker_threads(client)

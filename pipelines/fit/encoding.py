@@ -16,7 +16,7 @@ from himalaya.ridge import Ridge
 from ..backend import choose_backend, use_backend
 from ..errors import ConfigError, FitError
 from .checks import check_alphas, check_inputs, check_int, valid_targets
-from .chunks import broadcast, bytes_per_target, plan_chunks, run_chunks
+from .chunks import broadcast, bytes_per_target, plan_chunks, run_chunks, set_columns
 from .designs import SHARED_DECOMPOSITIONS_MAX, decompose_folds
 from .solvers import ChunkInputs, choose_mode, choose_solver, fit_banded_chunk, fit_chunk
 from .splits import nested_group_splits, sample_fold
@@ -100,6 +100,25 @@ class BandedEncodingResult(EncodingResult):
     band_weights: np.ndarray | None = None
 
 
+# --------------------------------------------------------------------------- helpers
+
+
+def _held_bytes(Y: Any) -> int | None:
+    """Bytes of ``Y`` when it is held in memory (caps a chunk's memory), None when it is on storage."""
+    return int(Y.nbytes) if isinstance(Y, np.ndarray) else None
+
+
+def _predictions_array(Y: Any, return_predictions: bool, out: Any) -> Any:
+    """Where held-out predictions go: ``out``, a new NaN array, or None when none are kept."""
+    if not return_predictions:
+        return None
+    if out is None:
+        return np.full(Y.shape, np.nan, dtype=np.float32)
+    if tuple(out.shape) != tuple(Y.shape):
+        raise FitError(f"'predictions_out' must have Y's shape {tuple(Y.shape)}; got {tuple(out.shape)}.")
+    return out
+
+
 # --------------------------------------------------------------------------- fixed alpha
 
 
@@ -142,6 +161,7 @@ def fit_encoding(
     return_predictions: bool = True,
     test_groups: Sequence[Any] | None = None,
     solver: str = "auto",
+    predictions_out: Any = None,
 ) -> EncodingResult:
     """Fit a ridge encoding model per target with nested leave-one-group-out CV.
 
@@ -157,7 +177,9 @@ def fit_encoding(
         Features (cast to float32). Must be finite. Roughly centred data (z-scored per
         run, as :func:`pipelines.steps.fit_subject` gives) keep float32 accurate.
     Y : array of shape (n_samples, n_targets)
-        Responses (cast to float32). Constant or non-finite targets are skipped.
+        Responses (cast to float32). Constant or non-finite targets are skipped. May be a
+        float32 array on storage (an ``h5py.Dataset``, zarr or dask array): each chunk's
+        columns are then read when the chunk runs, and ``Y`` is never held whole (out of core).
     groups : array of shape (n_samples,)
         Run / story / block label of each sample; at least 3 distinct labels. Folds are
         whole groups, in order of first appearance. Labels that look like shuffled time
@@ -185,6 +207,9 @@ def fit_encoding(
         (see :func:`pipelines.fit.nested_group_splits`).
     solver : str
         One of :data:`pipelines.fit.SOLVERS` (see :mod:`pipelines.fit`); ``"auto"`` by default.
+    predictions_out : writable float32 array of ``Y``'s shape filled with NaN, or None
+        Where the held-out predictions are written (e.g. an ``h5py.Dataset`` beside a stored
+        ``Y``) instead of a new array in memory; only with ``return_predictions``.
 
     Returns
     -------
@@ -217,7 +242,7 @@ def fit_encoding(
         n_samples, X.shape[1], max(s.train.size for s in splits),
         max(va.size for s in splits for _, va in s.inner), max(s.test.size for s in splits),
         solver_name, "rotation", return_predictions)
-    chunks, n_threads = plan_chunks(valid_idx, n_targets_chunk, per_target, backend_name, client)
+    chunks, n_threads = plan_chunks(valid_idx, n_targets_chunk, per_target, backend_name, client, _held_bytes(Y))
     mode = choose_mode(solver_name, X.shape[1], splits, alphas_arr.size, max(c.size for c in chunks))
     X_shared = broadcast(client, X)  # X itself, or on dask a future of it held by every worker
     decompositions = None
@@ -232,13 +257,13 @@ def fit_encoding(
     r = np.full(n_targets, np.nan, dtype=np.float32)
     r2 = np.full(n_targets, np.nan, dtype=np.float32)
     fold_alphas = np.full((len(splits), n_targets), np.nan, dtype=np.float32)
-    predictions = np.full(Y.shape, np.nan, dtype=np.float32) if return_predictions else None
+    predictions = _predictions_array(Y, return_predictions, predictions_out)
     for c, part in zip(chunks, parts):
         r[c] = part["r"]
         r2[c] = part["r2"]
         fold_alphas[:, c] = part["fold_alphas"]
         if predictions is not None:
-            predictions[:, c] = part["predictions"]
+            set_columns(predictions, c, part["predictions"])
     with np.errstate(invalid="ignore"):
         alpha = np.exp(np.log(fold_alphas.astype(np.float64)).mean(axis=0)).astype(np.float32)
 
@@ -261,6 +286,7 @@ def fit_banded_encoding(
     client: Client | None = None,
     return_predictions: bool = True,
     test_groups: Sequence[Any] | None = None,
+    predictions_out: Any = None,
 ) -> BandedEncodingResult:
     """Banded ridge over several feature spaces, with the held-out R² split per space.
 
@@ -272,8 +298,8 @@ def fit_banded_encoding(
     ----------
     Xs : mapping of name -> array of shape (n_samples, n_features_b), or a sequence
         The feature spaces (a sequence is named ``band0``, ``band1``, ...).
-    Y, groups, alphas, backend, gap, n_targets_chunk, client, return_predictions, test_groups
-        As in :func:`fit_encoding`.
+    Y, groups, alphas, backend, gap, n_targets_chunk, client, return_predictions, test_groups, predictions_out
+        As in :func:`fit_encoding` (``Y`` may be on storage).
     n_iter : int
         Draws of band weights in himalaya's random search (the first is uniform).
     random_state : int
@@ -312,7 +338,7 @@ def fit_banded_encoding(
                                   max(va.size for s in splits for _, va in s.inner),
                                   max(s.test.size for s in splits), "himalaya", "operator",
                                   return_predictions) + 4 * len(arrays) * max(s.test.size for s in splits)
-    chunks, n_threads = plan_chunks(valid_idx, n_targets_chunk, per_target, backend_name, client)
+    chunks, n_threads = plan_chunks(valid_idx, n_targets_chunk, per_target, backend_name, client, _held_bytes(Y))
     parts = run_chunks(fit_banded_chunk, broadcast(client, arrays), Y, chunks, client, n_threads, splits,
                        alphas_arr, backend_name, return_predictions, n_iter, random_state)
 
@@ -322,13 +348,13 @@ def fit_banded_encoding(
     r2_split = np.full((n_bands, n_targets), np.nan, dtype=np.float32)
     band_weights = np.full((n_bands, n_targets), np.nan, dtype=np.float32)
     fold_alphas = np.full((len(splits), n_targets), np.nan, dtype=np.float32)
-    predictions = np.full(Y.shape, np.nan, dtype=np.float32) if return_predictions else None
+    predictions = _predictions_array(Y, return_predictions, predictions_out)
     for c, part in zip(chunks, parts):
         r[c], r2[c] = part["r"], part["r2"]
         r2_split[:, c], band_weights[:, c] = part["r2_split"], part["band_weights"]
         fold_alphas[:, c] = part["fold_alphas"]
         if predictions is not None:
-            predictions[:, c] = part["predictions"]
+            set_columns(predictions, c, part["predictions"])
     with np.errstate(invalid="ignore"):
         alpha = np.exp(np.log(fold_alphas.astype(np.float64)).mean(axis=0)).astype(np.float32)
     return BandedEncodingResult(

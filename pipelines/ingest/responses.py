@@ -9,6 +9,7 @@ sampled at ``times = start + tr * arange(n_samples)`` (seconds, run clock).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -264,8 +265,13 @@ def plan_runs(ingest: Ingest, subject: str) -> list[Run]:
             for rf, label, story, events_key, stim in planned]
 
 
-def load_subject(ingest: Ingest, subject: str) -> SubjectResponses:
-    """Every run of one subject, as float32 arrays on their own clocks, each with its story."""
+def load_subject(ingest: Ingest, subject: str, on_run: Callable[[Run], None] | None = None) -> SubjectResponses:
+    """Every run of one subject, as float32 arrays on their own clocks, each with its story.
+
+    ``on_run`` is called with each run as soon as it is read, before the next is read: it may
+    take the run's data away (e.g. onto disk, replacing ``run.data`` with an empty array), so
+    that the subject's runs are never all in memory at once.
+    """
     kind, planned = _planned(ingest, subject)
     opts = ingest.responses
     runs: list[Run] = []
@@ -320,5 +326,8 @@ def load_subject(ingest: Ingest, subject: str) -> SubjectResponses:
         runs.append(Run(label=label, data=data, times=times, tr=tr, key=key, story=story,
                         task=rf.entities.get("task"), session=rf.entities.get("ses"), events_key=events_key,
                         meta=meta))
+        data = r = None  # the run holds its array alone: on_run may release it
+        if on_run is not None:
+            on_run(runs[-1])
     return SubjectResponses(subject=subject, kind=kind, runs=runs, target_names=names, mask_img=mask_img,
                             space=space, simulated=simulated, target_info=target_info)

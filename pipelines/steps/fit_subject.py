@@ -26,11 +26,15 @@ from ..features.align import make_delays
 from ..features.lags import lag_samples, trf_design
 from ..features.registry import FeatureResult, align_to_samples
 from ..fit import fit_banded_encoding, fit_encoding, fit_ridge_fixed_alpha, zscore_by_group
+from ..fit.checks import is_stored
+from ..limits import memory_budget
 from ..ingest import Ingest, Run, check_run_timing, load_run_words, load_subject, open_dataset
 from ..progress import Progress
 from ..stats import fdr_bh, normalise_by_ceiling, permutation_test
 from ..resultstore import ResultStore
+from ..fit.chunks import columns
 from .features import feature_spec, read_feature_cache
+from .response_matrix import ResponseMatrix
 from .results import FeatureSet, SubjectFit
 
 log = logging.getLogger("neuroflow")
@@ -147,46 +151,6 @@ def read_fit_cache(store: ResultStore, rel: str, n_targets: int) -> dict[str, np
         return None
 
 
-def stack_responses(runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The runs' responses as one matrix, z-scored within each run, built in place.
-
-    Each run is copied into one preallocated float32 matrix and its own array released, NaN/Inf
-    are zeroed, and the z-scoring writes over the matrix: the responses are held once (plus one
-    run in float64), never as a list of runs, a concatenation and a z-scored copy at once.
-
-    Returns
-    -------
-    Y : float32 array of shape (n_samples, n_targets)
-        Z-scored within each run; the columns of targets with any NaN/Inf are NaN (reported
-        invalid by the fit, never fitted).
-    finite : bool array of shape (n_targets,)
-        Targets whose every sample was finite.
-    constant : bool array of shape (n_targets,)
-        Finite targets that are constant within every run (nothing to fit).
-    """
-    n_targets = runs[0].data.shape[1]
-    Y = np.empty((sum(len(r.times) for r in runs), n_targets), dtype=np.float32)
-    run_ids = np.empty(Y.shape[0], dtype=np.int64)
-    finite = np.ones(n_targets, dtype=bool)
-    start = 0
-    for i, run in enumerate(runs):
-        block = Y[start:start + len(run.times)]
-        block[...] = run.data
-        ok = np.isfinite(block)
-        finite &= ok.all(axis=0)
-        np.copyto(block, 0.0, where=~ok)
-        run_ids[start:start + len(block)] = i
-        run.data = np.empty((0, n_targets), dtype=np.float32)  # copied: the run's own array is released
-        start += len(block)
-    zscore_by_group(Y, run_ids, out=Y)
-    varies = np.zeros(n_targets, dtype=bool)
-    for first in range(0, Y.shape[0], 1024):  # in row blocks: no full-size temporary
-        varies |= (Y[first:first + 1024] != 0).any(axis=0)
-    constant = finite & ~varies
-    Y[:, ~finite] = np.nan
-    return Y, finite, constant
-
-
 def cached_features(store: ResultStore, spec, feat: FeatureSet, runs: list[Run],
                     subject: str) -> tuple[list[FeatureResult], list[str]]:
     """Each run's features from the cache entries the features step wrote, and their cache keys.
@@ -223,144 +187,149 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
     a retry or re-run never recomputes finished work.
     """
     cfg = as_config(config)
-    ingest = open_dataset(cfg, cache_dir or default_cache_dir())
+    cache_root = Path(cache_dir or default_cache_dir())
+    ingest = open_dataset(cfg, cache_root)
     store = ResultStore(cfg.output)
-    responses = load_subject(ingest, subject)
-    for run in responses.runs:
-        check_run_timing(run, load_run_words(ingest, run), subject)
-    responses_sha = responses_key(ingest)
-    inputs_key = hashlib.sha256(json.dumps(
-        {"config": cfg.config_hash, "features": sorted(f["key"] for f in features), "files": responses_sha},
-        sort_keys=True).encode()).hexdigest()[:16]
-    base = f"_work/{cfg.analysis_id}/sub-{subject}"
-    rel = f"{base}/results-{inputs_key}.npz"
-    meta_rel = f"{base}/results-{inputs_key}.json"
-    if flatmap.enabled(cfg):  # after responses_sha: the pycortex files are no part of the fit's cache key
-        flatmap.check_responses(ingest, subject, responses)
-    if store.exists(meta_rel) and store.exists(rel):  # the metadata is written last: the fit is whole
-        meta = json.loads(store.get_bytes(meta_rel))
-        log.info("sub-%s: reusing finished fit %s", subject, rel)
-        meta["reused"] = True
-        meta["computed_features"] = []
-        return meta
+    # the runs stay in memory while they fit half the memory budget, else they go to disk one by one
+    with ResponseMatrix(cache_root / "staging") as matrix:
+        responses = load_subject(ingest, subject, on_run=matrix.add)
+        for run in responses.runs:
+            check_run_timing(run, load_run_words(ingest, run), subject)
+        responses_sha = responses_key(ingest)
+        inputs_key = hashlib.sha256(json.dumps(
+            {"config": cfg.config_hash, "features": sorted(f["key"] for f in features), "files": responses_sha},
+            sort_keys=True).encode()).hexdigest()[:16]
+        base = f"_work/{cfg.analysis_id}/sub-{subject}"
+        rel = f"{base}/results-{inputs_key}.npz"
+        meta_rel = f"{base}/results-{inputs_key}.json"
+        if flatmap.enabled(cfg):  # after responses_sha: the pycortex files are no part of the fit's cache key
+            flatmap.check_responses(ingest, subject, responses)
+        if store.exists(meta_rel) and store.exists(rel):  # the metadata is written last: the fit is whole
+            meta = json.loads(store.get_bytes(meta_rel))
+            log.info("sub-%s: reusing finished fit %s", subject, rel)
+            meta["reused"] = True
+            meta["computed_features"] = []
+            return meta
 
-    runs = responses.runs
-    lengths = [len(r.times) for r in runs]
-    Y, finite, constant = stack_responses(runs)
-    groups, gap = cv_groups(cfg, lengths, subject, longest_lag(cfg, runs))
-    test_groups = None
-    if cfg.model.test_stories:
-        test_groups = [i for i, r in enumerate(runs) if r.story in cfg.model.test_stories]
-        if not test_groups or len(test_groups) == len(runs):
-            raise DatasetError(f"sub-{subject}: 'model.test_stories' {cfg.model.test_stories} match "
-                               f"{len(test_groups)} of its {len(runs)} runs (stories "
-                               f"{sorted({str(r.story) for r in runs})}); name stories it heard, not all of them")
+        runs = responses.runs
+        lengths = [len(r.times) for r in runs]
+        Y, finite, constant = matrix.finish()
+        groups, gap = cv_groups(cfg, lengths, subject, longest_lag(cfg, runs))
+        test_groups = None
+        if cfg.model.test_stories:
+            test_groups = [i for i, r in enumerate(runs) if r.story in cfg.model.test_stories]
+            if not test_groups or len(test_groups) == len(runs):
+                raise DatasetError(f"sub-{subject}: 'model.test_stories' {cfg.model.test_stories} match "
+                                   f"{len(test_groups)} of its {len(runs)} runs (stories "
+                                   f"{sorted({str(r.story) for r in runs})}); name stories it heard, not all of them")
 
-    arrays: dict[str, np.ndarray] = {"target_names": np.asarray(responses.target_names, dtype=str)}
-    if responses.target_info is not None:  # hemisphere/vertex of surfaces, channel type and coordinates
-        for col in responses.target_info.columns:
-            values = responses.target_info[col].to_numpy()
-            numeric = values.dtype.kind in "biuf"
-            arrays[f"info__{col}"] = values.astype(np.float64) if numeric else values.astype(str)
-    metrics: dict[str, Any] = {}
-    computed_features: list[str] = []
-    backend = ""
-    progress = Progress(len(features), f"sub-{subject} fits", unit="feature spaces")
-    bands: list[tuple[str, list[FeatureResult], str, list[str]]] = []
-    for feat in sorted(features, key=lambda f: f["feature"]):
-        progress.update(detail=feat["feature"])
-        spec = feature_spec(cfg, feat["feature"])
-        results, rels = cached_features(store, spec, feat, runs, subject)
-        spaces = sorted(results[0].values)
-        for space in spaces:
-            name = spec.name if space == "values" else f"{spec.name}_{space}"
-            if cfg.model.kind == "banded_ridge":  # fitted jointly below, one band per space
-                bands.append((name, results, space, rels))
-                continue
-            key = fit_key(cfg, subject, responses_sha, rels, space)
-            cache_rel = f"_cache/fits/sub-{subject}/{key}.npz"
-            fitted = read_fit_cache(store, cache_rel, Y.shape[1])
-            if fitted is None:
-                X = design_matrix(cfg, results, runs, space)
-                if client is None and Y.shape[1] > 64:
-                    client = get_client(cfg.compute.dask, cfg.compute.n_workers)
-                log.info("sub-%s: fitting %s (%d samples x %d features -> %d targets)", subject, name,
-                         X.shape[0], X.shape[1], Y.shape[1])
-                # held-out predictions (as large as Y) are kept only for the permutation test that needs them
-                result = fit_encoding(X, Y, groups, cfg.model.alphas, backend=cfg.compute.backend, gap=gap,
-                                      client=client, test_groups=test_groups,
-                                      return_predictions=cfg.model.permutations > 0)
-                backend = result.backend
-                fitted = {"r": result.r.astype(np.float32), "r2": result.r2.astype(np.float32),
-                          "alpha": result.alpha.astype(np.float32), "valid": result.valid,
-                          "backend": np.asarray(result.backend)}
-                if cfg.model.permutations > 0:
-                    fitted.update(_permutation_maps(cfg, Y, result))
-                if is_ephys(runs):
-                    fitted.update(_lag_weights(cfg, X, Y, result, runs))
-                write_entry(store, save_npz(fitted), cache_rel)
-                computed_features.append(name)
-            else:
-                log.info("sub-%s: reused fit %s of %s", subject, cache_rel, name)
-                backend = backend or str(fitted.get("backend", ""))
+        arrays: dict[str, np.ndarray] = {"target_names": np.asarray(responses.target_names, dtype=str)}
+        if responses.target_info is not None:  # hemisphere/vertex of surfaces, channel type and coordinates
+            for col in responses.target_info.columns:
+                values = responses.target_info[col].to_numpy()
+                numeric = values.dtype.kind in "biuf"
+                arrays[f"info__{col}"] = values.astype(np.float64) if numeric else values.astype(str)
+        metrics: dict[str, Any] = {}
+        computed_features: list[str] = []
+        backend = ""
+        progress = Progress(len(features), f"sub-{subject} fits", unit="feature spaces")
+        bands: list[tuple[str, list[FeatureResult], str, list[str]]] = []
+        for feat in sorted(features, key=lambda f: f["feature"]):
+            progress.update(detail=feat["feature"])
+            spec = feature_spec(cfg, feat["feature"])
+            results, rels = cached_features(store, spec, feat, runs, subject)
+            spaces = sorted(results[0].values)
+            for space in spaces:
+                name = spec.name if space == "values" else f"{spec.name}_{space}"
+                if cfg.model.kind == "banded_ridge":  # fitted jointly below, one band per space
+                    bands.append((name, results, space, rels))
+                    continue
+                key = fit_key(cfg, subject, responses_sha, rels, space)
+                cache_rel = f"_cache/fits/sub-{subject}/{key}.npz"
+                fitted = read_fit_cache(store, cache_rel, Y.shape[1])
+                if fitted is None:
+                    X = design_matrix(cfg, results, runs, space)
+                    if client is None and Y.shape[1] > 64:
+                        client = get_client(cfg.compute.dask, cfg.compute.n_workers)
+                    log.info("sub-%s: fitting %s (%d samples x %d features -> %d targets)", subject, name,
+                             X.shape[0], X.shape[1], Y.shape[1])
+                    # held-out predictions (as large as Y) are kept only for the permutation test that needs them
+                    keep = cfg.model.permutations > 0
+                    result = fit_encoding(X, Y, groups, cfg.model.alphas, backend=cfg.compute.backend, gap=gap,
+                                          client=client, test_groups=test_groups, return_predictions=keep,
+                                          predictions_out=matrix.predictions_like() if keep and matrix.out_of_core
+                                          else None)
+                    backend = result.backend
+                    fitted = {"r": result.r.astype(np.float32), "r2": result.r2.astype(np.float32),
+                              "alpha": result.alpha.astype(np.float32), "valid": result.valid,
+                              "backend": np.asarray(result.backend)}
+                    if cfg.model.permutations > 0:
+                        fitted.update(_permutation_maps(cfg, Y, result))
+                    if is_ephys(runs):
+                        fitted.update(_lag_weights(cfg, X, Y, result, runs))
+                    write_entry(store, save_npz(fitted), cache_rel)
+                    computed_features.append(name)
+                else:
+                    log.info("sub-%s: reused fit %s of %s", subject, cache_rel, name)
+                    backend = backend or str(fitted.get("backend", ""))
+                for stat in FIT_ARRAYS:
+                    if stat in fitted:
+                        arrays[f"{name}__{stat}"] = fitted[stat]
+                metrics[name] = summarize(fitted["r"], fitted["valid"])
+                # significant targets (permutations, BH-FDR 0.05); None when no permutations were asked for
+                metrics[name]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
+                if cfg.decoding.enabled:
+                    decoded, word_auc = _decode(cfg, results, runs, space, Y, finite, fitted, groups, gap, client,
+                                                test_groups)
+                    arrays[f"{name}__decoding_r"] = decoded.r.astype(np.float32)
+                    metrics[name]["decoding"] = {**decoded.identification.as_dict(), "word_roc_auc": word_auc,
+                                                 "mean_r": round(float(np.nanmean(np.where(decoded.valid, decoded.r,
+                                                                                           np.nan))), 6)
+                                                 if decoded.valid.any() else None}
+        progress.close()
+        _ceiling_normalised(runs, arrays, metrics)
+        if bands:
+            if client is None and Y.shape[1] > 64:
+                client = get_client(cfg.compute.dask, cfg.compute.n_workers)
+            fitted, computed = _fit_banded(cfg, store, subject, responses_sha, bands, runs, Y, groups, gap, client,
+                                           test_groups, matrix)
+            backend = str(fitted.get("backend", ""))
+            computed_features += ["banded"] if computed else []
             for stat in FIT_ARRAYS:
                 if stat in fitted:
-                    arrays[f"{name}__{stat}"] = fitted[stat]
-            metrics[name] = summarize(fitted["r"], fitted["valid"])
-            # significant targets (permutations, BH-FDR 0.05); None when no permutations were asked for
-            metrics[name]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
-            if cfg.decoding.enabled:
-                decoded, word_auc = _decode(cfg, results, runs, space, Y, fitted, groups, gap, client,
-                                            test_groups)
-                arrays[f"{name}__decoding_r"] = decoded.r.astype(np.float32)
-                metrics[name]["decoding"] = {**decoded.identification.as_dict(), "word_roc_auc": word_auc,
-                                             "mean_r": round(float(np.nanmean(np.where(decoded.valid, decoded.r,
-                                                                                       np.nan))), 6)
-                                             if decoded.valid.any() else None}
-    progress.close()
-    _ceiling_normalised(runs, arrays, metrics)
-    if bands:
-        if client is None and Y.shape[1] > 64:
-            client = get_client(cfg.compute.dask, cfg.compute.n_workers)
-        fitted, computed = _fit_banded(cfg, store, subject, responses_sha, bands, runs, Y, groups, gap, client,
-                                       test_groups)
-        backend = str(fitted.get("backend", ""))
-        computed_features += ["banded"] if computed else []
-        for stat in FIT_ARRAYS:
-            if stat in fitted:
-                arrays[f"banded__{stat}"] = fitted[stat]
-        metrics["banded"] = summarize(fitted["r"], fitted["valid"])
-        metrics["banded"]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
-        valid = fitted["valid"].astype(bool)
-        for i, (name, *_rest) in enumerate(bands):
-            arrays[f"{name}__r2split"] = fitted["r2_split"][i]
-            share = fitted["r2_split"][i][valid]
-            metrics["banded"][f"r2_split_mean:{name}"] = round(float(share.mean()), 6) if share.size else None
-    mask_rel = None
-    if responses.mask_img is not None:
-        import nibabel as nib  # only volumes have a mask; nibabel is heavy to import for the others
+                    arrays[f"banded__{stat}"] = fitted[stat]
+            metrics["banded"] = summarize(fitted["r"], fitted["valid"])
+            metrics["banded"]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
+            valid = fitted["valid"].astype(bool)
+            for i, (name, *_rest) in enumerate(bands):
+                arrays[f"{name}__r2split"] = fitted["r2_split"][i]
+                share = fitted["r2_split"][i][valid]
+                metrics["banded"][f"r2_split_mean:{name}"] = round(float(share.mean()), 6) if share.size else None
+        mask_rel = None
+        if responses.mask_img is not None:
+            import nibabel as nib  # only volumes have a mask; nibabel is heavy to import for the others
 
-        mask_rel = f"{base}/mask-{inputs_key}.nii.gz"
-        with tempfile.TemporaryDirectory() as tmp:
-            mpath = Path(tmp) / "mask.nii.gz"
-            nib.save(responses.mask_img, mpath)
-            store.put_file(mpath, mask_rel)
-    write_entry(store, save_npz(arrays), rel)
-    meta = {
-        "subject": subject, "status": "ok", "kind": responses.kind, "space": responses.space,
-        "simulated": responses.simulated, "n_samples": int(sum(lengths)), "n_runs": len(lengths),
-        "stories": sorted({str(r.story) for r in runs}),
-        "n_targets": int(Y.shape[1]), "n_invalid_targets": int((~finite).sum()),
-        "n_constant_targets": int(constant.sum()),
-        "result_rel": rel, "mask_rel": mask_rel, "metrics": metrics, "backend": backend, "reused": False,
-        "computed_features": sorted(computed_features),
-        "files_read": [r.as_dict() for r in ingest.files_read.values()],
-    }
-    if store.create_bytes(json.dumps(meta, sort_keys=True).encode(), meta_rel, content_type="application/json") is None:
-        # the same fit finished concurrently (two identical analyses at once): keep its record
-        meta = json.loads(store.get_bytes(meta_rel))
-        meta["reused"], meta["computed_features"] = True, []
-    return meta
+            mask_rel = f"{base}/mask-{inputs_key}.nii.gz"
+            with tempfile.TemporaryDirectory() as tmp:
+                mpath = Path(tmp) / "mask.nii.gz"
+                nib.save(responses.mask_img, mpath)
+                store.put_file(mpath, mask_rel)
+        write_entry(store, save_npz(arrays), rel)
+        meta = {
+            "subject": subject, "status": "ok", "kind": responses.kind, "space": responses.space,
+            "simulated": responses.simulated, "n_samples": int(sum(lengths)), "n_runs": len(lengths),
+            "stories": sorted({str(r.story) for r in runs}),
+            "n_targets": int(Y.shape[1]), "n_invalid_targets": int((~finite).sum()),
+            "n_constant_targets": int(constant.sum()),
+            "result_rel": rel, "mask_rel": mask_rel, "metrics": metrics, "backend": backend, "reused": False,
+            "computed_features": sorted(computed_features),
+            "files_read": [r.as_dict() for r in ingest.files_read.values()],
+        }
+        if store.create_bytes(json.dumps(meta, sort_keys=True).encode(), meta_rel, content_type="application/json") is None:
+            # the same fit finished concurrently (two identical analyses at once): keep its record
+            meta = json.loads(store.get_bytes(meta_rel))
+            meta["reused"], meta["computed_features"] = True, []
+        return meta
 
 
 def _ceiling_normalised(runs: list[Run], arrays: dict[str, np.ndarray], metrics: dict[str, Any]) -> None:
@@ -385,7 +354,7 @@ def _ceiling_normalised(runs: list[Run], arrays: dict[str, np.ndarray], metrics:
 
 def _fit_banded(cfg: AnalysisConfig, store: ResultStore, subject: str, responses_sha: str, bands: list[tuple],
                 runs: list[Run], Y: np.ndarray, groups: np.ndarray, gap: int, client,
-                test_groups: list[int] | None = None) -> tuple[dict, bool]:
+                test_groups: list[int] | None = None, matrix: ResponseMatrix | None = None) -> tuple[dict, bool]:
     """Banded ridge over every feature space (one band each), cached by content like single fits."""
     key = fit_key(cfg, subject, responses_sha, [r for band in bands for r in band[3]],
                   "banded:" + ",".join(f"{name}/{space}" for name, _, space, _ in bands))
@@ -396,8 +365,12 @@ def _fit_banded(cfg: AnalysisConfig, store: ResultStore, subject: str, responses
     Xs = {name: design_matrix(cfg, results, runs, space) for name, results, space, _ in bands}
     log.info("sub-%s: fitting banded ridge over %s (%d samples -> %d targets)", subject, list(Xs), Y.shape[0],
              Y.shape[1])
+    keep = cfg.model.permutations > 0
     result = fit_banded_encoding(Xs, Y, groups, cfg.model.alphas, n_iter=cfg.model.n_iter,
-                                 backend=cfg.compute.backend, gap=gap, client=client, test_groups=test_groups)
+                                 backend=cfg.compute.backend, gap=gap, client=client, test_groups=test_groups,
+                                 return_predictions=keep,
+                                 predictions_out=matrix.predictions_like() if keep and matrix and matrix.out_of_core
+                                 else None)
     fitted = {"r": result.r.astype(np.float32), "r2": result.r2.astype(np.float32),
               "alpha": result.alpha.astype(np.float32), "valid": result.valid,
               "r2_split": np.asarray(result.r2_split, dtype=np.float32), "backend": np.asarray(result.backend)}
@@ -422,13 +395,13 @@ def _lag_weights(cfg: AnalysisConfig, X: np.ndarray, Y: np.ndarray, result, runs
     weights = np.full((lags.size, Y.shape[1]), np.nan, dtype=np.float32)
     for k in np.unique(nearest[valid]):
         cols = np.flatnonzero(nearest == k)
-        coef = fit_ridge_fixed_alpha(X, Y[:, cols], float(grid[k]), backend=cfg.compute.backend)
+        coef = fit_ridge_fixed_alpha(X, columns(Y, cols), float(grid[k]), backend=cfg.compute.backend)
         weights[:, cols] = np.linalg.norm(coef.reshape(lags.size, -1, cols.size), axis=1)
     return {"lag_weights": weights, "lag_times": (lags / sfreq).astype(np.float32)}
 
 
 def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], space: str, Y: np.ndarray,
-            fitted: dict[str, np.ndarray], groups: np.ndarray, gap: int, client,
+            finite: np.ndarray, fitted: dict[str, np.ndarray], groups: np.ndarray, gap: int, client,
             test_groups: list[int] | None = None):
     """A decoder of one feature space from the responses best predicted by its encoding model.
 
@@ -438,12 +411,12 @@ def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], 
     """
     lengths = [len(r.times) for r in runs]
     F = aligned_features(cfg, results, runs, space)
-    valid = fitted["valid"].astype(bool) & np.isfinite(Y).all(axis=0)
+    valid = fitted["valid"].astype(bool) & finite
     order = np.argsort(-np.where(valid, fitted["r"], -np.inf), kind="stable")[:cfg.decoding.max_targets]
     order = order[valid[order]]
     if order.size == 0:
         raise FitError("decoding: no valid target to decode from; disable 'decoding.enabled'")
-    X = decoding_design(Y[:, np.sort(order)], lengths, cfg.decoding.delays)
+    X = decoding_design(_take(Y, np.sort(order)), lengths, cfg.decoding.delays)
     word_level = is_ephys(runs) and all(res.sampling == "events" for res in results)
     decoded = fit_decoding(X, F, groups, cfg.model.alphas, segment_length=cfg.decoding.segment_length,
                            test_groups=test_groups,
@@ -461,9 +434,29 @@ def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], 
 
 
 def _permutation_maps(cfg: AnalysisConfig, Y: np.ndarray, result) -> dict[str, np.ndarray]:
-    """Block-permutation p-values of the held-out r, and Benjamini-Hochberg FDR at 0.05."""
-    perm = permutation_test(Y, result.predictions, result.sample_fold, n_permutations=cfg.model.permutations,
-                            backend=cfg.compute.backend)
-    p = np.where(perm.valid, perm.p_values, np.nan).astype(np.float32)
+    """Block-permutation p-values of the held-out r, and Benjamini-Hochberg FDR at 0.05.
+
+    On storage (``Y`` and the predictions out of core), a block of columns at a time: every call
+    draws the same permutations (one seed), so the p-values are those of one call on all targets.
+    """
+    if is_stored(Y):
+        width = max(1, memory_budget() // (16 * Y.shape[0]))  # Y and predictions of a block, in float32 and z-scored
+        parts = [permutation_test(columns(Y, cols), columns(result.predictions, cols), result.sample_fold,
+                                  n_permutations=cfg.model.permutations, backend=cfg.compute.backend)
+                 for cols in (np.arange(a, min(a + width, Y.shape[1])) for a in range(0, Y.shape[1], width))]
+        valid = np.concatenate([p.valid for p in parts])
+        p_values = np.concatenate([p.p_values for p in parts])
+    else:
+        perm = permutation_test(Y, result.predictions, result.sample_fold, n_permutations=cfg.model.permutations,
+                                backend=cfg.compute.backend)
+        valid, p_values = perm.valid, perm.p_values
+    p = np.where(valid, p_values, np.nan).astype(np.float32)
     significant, q = fdr_bh(p, 0.05)
     return {"p": p, "q": np.asarray(q, dtype=np.float32), "significant": np.asarray(significant, dtype=bool)}
+
+
+def _take(Y, cols: np.ndarray) -> np.ndarray:
+    """``Y[:, cols]`` for a few increasing columns, in memory or on storage (read column by column there)."""
+    if isinstance(Y, np.ndarray):
+        return Y[:, cols]
+    return np.asarray(Y[:, cols.tolist()], dtype=np.float32) if cols.size else np.empty((Y.shape[0], 0), np.float32)
