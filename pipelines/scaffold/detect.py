@@ -8,6 +8,7 @@ notes saying what it found and why it chose what it did.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,12 +278,14 @@ def _model(choice: Choice, runs: list[ResponseFile], stories: list[str], known: 
         plan.comments["model.cv"] = f"a subject has only {fewest} run(s): held-out blocks within runs"
     if known is not None:
         model.update({k: v for k, v in known.model.items() if k not in ("cv", "n_folds") or fewest < 3})
-    if known is not None and known.test_story and model["cv"] == "leave_one_run_out":
-        if choice.hdf5 is not None and all(known.test_story in v for v in choice.hdf5.stories.values()):
+    if known is not None and known.test_story:
+        everyone = choice.hdf5 is not None and all(known.test_story in v for v in choice.hdf5.stories.values())
+        if everyone and model["cv"] == "leave_one_run_out":
             model["test_stories"] = [known.test_story]
             plan.comments["model.test_stories"] = "the repeated test story of the dataset"
         else:
-            plan.alternatives["model"] = [f"test_stories: [{known.test_story}]   # when every subject has it"]
+            plan.alternatives["model"] = [f"test_stories: [{known.test_story}]   # the dataset's test story: "
+                                          "needs cv: leave_one_run_out and every subject to have heard it"]
     return model
 
 
@@ -335,10 +338,16 @@ def detect(source: str, output: str, *, version: str | None = None, cache_dir: s
     if known is not None and known.responses_kind == choice.kind and not (known.responses_raw_only and
                                                                          settings.get("derivatives")):
         settings.update(known.responses)
-    plan.notes.append(f"responses: {choice.label}, {len(choice.subjects)} subject(s)")
+    n = len(choice.subjects)
+    plan.notes.append(f"responses: {choice.label}, {n} subject{'s' if n != 1 else ''}")
     plan.notes += choice.notes
     if choice.alternatives:
-        plan.alternatives["dataset.responses"] = [f"also in the dataset: {a}" for a in choice.alternatives]
+        lines = []
+        for what, snippet in choice.alternatives:
+            if known is not None and known.responses_kind == snippet["kind"] and not snippet.get("derivatives"):
+                snippet = {**snippet, **known.responses}  # a known layout's settings for its raw recordings
+            lines.append(f"also in the dataset: {what}; to read it: {json.dumps(snippet)}")
+        plan.alternatives["dataset.responses"] = lines
         plan.notes.append(f"responses: {len(choice.alternatives)} other source(s) written as comments; the "
                           "preprocessed derivative covering the most subjects is read")
     if choice.hdf5 is None:
@@ -371,7 +380,7 @@ def detect(source: str, output: str, *, version: str | None = None, cache_dir: s
     if mode == "events" and choice.hdf5 is None:
         settings["story_from"] = "events"
         plan.comments["dataset.responses.story_from"] = "each run's story is named by its events.tsv"
-    multi = len(settings.get("tasks", [])) > 1 or choice.hdf5 is not None
+    multi = "tasks" in settings or choice.hdf5 is not None
     tasks = sorted({f.entities.get("task") for f in runs} - {None})
     task = (known.task if known and known.task else None) or ("stories" if multi or not tasks else tasks[0])
     ds_id = ingest.config.dataset.dataset_id

@@ -67,7 +67,8 @@ KNOWN_LAYOUTS: tuple[KnownLayout, ...] = (
                "stories)",)),
     KnownLayout(
         "ds005574", "Podcast ECoG, Zada et al. 2025 (ds005574)", doi="ds005574", task="podcast",
-        responses_kind="ieeg", responses_raw_only=True, responses={"high_gamma": [70.0, 150.0], "sfreq": 50.0, "bad_channels": []},
+        responses_kind="ieeg", responses_raw_only=True,
+        responses={"high_gamma": [70.0, 150.0], "sfreq": 50.0, "bad_channels": []},
         word_timings={"format": "words_tsv", "files": {"podcast": "stimuli/whisper-medium/transcript.tsv"}},
         model={"cv": "contiguous_blocks", "n_folds": 5, "tmin": -0.2, "tmax": 0.6},
         notes=("the whisper-medium transcript is on the recording's clock; high-gamma (70-150 Hz) envelope as the "

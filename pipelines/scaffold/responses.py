@@ -47,7 +47,7 @@ class Choice:
     hdf5: Hdf5Layout | None = None
     tasks: list[str] = field(default_factory=list)
     label: str = ""
-    alternatives: list[str] = field(default_factory=list)  # one line per candidate not chosen
+    alternatives: list[tuple[str, dict]] = field(default_factory=list)  # (what, its settings) not chosen
     notes: list[str] = field(default_factory=list)
 
 
@@ -112,11 +112,13 @@ def choose_responses(inv: Inventory, prefer_root: str | None = None) -> Choice |
     (kind, root, space, desc) = ranked[0][1]
     alternatives = []
     for score, (k, r, s, d) in ranked[1:]:
+        n = f"{score[2]} subject{'s' if score[2] != 1 else ''}"
         if k == "hdf5":
-            alternatives.append(f"hdf5 files {r} ({score[2]} subjects): "
-                                f"responses: {{kind: hdf5, files: \"{r}\"}}")
+            alternatives.append((f"per-story HDF5 files {r} ({n})", {"kind": "hdf5", "files": r}))
         else:
-            alternatives.append(f"{_describe(k, r, s, d)} ({score[2]} subjects)")
+            snippet = {"kind": k, **({"derivatives": [r]} if r else {}), **({"space": s} if s else {}),
+                       **({"desc": d} if d else {})}
+            alternatives.append((f"{_describe(k, r, s, d)} ({n})", snippet))
     pointers = [r for r in inv.responses if not r.has_content]
     notes = []
     if pointers:
@@ -124,10 +126,11 @@ def choose_responses(inv: Inventory, prefer_root: str | None = None) -> Choice |
                      f"{pointers[0].key}); their runs are left out: fetch their content (datalad get) and run "
                      "`neuroflow init` again to include them")
     if kind == "hdf5":
-        settings = {"kind": "hdf5", "files": hdf5.pattern}
-        return Choice(settings, "hdf5", list(hdf5.stories), hdf5=hdf5, label=f"per-story HDF5 files {hdf5.pattern}",
-                      alternatives=alternatives, notes=notes + ([f"{hdf5.pointers} HDF5 file(s) are pointers"]
-                                                                if hdf5.pointers else []))
+        if hdf5.pointers:
+            notes.append(f"{hdf5.pointers} HDF5 file(s) are git-annex pointers or empty (under 1 KiB): left out; "
+                         "fetch their content (datalad get) and run `neuroflow init` again to include them")
+        return Choice({"kind": "hdf5", "files": hdf5.pattern}, "hdf5", list(hdf5.stories), hdf5=hdf5,
+                      label=f"per-story HDF5 files {hdf5.pattern}", alternatives=alternatives, notes=notes)
     files = groups[(kind, root, space, desc)]
     settings: dict = {"kind": kind}
     if root:

@@ -94,8 +94,9 @@ def _story_rows(ingest: Ingest, subject: str, names: dict[str, str], samples: di
             if key is not None and key not in ingest.listing:
                 row.problem = f"no timing file {key}"
                 close = _closest(run.story, sorted(names))
-                row.fix = (f"closest timing files: {', '.join(names[c] for c in close if c in names) or ', '.join(close)}"
-                           if close else "add the file, or fix 'dataset.word_timings.pattern'/'files'")
+                files = ", ".join(names[c] for c in close if c in names) or ", ".join(close)
+                row.fix = (f"closest timing files: {files}" if close
+                           else "add the file, or fix 'dataset.word_timings.pattern'/'files'")
                 continue
             words = load_run_words(ingest, run)
             row.words = (row.words or 0) + int(len(words))
