@@ -69,9 +69,20 @@ def cmd_validate(args) -> int:
     from .steps import prepare
 
     cfg = load_config(args.config, args.set)
-    for line in survey_table(survey(cfg, args.cache_dir or default_cache_dir())):
-        print(line)
-    info = prepare(cfg, cache_dir=args.cache_dir)
+
+    def table() -> None:  # per subject and story: runs, samples, words, timing file, and each problem's fix
+        for line in survey_table(survey(cfg, args.cache_dir or default_cache_dir())):
+            print(line)
+
+    try:
+        info = prepare(cfg, cache_dir=args.cache_dir)
+    except NeuroflowError:
+        try:
+            table()  # what was found, so the one error line comes with the rows that explain it
+        except NeuroflowError:
+            pass  # the dataset as a whole is unreadable: prepare's error says why
+        raise
+    table()
     print(f"ok: {cfg.dataset.dataset_id} {cfg.dataset.version}, subjects {', '.join(info['subjects'])}, "
           f"{info['n_words']} words, features {', '.join(info['feature_spaces'])}")
     print(f"would publish to {info['publish_uri']}")
