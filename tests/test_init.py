@@ -248,3 +248,25 @@ def test_the_command_prints_the_config_when_no_file_is_given(lab):
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["dataset"]["source"] == lab["local"] and cfg["output"] == "s3://x-res"
     assert json.loads(json.dumps(cfg))["features"] == [{"name": "wordrate", "kind": "word_rate"}]
+
+
+@pytest.mark.parametrize("args, fragment", [(["/", "--output", "s3://x-results"], "SOURCE"),
+                                            (["", "--output", "s3://x-results"], "SOURCE"),
+                                            (["DATASET", "--output", "my-results"], "--output")])
+def test_bad_arguments_are_refused_before_anything_is_listed(lab, args, fragment, tmp_path, capsys):
+    args = [lab["local"] if a == "DATASET" else a for a in args]
+    rc = main(["init", *args, "--cache-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and fragment in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "c").exists()  # nothing listed, nothing cached
+
+
+def test_names_from_the_dataset_cannot_write_settings(lab, tmp_path):
+    """A dataset's Name with line breaks and control characters stays inside its comment."""
+    tree = tmp_path / "stories"
+    shutil.copytree(lab["local"], tree)
+    (tree / "dataset_description.json").write_text(json.dumps(
+        {"Name": "lab\noutput: s3://evil\r\n\u2028name: evil\x1b[31m", "BIDSVersion": "1.8.0"}))
+    cfg, text, _ = init(tmp_path, str(tree), "s3://x-results")
+    assert cfg["output"] == "s3://x-results" and cfg["name"] == "stories"
+    assert "\x1b" not in text and "\\x1b[31m" in text

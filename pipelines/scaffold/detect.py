@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import AnalysisConfig, DatasetConfig
-from ..errors import DatasetError, NeuroflowError
+from ..config import AnalysisConfig, DatasetConfig, parse_config
+from ..errors import ConfigError, DatasetError, NeuroflowError
 from ..ingest import (
     Ingest,
     dataset_version,
@@ -56,6 +56,17 @@ def _placeholder_config(source: str, version: str) -> AnalysisConfig:
     return AnalysisConfig.model_construct(dataset=ds)
 
 
+def _check_arguments(source: str, output: str) -> None:
+    """SOURCE and --output checked as the config checks them, before anything is listed ('/' is no dataset)."""
+    probe = {"dataset": {"source": source, "version": "0", "task": "x", "subjects": ["x"],
+                         "word_timings": {"format": "events"}},
+             "features": [{"name": "w", "kind": "word_rate"}], "output": output}
+    try:
+        parse_config(probe, "neuroflow init SOURCE / --output")
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("'dataset.source'", "SOURCE").replace("'output'", "--output")) from None
+
+
 def _open(source: str, version: str, cache_root: Path) -> Ingest:
     return Ingest(_placeholder_config(source, version), DatasetSource(source, version, cache_root))
 
@@ -86,7 +97,7 @@ def _first_line(ingest: Ingest, key: str) -> str:
         return ""
     try:
         with open(ingest.fetch(key), encoding="utf-8-sig", errors="replace") as fh:
-            return fh.readline()
+            return fh.readline(64 * 1024)  # a header line; never a whole one-line file
     except (OSError, NeuroflowError):
         return ""
 
@@ -303,6 +314,7 @@ def detect(source: str, output: str, *, version: str | None = None, cache_dir: s
     -------
     Plan : the config dict with its comments, alternatives and notes.
     """
+    _check_arguments(source, output)
     if not source.startswith("s3://") and "://" not in source and source.strip():
         source = str(Path(source).expanduser().resolve())  # the config is read from anywhere: an absolute path
     source = source.rstrip("/") if source.strip("/") else source

@@ -16,6 +16,7 @@ import yaml
 
 from ..config import parse_config, safe_yaml_load
 from ..errors import ConfigError
+from ..manifest import printable
 from .detect import Plan
 
 __all__ = ["render", "write_config"]
@@ -42,10 +43,15 @@ def _flow(value: Any) -> str:
     return _scalar(value)
 
 
+def _safe(text: str) -> str:
+    """Comment text from the dataset (names, keys) on one line: no line breaks, control characters escaped."""
+    return printable(" ".join(str(text).split()), 2000)
+
+
 def _line(indent: int, text: str, comment: str | None) -> str:
     line = " " * indent + text
     if comment:
-        line = line.ljust(_COMMENT_COLUMN - 1) + " # " + comment
+        line = line.ljust(_COMMENT_COLUMN - 1) + " # " + _safe(comment)
     return line
 
 
@@ -63,7 +69,7 @@ def _block(data: dict, path: str, indent: int, plan: Plan, out: list[str]) -> No
             out.append(_line(indent, f"{key}: {_flow(value)}", comment))
         for alt in plan.alternatives.get(here, []):
             prefix = "- " if key == "features" else ""
-            out.append(" " * (indent + 2) + f"# {prefix}{alt}")
+            out.append(" " * (indent + 2) + f"# {prefix}{_safe(alt)}")
 
 
 def render(plan: Plan, command: str = "neuroflow init") -> str:
@@ -72,7 +78,7 @@ def render(plan: Plan, command: str = "neuroflow init") -> str:
             "# run: `neuroflow run FILE`. Lines starting with '#' are notes and alternatives, not settings.", "#",
             "# What init found and chose:"]
     for note in plan.notes:
-        words, line = note.split(), "#   -"
+        words, line = _safe(note).split(), "#   -"
         for w in words:
             if len(line) + 1 + len(w) > 110 and line.strip("# -"):
                 head.append(line)
