@@ -108,9 +108,9 @@ def test_lab_layout_with_a_story_per_run_publishes(lab, results_bucket, tmp_path
     rows = table_rows(validate(path, tmp_path, capsys))
     assert set(rows) == {("01", "harbour"), ("01", "lighthouse"), ("01", "ferry")}
     assert all(int(r[2]) == len(lab["words"][story]) for (_, story), r in rows.items())
-    if where == "local":
-        manifest = run_publishes(path, tmp_path, capsys)
-        assert manifest["subject_info"]["01"]["stories"] == ["ferry", "harbour", "lighthouse"]
+    manifest = run_publishes(path, tmp_path, capsys)
+    assert manifest["subject_info"]["01"]["stories"] == ["ferry", "harbour", "lighthouse"]
+    assert manifest["dataset"]["source"] == lab[where]
 
 
 # --- validate: every seed layout -----------------------------------------------------
