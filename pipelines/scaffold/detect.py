@@ -265,8 +265,7 @@ def _same(src: TimingSource, wt: dict) -> bool:
         set(wt.get("files", {}).values()) <= set(src.files.values())
 
 
-def _model(choice: Choice, runs: list[ResponseFile], stories: list[str], known: KnownLayout | None,
-           plan: Plan) -> dict:
+def _model(choice: Choice, runs: list[ResponseFile], known: KnownLayout | None, plan: Plan) -> dict:
     if choice.hdf5 is not None:
         per_subject = {s: len(v) for s, v in choice.hdf5.stories.items()}
     else:
@@ -365,7 +364,11 @@ def detect(source: str, output: str, *, version: str | None = None, cache_dir: s
     if choice.hdf5 is None:
         _restrict(choice, inv, runs, settings, plan)
         if "sessions" in settings and known and "sessions" in known.responses:
-            runs = [f for f in runs if f.entities.get("ses") in settings["sessions"]]
+            kept = [f for f in runs if f.entities.get("ses") in settings["sessions"]]
+            if kept:
+                runs = kept
+            else:  # this copy has none of the sessions the layout usually reads: read the ones it has
+                settings.pop("sessions")
         first = runs[0]
         if choice.kind in _EPHYS:
             for k, v in _ephys_settings(ingest, choice, first, plan).items():
@@ -388,7 +391,7 @@ def detect(source: str, output: str, *, version: str | None = None, cache_dir: s
             for k in ("tr_counts", "tr_counts_trim"):
                 settings.pop(k, None)
     subjects = [s for s in choice.subjects if choice.hdf5 is not None or any(f.subject == s for f in runs)]
-    wt, mode, stories = _timing_settings(ingest, inv, choice, runs, plan, known)
+    wt, mode, _stories = _timing_settings(ingest, inv, choice, runs, plan, known)
     if mode == "events" and choice.hdf5 is None:
         settings["story_from"] = "events"
         plan.comments["dataset.responses.story_from"] = "each run's story is named by its events.tsv"
@@ -402,7 +405,7 @@ def detect(source: str, output: str, *, version: str | None = None, cache_dir: s
         "dataset": {"source": source, "version": found_version, "task": task, "subjects": subjects,
                     "responses": settings, "word_timings": wt},
         "features": [{"name": "wordrate", "kind": "word_rate"}],
-        "model": _model(choice, runs, stories, known, plan),
+        "model": _model(choice, runs, known, plan),
         "compute": {"backend": "auto", "dask": "local"},
         "output": output.rstrip("/"),
     }
