@@ -63,14 +63,46 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from .cache import default_cache_dir
     from .config import load_config
+    from .scaffold import survey, survey_table
     from .steps import prepare
 
     cfg = load_config(args.config, args.set)
-    info = prepare(cfg, cache_dir=args.cache_dir)
+
+    def table() -> None:  # per subject and story: runs, samples, words, timing file, and each problem's fix
+        for line in survey_table(survey(cfg, args.cache_dir or default_cache_dir())):
+            print(line)
+
+    try:
+        info = prepare(cfg, cache_dir=args.cache_dir)
+    except NeuroflowError:
+        try:
+            table()  # what was found, so the one error line comes with the rows that explain it
+        except NeuroflowError:
+            pass  # the dataset as a whole is unreadable: prepare's error says why
+        raise
+    table()
     print(f"ok: {cfg.dataset.dataset_id} {cfg.dataset.version}, subjects {', '.join(info['subjects'])}, "
           f"{info['n_words']} words, features {', '.join(info['feature_spaces'])}")
     print(f"would publish to {info['publish_uri']}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from .cache import default_cache_dir
+    from .scaffold import detect, write_config
+
+    plan = detect(args.source, args.output, version=args.version, cache_dir=args.cache_dir or default_cache_dir())
+    text = write_config(plan, args.file)
+    if args.file is None:
+        print(text, end="")
+        return 0
+    for note in plan.notes:
+        print(f"init: {note}", file=sys.stderr)
+    print(f"wrote {args.file}; check it with `neuroflow validate {args.file}`, run it with "
+          f"`neuroflow run {args.file}`", file=sys.stderr)
+    print(args.file)
     return 0
 
 
@@ -152,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check config and dataset layout; fits nothing")
     with_config(v)
     v.set_defaults(func=cmd_validate)
+    i = sub.add_parser("init", help="write a config for a dataset, detected from its own files")
+    i.add_argument("source", help="the dataset: s3://bucket/prefix (OpenNeuro: s3://openneuro.org/dsNNNNNN) or a "
+                                  "local folder")
+    i.add_argument("--output", required=True, help="where `neuroflow run` publishes: s3://bucket[/prefix]")
+    i.add_argument("--version", default=None, help="the version to pin when the dataset states none")
+    i.add_argument("-o", "--file", default=None, metavar="FILE",
+                   help="write the config here (never replaces a file); default: print it")
+    i.add_argument("--cache-dir", default=None, help="local download/cache folder "
+                   "(default $NEUROFLOW_CACHE or ~/.cache/neuroflow)")
+    i.set_defaults(func=cmd_init)
 
     maps = sub.add_parser("maps", help="consume published maps").add_subparsers(dest="maps_command", required=True)
     ml = maps.add_parser("list", help="table of published analyses under OUTPUT_URI")
