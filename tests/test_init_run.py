@@ -26,6 +26,7 @@ from .test_datasets_alice import alice  # noqa: F401
 from .test_datasets_lebel import lebel  # noqa: F401
 from .test_datasets_lebel import PLANTED as LEBEL_PLANTED
 from .test_datasets_lebel import SOURCE as LEBEL
+from .test_datasets_lebel import STORIES as LEBEL_STORIES
 from .test_datasets_megmasc import megmasc  # noqa: F401
 from .test_datasets_megmasc import SOURCE as MEGMASC
 from .test_datasets_narratives import narratives  # noqa: F401
@@ -39,18 +40,24 @@ from .test_datasets_alice import SOURCE as ALICE
 pytestmark = pytest.mark.integration
 
 
-def clean_copy(source: str, dest: str, leave_out: str) -> str:
-    """Copy the layout staged at `source` to `dest`, without the keys matching the regex `leave_out`."""
+def clean_copy(source: str, dest: str, leave_out: str, moves: dict[str, str] | None = None) -> str:
+    """Copy the layout staged at `source` to `dest`, without the keys matching the regex `leave_out`;
+    ``moves`` (new key -> key in `source`) puts a staged file at another path of the copy."""
     from pipelines.s3 import client_for, endpoint_url, split_s3_uri
 
     bucket, prefix = split_s3_uri(source)
     client = client_for(False, endpoint_url())
+
+    def body(key: str) -> bytes:
+        return client.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read()
+
     files = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
         for obj in page.get("Contents", []):
             key = obj["Key"][len(prefix) + 1:]
             if not re.search(leave_out, key):
-                files[key] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+                files[key] = body(key)
+    files.update({new: body(old) for new, old in (moves or {}).items()})
     return stage(dest, files)
 
 
@@ -80,13 +87,18 @@ def planted_found(r: np.ndarray, planted: list[int]) -> bool:
 
 @pytest.mark.slow
 def test_lebel(lebel, results_bucket, tmp_path, capsys):
-    """HDF5 per story: UTS01 (3 stories) and UTS06 (the test story, 3 repeats); UTS03's pointer stays."""
-    source = clean_copy(LEBEL, "s3://init-run/ds003020", r"preprocessed_data/UTS0[245]/")
+    """HDF5 per story, as on OpenNeuro: UTS01 heard three stories and the test story (3 repeats, UTS06's
+    file moved to UTS01); UTS03's git-annex pointer stays, and is left out by init."""
+    test_story = "derivative/preprocessed_data/{}/wheretheressmoke.hf5"
+    source = clean_copy(LEBEL, "s3://init-run/ds003020", r"preprocessed_data/UTS0[2456]/",
+                        moves={test_story.format("UTS01"): test_story.format("UTS06")})
     cfg, published = init_then_run(tmp_path, capsys, source, results_bucket)
-    assert cfg["dataset"]["subjects"] == ["UTS01", "UTS06"]
-    assert sorted(published.subjects) == ["UTS01", "UTS06"]
-    for subject in ("UTS01", "UTS06"):
-        assert planted_found(r_of(published, subject), LEBEL_PLANTED), subject
+    assert cfg["dataset"]["subjects"] == published.subjects == ["UTS01"]
+    # LeBel's own evaluation: leave one story out for alphas, scored on the repeated test story
+    assert cfg["model"]["cv"] == "leave_one_run_out" and cfg["model"]["test_stories"] == ["wheretheressmoke"]
+    info = published.manifest["subject_info"]["UTS01"]
+    assert info["stories"] == sorted(LEBEL_STORIES + ["wheretheressmoke"])
+    assert planted_found(r_of(published, "UTS01"), LEBEL_PLANTED)
 
 
 @pytest.mark.slow
