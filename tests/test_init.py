@@ -4,7 +4,8 @@ The layouts are the real metadata of the seed datasets (``../shared/realdata``) 
 recordings at their real paths (``tests/datasets``, staged on the real S3 server), the bundled
 demo dataset, and a lab's own layout. Each config is written by ``neuroflow init`` from the
 dataset alone; the tests check what it detected, that ``validate`` accepts it as written, and, on
-two small layouts, that ``run`` publishes a complete result from it.
+the demo and the lab layout, that ``run`` publishes a complete result from it (on the seed
+layouts: ``tests/test_init_run.py``).
 """
 from __future__ import annotations
 
