@@ -65,17 +65,22 @@ def cmd_run(args) -> int:
 def cmd_validate(args) -> int:
     from .cache import default_cache_dir
     from .config import load_config
+    from .ingest import open_dataset
+    from .publish import check_output_place
     from .scaffold import survey, survey_table
     from .steps import prepare
 
     cfg = load_config(args.config, args.set)
+    cache_dir = args.cache_dir or default_cache_dir()
+    check_output_place(cfg)  # prepare's first check, before the dataset is listed
+    ingest = open_dataset(cfg, cache_dir)  # one listing, each subject's runs planned once: prepare's and the table's
 
     def table() -> None:  # per subject and story: runs, samples, words, timing file, and each problem's fix
-        for line in survey_table(survey(cfg, args.cache_dir or default_cache_dir())):
+        for line in survey_table(survey(cfg, cache_dir, ingest)):
             print(line)
 
     try:
-        info = prepare(cfg, cache_dir=args.cache_dir)
+        info = prepare(cfg, cache_dir=cache_dir, ingest=ingest)
     except NeuroflowError:
         try:
             table()  # what was found, so the one error line comes with the rows that explain it

@@ -4,7 +4,8 @@ The layouts are the real metadata of the seed datasets (``../shared/realdata``) 
 recordings at their real paths (``tests/datasets``, staged on the real S3 server), the bundled
 demo dataset, and a lab's own layout. Each config is written by ``neuroflow init`` from the
 dataset alone; the tests check what it detected, that ``validate`` accepts it as written, and, on
-two small layouts, that ``run`` publishes a complete result from it.
+the demo and the lab layout, that ``run`` publishes a complete result from it (on the seed
+layouts: ``tests/test_init_run.py``).
 """
 from __future__ import annotations
 
@@ -270,3 +271,21 @@ def test_names_from_the_dataset_cannot_write_settings(lab, tmp_path):
     cfg, text, _ = init(tmp_path, str(tree), "s3://x-results")
     assert cfg["output"] == "s3://x-results" and cfg["name"] == "stories"
     assert "\x1b" not in text and "\\x1b[31m" in text
+
+
+def test_validate_lists_the_dataset_and_plans_each_subjects_runs_once(lab, results_bucket, tmp_path):
+    """prepare and validate's table share one opened dataset: the table reuses prepare's plans."""
+    from pipelines.config import load_config
+    from pipelines.ingest import open_dataset
+    from pipelines.scaffold import survey
+    from pipelines.steps import prepare
+
+    _, _, path = init(tmp_path, lab["local"], results_bucket)
+    cfg = load_config(str(path))
+    ingest = open_dataset(cfg, tmp_path / "cache")
+    info = prepare(cfg, cache_dir=tmp_path / "cache", ingest=ingest)
+    plans = dict(ingest.plan_cache)
+    assert sorted(plans) == info["subjects"] == ["01"]
+    rows = survey(cfg, tmp_path / "cache", ingest)
+    assert {r.story for r in rows} == {"harbour", "lighthouse", "ferry"} and all(r.matched for r in rows)
+    assert all(ingest.plan_cache[s] is plans[s] for s in plans)  # planned once, not again for the table

@@ -59,6 +59,7 @@ class Ingest:
     words: WordTimingsConfig = field(default_factory=WordTimingsConfig.model_construct)
     version_found: str | None = None
     word_cache: dict = field(default_factory=dict, repr=False)  # (key, shift, format) -> words, see words.py
+    plan_cache: dict = field(default_factory=dict, repr=False)  # subject -> its planned runs, see responses.py
 
     def fetch(self, key: str) -> Path:
         """Download (or find) `key`, verify it, and record it for the manifest."""

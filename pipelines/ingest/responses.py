@@ -239,6 +239,9 @@ def _run_story(ingest: Ingest, rf: RunFiles, kind: str) -> tuple[str | None, str
 
 
 def _planned(ingest: Ingest, subject: str) -> tuple[str, list[tuple]]:
+    """(kind, [(run files, label, story, events key, stimulus)]): planned once per opened dataset and subject."""
+    if subject in ingest.plan_cache:
+        return ingest.plan_cache[subject]
     kind, run_files = find_runs(ingest, subject)
     opts = ingest.responses
     planned = []
@@ -249,6 +252,7 @@ def _planned(ingest: Ingest, subject: str) -> tuple[str, list[tuple]]:
     if not planned:
         raise DatasetError(f"sub-{subject}: none of its {len(run_files)} {kind} runs is of the stories "
                            f"{list(opts.stories or [])}; fix 'dataset.responses.stories'")
+    ingest.plan_cache[subject] = (kind, planned)
     return kind, planned
 
 

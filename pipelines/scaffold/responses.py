@@ -3,8 +3,10 @@
 Every group of response files of one kind from one pipeline (raw tree or a derivative folder,
 one ``space`` and ``desc``) is a candidate; per-story HDF5 arrays are one more. The field analyses
 preprocessed data where a dataset ships it, so a derivative wins over the raw tree, then the
-candidate that covers the most subjects. Subjects that only the raw tree holds are added (with
-``kind: auto``) when no chosen subject has raw files too. Files under :data:`POINTER_BYTES` are
+candidate that covers the most subjects. Subjects that only another derivative folder of the same
+kind and space holds are added (its folder listed after the chosen one), and subjects that only the
+raw tree holds (with ``kind: auto``), each when no chosen subject is in it too (a run is never found
+twice). Files under :data:`POINTER_BYTES` are
 git-annex pointers (content not in this copy): their runs are left out, and said so.
 """
 from __future__ import annotations
@@ -93,6 +95,32 @@ def _candidates(inv: Inventory) -> dict[tuple, list[ResponseFile]]:
     return groups
 
 
+def _add_disjoint_derivatives(groups: dict[tuple, list[ResponseFile]], chosen: tuple, settings: dict,
+                              subjects: set[str], runs: list[ResponseFile], alternatives: list[tuple[str, dict]],
+                              notes: list[str]) -> list[tuple[str, dict]]:
+    """Read the subjects only another derivative folder holds (same kind and space), when none of the chosen
+    subjects is in it: its folder is added to ``settings["derivatives"]`` (so no run is found twice).
+
+    ``subjects`` and ``runs`` are extended in place; returns the alternatives without the folders added.
+    """
+    kind, root, space = chosen
+    added = []
+    for (k, r, s, _d), files in sorted(groups.items(), key=lambda kv: (-len({f.subject for f in kv[1]}), kv[0][1])):
+        if k != kind or not r or r == root or s != space or sum(g[0] == k and g[1] == r for g in groups) != 1:
+            continue
+        theirs = {f.subject for f in files}
+        if theirs & subjects:
+            continue
+        settings["derivatives"].append(r)
+        runs += files
+        subjects |= theirs
+        added.append(r)
+        notes.append(f"sub-{', sub-'.join(sorted(theirs, key=natural))} only have {kind} files in {r}: read too "
+                     f"(listed in 'derivatives' after {root}; no subject is in both)")
+    return [(what, snip) for what, snip in alternatives
+            if not (snip.get("kind") == kind and snip.get("derivatives", [None])[0] in added)]
+
+
 def choose_responses(inv: Inventory, prefer_root: str | None = None) -> Choice | None:
     """The response source an analysis should read, or None when the dataset holds no response with content.
 
@@ -143,6 +171,9 @@ def choose_responses(inv: Inventory, prefer_root: str | None = None) -> Choice |
         settings["desc"] = desc
     subjects = {f.subject for f in files}
     runs = list(files)
+    if root and "desc" not in settings:
+        alternatives = _add_disjoint_derivatives(groups, (kind, root, space), settings, subjects, runs, alternatives,
+                                                 notes)
     # subjects only the raw tree holds, when no chosen subject has raw runs too: read with kind auto
     if root and "desc" not in settings:
         raw = [f for (k, r, _s, _d), fs in groups.items() if not r for f in fs]

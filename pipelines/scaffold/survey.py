@@ -106,13 +106,16 @@ def _story_rows(ingest: Ingest, subject: str, names: dict[str, str], samples: di
     return list(rows.values())
 
 
-def survey(cfg: AnalysisConfig, cache_dir: str | Path) -> list[StoryRow]:
+def survey(cfg: AnalysisConfig, cache_dir: str | Path, ingest: Ingest | None = None) -> list[StoryRow]:
     """One row per (subject, story) of the config's analysis, and one per subject that has no runs.
 
-    Raises what :func:`pipelines.ingest.open_dataset` and :func:`check_subjects` raise (a version
-    that differs, an unknown subject): those stop the analysis as a whole.
+    ``ingest``: the dataset already opened for `cfg` (its listing, planned runs and words are
+    reused); opened here if None. Raises what :func:`pipelines.ingest.open_dataset` and
+    :func:`check_subjects` raise (a version that differs, an unknown subject): those stop the
+    analysis as a whole.
     """
-    ingest = open_dataset(cfg, cache_dir)
+    if ingest is None:
+        ingest = open_dataset(cfg, cache_dir)
     subjects = check_subjects(ingest)
     names = {} if ingest.words.format == "events" else _timing_names(ingest)
     samples = _stated_samples(ingest)

@@ -12,19 +12,25 @@ from .. import flatmap
 from ..cache import default_cache_dir
 from ..config import AnalysisConfig, as_config
 from ..errors import DatasetError
-from ..ingest import check_subjects, find_runs, load_run_words, open_dataset, plan_runs
+from ..ingest import Ingest, check_subjects, find_runs, load_run_words, open_dataset, plan_runs
 from ..publish import check_output_place
 from ..resultstore import ResultStore
 from .policy import as_subject_error
 from .results import Prepared
 
 
-def prepare(config: dict | AnalysisConfig, *, cache_dir: str | Path | None = None) -> Prepared:
+def prepare(config: dict | AnalysisConfig, *, cache_dir: str | Path | None = None,
+            ingest: Ingest | None = None) -> Prepared:
     """Validate the config against the dataset: version, subjects, runs, word timings, output bucket
-    (and, with ``maps.pycortex``, each subject's pycortex database)."""
+    (and, with ``maps.pycortex``, each subject's pycortex database).
+
+    ``ingest``: the dataset already opened for this config (``neuroflow validate`` shares it with
+    its table, so the listing is read and each subject's runs planned once); opened here if None.
+    """
     cfg = as_config(config)
     check_output_place(cfg)  # never write into the dataset or into another analysis' folder
-    ingest = open_dataset(cfg, cache_dir or default_cache_dir())
+    if ingest is None:
+        ingest = open_dataset(cfg, cache_dir or default_cache_dir())
     subjects = check_subjects(ingest)
     stories: dict[str, int] = {}
     problems: dict[str, str] = {}
