@@ -217,6 +217,10 @@ class ModelConfig(_Strict):
     tmin: float = Field(0.0, ge=-2.0, le=2.0)  # MEG/ECoG: TRF lags from tmin to tmax seconds
     tmax: float = Field(0.5, ge=-2.0, le=2.0)
     permutations: int = Field(0, ge=0, le=100_000)  # 0: no permutation p-values
+    # null of the permutation test: blocks of this many samples, "run" (held-out runs paired with other runs'
+    # predictions) or "auto" (whole runs where they give >= 'permutations' pairs, else blocks sized from the
+    # autocorrelation of the held-out data and predictions: pipelines.stats.auto_block_length)
+    permutation_block: int | Literal["auto", "run"] = "auto"
 
     @field_validator("alphas")
     @classmethod
@@ -238,6 +242,23 @@ class ModelConfig(_Strict):
     def _test_stories(self) -> "ModelConfig":
         if self.test_stories is not None and self.cv != "leave_one_run_out":
             raise ValueError("'model.test_stories' holds out whole runs: it needs 'model.cv: leave_one_run_out'")
+        return self
+
+    @field_validator("permutation_block", mode="before")
+    @classmethod
+    def _block(cls, v: Any) -> Any:
+        if v in ("auto", "run"):
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100_000:
+            raise ValueError("'model.permutation_block' must be 'auto', 'run' or a number of samples from 1 to "
+                             f"100000; got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _permutation_block(self) -> "ModelConfig":
+        if self.permutation_block == "run" and self.cv != "leave_one_run_out":
+            raise ValueError("'model.permutation_block: run' pairs whole held-out runs: it needs "
+                             "'model.cv: leave_one_run_out' (or set it to 'auto' or a number of samples)")
         return self
 
     @model_validator(mode="after")

@@ -28,7 +28,7 @@ from ..features.registry import FeatureResult, align_to_samples
 from ..fit import fit_banded_encoding, fit_encoding, fit_ridge_fixed_alpha, zscore_by_group
 from ..ingest import Ingest, Run, check_run_timing, load_run_words, load_subject, open_dataset
 from ..progress import Progress
-from ..stats import fdr_bh, normalise_by_ceiling, permutation_test
+from ..stats import choose_permutation_method, fdr_bh, normalise_by_ceiling, permutation_test
 from ..resultstore import ResultStore
 from .features import feature_spec, read_feature_cache
 from .results import FeatureSet, SubjectFit
@@ -129,6 +129,14 @@ def fit_key(cfg: AnalysisConfig, subject: str, responses_sha: str, feature_rels:
     blob = json.dumps({"subject": subject, "responses": responses_sha, "features": feature_rels, "space": space,
                        "model": model, "code": FIT_CODE_VERSION}, sort_keys=True)
     return sha256_bytes(blob.encode())[:24]
+
+
+def permutation_record(fitted: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``{"permutation_block": "run" | samples}`` for the metrics, where a permutation test ran."""
+    if "permutation_block" not in fitted:
+        return {}
+    block = str(fitted["permutation_block"])
+    return {"permutation_block": block if block == "run" else int(block)}
 
 
 FIT_ARRAYS = ("r", "r2", "alpha", "valid", "p", "q", "significant", "lag_weights", "lag_times")
@@ -309,6 +317,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
             metrics[name] = summarize(fitted["r"], fitted["valid"])
             # significant targets (permutations, BH-FDR 0.05); None when no permutations were asked for
             metrics[name]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
+            metrics[name].update(permutation_record(fitted))
             if cfg.decoding.enabled:
                 decoded, word_auc = _decode(cfg, results, runs, space, Y, fitted, groups, gap, client,
                                             test_groups)
@@ -331,6 +340,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
                 arrays[f"banded__{stat}"] = fitted[stat]
         metrics["banded"] = summarize(fitted["r"], fitted["valid"])
         metrics["banded"]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
+        metrics["banded"].update(permutation_record(fitted))
         valid = fitted["valid"].astype(bool)
         for i, (name, *_rest) in enumerate(bands):
             arrays[f"{name}__r2split"] = fitted["r2_split"][i]
@@ -461,9 +471,19 @@ def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], 
 
 
 def _permutation_maps(cfg: AnalysisConfig, Y: np.ndarray, result) -> dict[str, np.ndarray]:
-    """Block-permutation p-values of the held-out r, and Benjamini-Hochberg FDR at 0.05."""
+    """Permutation p-values of the held-out r (``model.permutation_block``), and Benjamini-Hochberg FDR at 0.05.
+
+    ``permutation_block`` records the null used: ``"run"``, or the block length in samples.
+    """
+    block = cfg.model.permutation_block
+    method = "run" if block == "run" else "block"
+    if block == "auto" and cfg.model.cv == "leave_one_run_out":
+        n_held = np.unique(result.sample_fold[result.sample_fold >= 0]).size
+        method = choose_permutation_method(n_held, cfg.model.permutations)
     perm = permutation_test(Y, result.predictions, result.sample_fold, n_permutations=cfg.model.permutations,
+                            method=method, block_length=block if method == "block" else "auto",
                             backend=cfg.compute.backend)
     p = np.where(perm.valid, perm.p_values, np.nan).astype(np.float32)
     significant, q = fdr_bh(p, 0.05)
-    return {"p": p, "q": np.asarray(q, dtype=np.float32), "significant": np.asarray(significant, dtype=bool)}
+    return {"p": p, "q": np.asarray(q, dtype=np.float32), "significant": np.asarray(significant, dtype=bool),
+            "permutation_block": np.asarray("run" if perm.method == "run" else str(perm.block_length))}
