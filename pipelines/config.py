@@ -29,6 +29,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class PreprocessConfig(_Strict):
+    """Cleaning of each run's responses, fitted within that run only, before z-scoring (``pipelines.preprocess``).
+
+    In this order: a Savitzky-Golay trend (``savgol`` seconds, the Huth lab's 120 s; order
+    ``savgol_order``) is subtracted; with ``high_pass_method: butterworth`` the runs are high-passed
+    at ``high_pass`` Hz (5th-order, zero-phase); then one least-squares regression removes together
+    a polynomial drift of order ``polynomial``, the DCT cosines below ``high_pass`` Hz (``cosine``,
+    as SPM / nilearn) and the ``confounds``: columns of fMRIPrep's
+    ``*_desc-confounds_timeseries.tsv`` beside each run, named or fnmatch patterns (``trans_*``,
+    ``a_comp_cor_0[0-5]``). Confounds get the same Savitzky-Golay / Butterworth filtering as the data.
+    """
+
+    polynomial: int | None = Field(None, ge=0, le=10)
+    savgol: float | None = Field(None, gt=0, le=3600)
+    savgol_order: int = Field(2, ge=0, le=10)
+    high_pass: float | None = Field(None, gt=0, le=1000)
+    high_pass_method: Literal["cosine", "butterworth"] = "cosine"
+    confounds: tuple[str, ...] = Field(default_factory=tuple)
+
+    @field_validator("confounds")
+    @classmethod
+    def _patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not p.strip() for p in v) or len(set(v)) != len(v):
+            raise ValueError(f"'dataset.responses.preprocess.confounds' are column names or patterns, each once and "
+                             f"none empty; got {list(v)}")
+        return v
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is done to the runs."""
+        return bool(self.polynomial is not None or self.savgol or self.high_pass or self.confounds)
+
+
 class ResponsesConfig(_Strict):
     """Where a subject's responses live and how they are read (see ``pipelines.ingest``).
 
@@ -66,6 +99,7 @@ class ResponsesConfig(_Strict):
     notch: float | None = Field(None, gt=0)
     high_gamma: tuple[float, float] | None = None
     bad_channels: tuple[str, ...] = Field(default_factory=tuple)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
 
     @field_validator("derivatives")
     @classmethod

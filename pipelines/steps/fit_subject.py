@@ -360,6 +360,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
         "subject": subject, "status": "ok", "kind": responses.kind, "space": responses.space,
         "simulated": responses.simulated, "n_samples": int(sum(lengths)), "n_runs": len(lengths),
         "stories": sorted({str(r.story) for r in runs}),
+        "preprocess": {r.label: r.meta["preprocess"] for r in runs if "preprocess" in r.meta},  # per run, if any
         "n_targets": int(Y.shape[1]), "n_invalid_targets": int((~finite).sum()),
         "n_constant_targets": int(constant.sum()),
         "result_rel": rel, "mask_rel": mask_rel, "metrics": metrics, "backend": backend, "reused": False,
