@@ -14,6 +14,7 @@ from pipelines.stats import (
     _block_null,
     _circular_null,
     auto_block_length,
+    ceiling_p_values,
     choose_permutation_method,
     explainable_variance,
     fdr_bh,
@@ -266,3 +267,28 @@ def test_noise_ceiling_skips_constant_targets(rng):
     assert np.isnan(noise_ceiling(repeats).r_max[[1, 2]]).all()
     with pytest.raises(FitError, match="n_repeats >= 2"):
         explainable_variance(repeats[:1])
+
+
+def test_targets_without_repeatable_signal_get_no_ceiling_normalised_score():
+    """AR(1) 0.9 noise in 3 repeats: without a reliability test about half of the pure-noise targets get a
+    ceiling (ev > 0 by chance) and a normalised score; with it (split halves, phase-randomised, p <= 0.05)
+    about 5%, while targets with a planted repeatable signal keep theirs."""
+    rng = np.random.default_rng(4)
+    n, n_null, n_signal = 290, 3000, 200
+    repeats = np.stack([ar1_noise(rng, n, n_null + n_signal, 0.9) for _ in range(3)])
+    repeats[:, :, n_null:] += ar1_noise(rng, n, n_signal, 0.5)[None]  # ev = 0.5
+    untested = noise_ceiling(repeats, reliability=None)
+    tested = noise_ceiling(repeats)
+    r = np.full(n_null + n_signal, 0.3)  # any model's held-out r
+    before = np.isfinite(normalise_by_ceiling(r, untested.r_max))
+    after = np.isfinite(normalise_by_ceiling(r, tested.r_max))
+    assert before[:n_null].mean() > 0.3
+    assert after[:n_null].mean() <= 0.07
+    assert after[n_null:].mean() > 0.95
+    assert tested.reliability == 0.05 and tested.p_value.shape == (n_null + n_signal,)
+    # the p-values of pure noise are (close to) uniform, whatever the autocorrelation
+    for phi in (0.0, 0.9):
+        noise = np.stack([ar1_noise(rng, 300, 2000, phi) for _ in range(2)])
+        assert at_most_level(ceiling_p_values(noise), 0.05 + 0.01)  # phase randomisation: at most ~6%
+    with pytest.raises(ConfigError, match="'reliability' must lie in"):
+        noise_ceiling(repeats, reliability=1.5)
