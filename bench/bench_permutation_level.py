@@ -43,11 +43,14 @@ def null_fit(seed: int, n_runs: int, n_trs: int, n_targets: int, phi: float = 0.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--designs", default=",".join("x".join(map(str, d)) for d in DESIGNS),
+                        help="runs x TRs per run x targets, comma-separated (default: %(default)s)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "permutation-level.md"))
     args = parser.parse_args()
     rows = []
     start = time.time()
-    for n_runs, n_trs, n_targets in DESIGNS:
+    designs = [tuple(int(v) for v in d.split("x")) for d in args.designs.split(",")]
+    for n_runs, n_trs, n_targets in designs:
         fractions: dict[str, list[float]] = {name: [] for name, _ in NULLS}
         blocks = []
         for seed in range(args.seeds):

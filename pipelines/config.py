@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .errors import ConfigError
 from .keys import check_relative_key
@@ -100,6 +100,14 @@ class ResponsesConfig(_Strict):
     high_gamma: tuple[float, float] | None = None
     bad_channels: tuple[str, ...] = Field(default_factory=tuple)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+
+    @model_serializer(mode="wrap")
+    def _without_default_preprocess(self, handler: Any) -> dict[str, Any]:
+        # no preprocessing: left out, so the ids and response keys of such analyses stay as they were
+        out = handler(self)
+        if self.preprocess == PreprocessConfig():
+            out.pop("preprocess", None)
+        return out
 
     @field_validator("derivatives")
     @classmethod
@@ -277,6 +285,14 @@ class ModelConfig(_Strict):
         if self.test_stories is not None and self.cv != "leave_one_run_out":
             raise ValueError("'model.test_stories' holds out whole runs: it needs 'model.cv: leave_one_run_out'")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused_block(self, handler: Any) -> dict[str, Any]:
+        # no permutation test: the null is unused, left out so the ids and fit keys of such analyses stay as they were
+        out = handler(self)
+        if self.permutations == 0 and self.permutation_block == "auto":
+            out.pop("permutation_block", None)
+        return out
 
     @field_validator("permutation_block", mode="before")
     @classmethod

@@ -162,3 +162,21 @@ def test_the_fit_records_preprocessing_and_the_permutation_null(openneuro_demo, 
     # the preprocessing is part of the responses' content key: changing it refits
     keys = {responses_key(open_dataset(cfg, tmp_path, responses={"preprocess": p})) for p in ({}, {"polynomial": 3})}
     assert len(keys) == 2
+
+
+def test_unused_defaults_leave_analysis_ids_and_response_keys_as_they_were(tmp_path):
+    """No preprocessing and no permutation test: the resolved config (hence the analysis id, the fit keys and
+    the responses' key) is the one it always had; either option set changes it."""
+    cfg = demo_config(tmp_path, "s3://out")
+    plain = parse_config(cfg)
+    out = plain.to_dict()
+    assert "preprocess" not in out["dataset"]["responses"] and "permutation_block" not in out["model"]
+    assert parse_config(out).config_hash == plain.config_hash
+    cfg["dataset"]["responses"]["preprocess"] = {"savgol": 120}
+    cleaned = parse_config(cfg)
+    assert cleaned.to_dict()["dataset"]["responses"]["preprocess"]["savgol"] == 120
+    assert cleaned.config_hash != plain.config_hash
+    cfg["model"]["permutations"] = 1000
+    tested = parse_config(cfg)
+    assert tested.to_dict()["model"]["permutation_block"] == "auto"
+    assert parse_config(tested.to_dict()).config_hash == tested.config_hash
