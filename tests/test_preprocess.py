@@ -145,19 +145,22 @@ def test_missing_confound_column_or_table_is_refused_by_name(bids_with_confounds
 
 
 @pytest.mark.integration
-def test_the_fit_records_preprocessing_and_the_permutation_null(openneuro_demo, tiny_bert_dir, results_bucket,
-                                                                 tmp_path):
-    from pipelines.steps import extract_features, fit_subject
+def test_the_manifest_records_preprocessing_and_the_permutation_null(openneuro_demo, tiny_bert_dir,
+                                                                     results_bucket, tmp_path):
+    from pipelines.consume import read_manifest
+    from pipelines.run import run_analysis
     from pipelines.steps.fit_subject import responses_key
 
     raw = demo_config(tiny_bert_dir, results_bucket, subjects=["22"])
+    raw["features"] = [f for f in raw["features"] if f["kind"] == "word_rate"]
     raw["model"]["permutations"] = 99
     raw["dataset"]["responses"]["preprocess"] = {"polynomial": 3}
     cfg = parse_config(raw)
-    wordrate = extract_features(cfg, "wordrate", cache_dir=tmp_path)
-    fit = fit_subject(cfg, "22", [wordrate], cache_dir=tmp_path)
-    assert fit["preprocess"] == {"1": {"steps": ["polynomial order 3"], "n_regressors": 4}}
-    block = fit["metrics"]["wordrate"]["permutation_block"]  # auto, one run in 5 blocks of 72: 6 blocks at most
+    result = run_analysis(cfg, cache_dir=tmp_path / "cache")
+    manifest = read_manifest(result["manifest_uri"])  # validated against the schema
+    (name,) = manifest["metrics"]["22"]
+    assert manifest["subject_info"]["22"]["preprocess"] == {"1": {"steps": ["polynomial order 3"], "n_regressors": 4}}
+    block = manifest["metrics"]["22"][name]["permutation_block"]  # auto, one run in 5 blocks of 72: 6 blocks
     assert isinstance(block, int) and 10 <= block <= 72 // 6
     # the preprocessing is part of the responses' content key: changing it refits
     keys = {responses_key(open_dataset(cfg, tmp_path, responses={"preprocess": p})) for p in ({}, {"polynomial": 3})}
