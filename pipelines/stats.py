@@ -250,14 +250,17 @@ def _lag_products(Y: np.ndarray, P: np.ndarray, folds: list[np.ndarray], max_lag
     for rows in folds:
         n = rows.size
         size = 1 << (2 * n - 1).bit_length()
-        acfs = []
-        for A in (Y[np.ix_(rows, cols)], P[np.ix_(rows, cols)]):
-            A = np.asarray(A, dtype=np.float64)
-            A = A - A.mean(0)
-            F = np.fft.rfft(A, size, axis=0)
-            acov = np.fft.irfft(F * F.conj(), size, axis=0)[:max_lag + 1]
-            acfs.append(acov / np.where(acov[:1] > 0, acov[:1], 1.0))
-        total += n * np.median(acfs[0] * acfs[1], axis=1)
+        step = max(1, 2**22 // size)  # columns per FFT: bounded temporaries on long (MEG) folds
+        products = np.ones((max_lag + 1, cols.size))
+        for first in range(0, cols.size, step):
+            part = cols[first:first + step]
+            for A in (Y[np.ix_(rows, part)], P[np.ix_(rows, part)]):
+                A = np.asarray(A, dtype=np.float64)
+                A = A - A.mean(0)
+                F = np.fft.rfft(A, size, axis=0)
+                acov = np.fft.irfft(F * F.conj(), size, axis=0)[:max_lag + 1]
+                products[:, first:first + part.size] *= acov / np.where(acov[:1] > 0, acov[:1], 1.0)
+        total += n * np.median(products, axis=1)
         weight += n
     return total / weight
 
