@@ -152,6 +152,9 @@ def preprocess_run(data: np.ndarray, tr: float, opts: PreprocessConfig, confound
     window = sos = None
     if opts.savgol:
         window = _savgol_window(n, tr, opts.savgol, opts.savgol_order)
+        if window > n:
+            raise DatasetError(f"{key}: a run of {n} samples is too short for a Savitzky-Golay trend of order "
+                               f"{opts.savgol_order}; lower 'dataset.responses.preprocess.savgol_order' or drop 'savgol'")
         steps.append(f"savgol {opts.savgol:g} s ({window} samples), order {opts.savgol_order}")
     if opts.high_pass and opts.high_pass_method == "butterworth":
         from scipy.signal import butter  # scipy.signal is slow to import: only when used
@@ -161,6 +164,9 @@ def preprocess_run(data: np.ndarray, tr: float, opts: PreprocessConfig, confound
             raise DatasetError(f"{key}: 'dataset.responses.preprocess.high_pass' {opts.high_pass:g} Hz is not below "
                                f"the Nyquist frequency of the run ({nyquist:g} Hz, TR {tr:g} s); lower it")
         sos = butter(5, opts.high_pass / nyquist, btype="highpass", output="sos")
+        if n <= 3 * (2 * len(sos) + 1):  # sosfiltfilt's padding
+            raise DatasetError(f"{key}: a run of {n} samples is too short for a Butterworth high-pass; use "
+                               "'high_pass_method: cosine'")
         steps.append(f"butterworth high-pass {opts.high_pass:g} Hz")
     parts = [np.ones((n, 1))]
     if opts.polynomial is not None:

@@ -183,3 +183,19 @@ def test_unused_defaults_leave_analysis_ids_and_response_keys_as_they_were(tmp_p
     tested = parse_config(cfg)
     assert tested.to_dict()["model"]["permutation_block"] == "auto"
     assert parse_config(tested.to_dict()).config_hash == tested.config_hash
+
+
+def test_options_a_run_cannot_take_are_refused_by_name(rng):
+    short = rng.standard_normal((6, 3)).astype(np.float32)
+    for opts, message in ((PreprocessConfig(savgol=120, savgol_order=5), "too short for a Savitzky-Golay trend"),
+                          (PreprocessConfig(high_pass=0.05, high_pass_method="butterworth"),
+                           "too short for a Butterworth high-pass"),
+                          (PreprocessConfig(polynomial=6), "asks for 7 regressors on a run of 6 samples")):
+        with pytest.raises(DatasetError, match=f"r.tsv: .*{message}"):
+            preprocess_run(short.copy(), TR, opts, key="r.tsv")
+    with pytest.raises(DatasetError, match=r"high_pass' 0.3 Hz is not below the Nyquist frequency of the run "
+                                           r"\(0.25 Hz"):
+        preprocess_run(rng.standard_normal((100, 2)), TR, PreprocessConfig(high_pass=0.3, high_pass_method="butterworth"),
+                       key="r.tsv")
+    with pytest.raises(DatasetError, match="confounds table has 5 rows but the run has 6 samples"):
+        preprocess_run(short.copy(), TR, PreprocessConfig(confounds=("a",)), np.zeros((5, 1)), key="r.tsv")
