@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .errors import ConfigError
 from .keys import check_relative_key
@@ -27,6 +27,39 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PreprocessConfig(_Strict):
+    """Cleaning of each run's responses, fitted within that run only, before z-scoring (``pipelines.preprocess``).
+
+    In this order: a Savitzky-Golay trend (``savgol`` seconds, the Huth lab's 120 s; order
+    ``savgol_order``) is subtracted; with ``high_pass_method: butterworth`` the runs are high-passed
+    at ``high_pass`` Hz (5th-order, zero-phase); then one least-squares regression removes together
+    a polynomial drift of order ``polynomial``, the DCT cosines below ``high_pass`` Hz (``cosine``,
+    as SPM / nilearn) and the ``confounds``: columns of fMRIPrep's
+    ``*_desc-confounds_timeseries.tsv`` beside each run, named or fnmatch patterns (``trans_*``,
+    ``a_comp_cor_0[0-5]``). Confounds get the same Savitzky-Golay / Butterworth filtering as the data.
+    """
+
+    polynomial: int | None = Field(None, ge=0, le=10)
+    savgol: float | None = Field(None, gt=0, le=3600)
+    savgol_order: int = Field(2, ge=0, le=10)
+    high_pass: float | None = Field(None, gt=0, le=1000)
+    high_pass_method: Literal["cosine", "butterworth"] = "cosine"
+    confounds: tuple[str, ...] = Field(default_factory=tuple)
+
+    @field_validator("confounds")
+    @classmethod
+    def _patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not p.strip() for p in v) or len(set(v)) != len(v):
+            raise ValueError(f"'dataset.responses.preprocess.confounds' are column names or patterns, each once and "
+                             f"none empty; got {list(v)}")
+        return v
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is done to the runs."""
+        return bool(self.polynomial is not None or self.savgol or self.high_pass or self.confounds)
 
 
 class ResponsesConfig(_Strict):
@@ -66,6 +99,15 @@ class ResponsesConfig(_Strict):
     notch: float | None = Field(None, gt=0)
     high_gamma: tuple[float, float] | None = None
     bad_channels: tuple[str, ...] = Field(default_factory=tuple)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+
+    @model_serializer(mode="wrap")
+    def _without_default_preprocess(self, handler: Any) -> dict[str, Any]:
+        # no preprocessing: left out, so the ids and response keys of such analyses stay as they were
+        out = handler(self)
+        if self.preprocess == PreprocessConfig():
+            out.pop("preprocess", None)
+        return out
 
     @field_validator("derivatives")
     @classmethod
@@ -217,6 +259,10 @@ class ModelConfig(_Strict):
     tmin: float = Field(0.0, ge=-2.0, le=2.0)  # MEG/ECoG: TRF lags from tmin to tmax seconds
     tmax: float = Field(0.5, ge=-2.0, le=2.0)
     permutations: int = Field(0, ge=0, le=100_000)  # 0: no permutation p-values
+    # null of the permutation test: blocks of this many samples, "run" (held-out runs paired with other runs'
+    # predictions) or "auto" (whole runs where they give >= 'permutations' pairs, else blocks sized from the
+    # autocorrelation of the held-out data and predictions: pipelines.stats.auto_block_length)
+    permutation_block: int | Literal["auto", "run"] = "auto"
 
     @field_validator("alphas")
     @classmethod
@@ -238,6 +284,31 @@ class ModelConfig(_Strict):
     def _test_stories(self) -> "ModelConfig":
         if self.test_stories is not None and self.cv != "leave_one_run_out":
             raise ValueError("'model.test_stories' holds out whole runs: it needs 'model.cv: leave_one_run_out'")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused_block(self, handler: Any) -> dict[str, Any]:
+        # no permutation test: the null is unused, left out so the ids and fit keys of such analyses stay as they were
+        out = handler(self)
+        if self.permutations == 0 and self.permutation_block == "auto":
+            out.pop("permutation_block", None)
+        return out
+
+    @field_validator("permutation_block", mode="before")
+    @classmethod
+    def _block(cls, v: Any) -> Any:
+        if v in ("auto", "run"):
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100_000:
+            raise ValueError("'model.permutation_block' must be 'auto', 'run' or a number of samples from 1 to "
+                             f"100000; got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _permutation_block(self) -> "ModelConfig":
+        if self.permutation_block == "run" and self.cv != "leave_one_run_out":
+            raise ValueError("'model.permutation_block: run' pairs whole held-out runs: it needs "
+                             "'model.cv: leave_one_run_out' (or set it to 'auto' or a number of samples)")
         return self
 
     @model_validator(mode="after")

@@ -253,7 +253,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         metrics[sub] = fit["metrics"]
         subject_info[sub] = {k: fit[k] for k in ("status", "simulated", "kind", "space", "n_targets",
                                                   "n_invalid_targets", "n_samples", "n_runs", "n_constant_targets",
-                                                  "stories") if k in fit}
+                                                  "stories", "preprocess") if k in fit and fit[k] != {}}
         report_subjects.append({"label": sub, "simulated": bool(fit.get("simulated")), "feature_spaces": entries})
 
     backend = next((f.get("backend") for f in fits if f.get("backend")), "")

@@ -78,3 +78,37 @@ def demo_mask(resolution_mm: float = 8.0):
     mask = datasets.load_mni152_brain_mask(resolution=2)
     return image.resample_img(mask, target_affine=np.diag([resolution_mm] * 3), interpolation="nearest",
                               force_resample=True, copy_header=True)
+
+
+def ar1_noise(rng: np.random.Generator, n_samples: int, n_columns: int, phi: float) -> np.ndarray:
+    """AR(1) noise of unit variance, correlation ``phi`` at lag 1, shape (n_samples, n_columns)."""
+    innov = rng.standard_normal((n_samples, n_columns))
+    out = np.empty_like(innov)
+    out[0] = innov[0]
+    scale = np.sqrt(1.0 - phi ** 2)
+    for t in range(1, n_samples):
+        out[t] = phi * out[t - 1] + scale * innov[t]
+    return out
+
+
+def slow_word_features(rng: np.random.Generator, n_trs: int, tr: float = 2.0, n_features: int = 4,
+                       words_per_s: float = 2.5) -> np.ndarray:
+    """Slow word-level features of one run on its TR grid, Lanczos-resampled like real ones.
+
+    Words fall at a rate that drifts over about 10 s (speech and pauses, ``words_per_s`` on
+    average); the first feature is the word rate, the others word values drifting from word to
+    word (AR(1) 0.95 over words, like a language model's slowly varying dimensions).
+
+    Returns
+    -------
+    array of shape (n_trs, n_features), float32
+    """
+    from .features.align import lanczos_resample  # features import the registry: not needed by the demo
+
+    step = 0.05
+    grid = np.arange(0.0, n_trs * tr, step)
+    drift = ar1_noise(rng, grid.size, 1, 0.995)[:, 0]  # time constant 10 s
+    rate = np.clip(words_per_s * (1.0 + 0.8 * drift), 0.0, None)
+    words = grid[rng.random(grid.size) < rate * step]
+    values = np.concatenate([np.ones((words.size, 1)), ar1_noise(rng, words.size, n_features - 1, 0.95)], axis=1)
+    return lanczos_resample(values, words, np.arange(n_trs) * tr)

@@ -3,8 +3,11 @@
 * :func:`permutation_test`: the p-value of each target's held-out correlation under the
   null that predictions and data are unrelated, by shuffling contiguous blocks of the
   held-out data (or circularly shifting it) within each held-out fold, which keeps the
-  data's autocorrelation within blocks; exact per fold, combined over the folds of a
-  nested cross-validation by a rule valid under their dependence (see its Notes).
+  data's autocorrelation within blocks, or by pairing each held-out run's data with other
+  runs' predictions (``method="run"``), which keeps all of it; exact per fold, combined
+  over the folds of a nested cross-validation by a rule valid under their dependence
+  (see its Notes). :func:`auto_block_length` chooses the block length from the
+  autocorrelation of the held-out data and predictions.
   Every permutation of every target is computed in batch on the himalaya backend: a
   fold's data and predictions are reduced once to block cross-products (block method:
   ``n_blocks x n_blocks`` per target, or all circular lags by FFT), after which one
@@ -12,16 +15,18 @@
 * :func:`fdr_bh`: Benjamini-Hochberg adjusted p-values; :func:`permutations_needed`: how
   many permutations the smallest attainable p-value needs for BH to reach a given number
   of discoveries.
-* :func:`explainable_variance` / :func:`noise_ceiling` / :func:`normalise_by_ceiling`:
-  where a stimulus was repeated, the share of the response variance that is repeatable
-  (bias-corrected), the highest correlation a perfect model could reach, and the
-  ceiling-normalised scores.
+* :func:`explainable_variance` / :func:`noise_ceiling` / :func:`normalise_by_ceiling` /
+  :func:`ceiling_p_values` (from :mod:`pipelines.ceiling`, re-exported here): where a stimulus
+  was repeated, the share of the response variance that is repeatable (bias-corrected), the
+  highest correlation a perfect model could reach (kept only where the repeats' shared signal
+  is significant), and the ceiling-normalised scores.
 
 Constant or NaN targets are reported (``valid`` False, NaN p-values) and skipped, never
 raised on.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +34,18 @@ from typing import Any
 import numpy as np
 
 from .backend import addcmul_, choose_backend, index_array, irfft, memory_budget_bytes, rfft, use_backend
+from .ceiling import NoiseCeiling, ceiling_p_values, explainable_variance, noise_ceiling, normalise_by_ceiling
 from .errors import ConfigError, FitError
+
+log = logging.getLogger("neuroflow")
 
 __all__ = [
     "PERMUTATION_METHODS",
     "NoiseCeiling",
     "PermutationResult",
+    "auto_block_length",
+    "ceiling_p_values",
+    "choose_permutation_method",
     "explainable_variance",
     "fdr_bh",
     "noise_ceiling",
@@ -45,7 +56,15 @@ __all__ = [
 ]
 
 #: Null models of :func:`permutation_test`.
-PERMUTATION_METHODS: tuple[str, ...] = ("block", "circular")
+PERMUTATION_METHODS: tuple[str, ...] = ("block", "circular", "run")
+
+#: :func:`auto_block_length`: share of the null variance of the held-out correlation that
+#: blocks must keep (measured: 0.95 holds the 5% level on AR(1) 0.9 data, see bench/results/permutation-level.md)
+AUTO_BLOCK_CAPTURE = 0.95
+#: :func:`auto_block_length`: fewest blocks per held-out fold (6 blocks: 720 orders)
+MIN_BLOCKS = 6
+#: :func:`auto_block_length`: shortest block it chooses (shorter blocks cost (n / L)**2 per target and fold)
+AUTO_MIN_BLOCK = 10
 
 _GATHER_VALUES = 2**24  # floats gathered at once when summing permuted blocks (64 MiB)
 
@@ -72,7 +91,8 @@ class PermutationResult:
     n_permutations : int
     method : str
     block_length : int
-        Block length (block method) or smallest shift (circular method), in samples.
+        Block length (block method) or smallest shift (circular method), in samples, as
+        given or as :func:`auto_block_length` chose it; 0 for the run method.
     """
 
     r: np.ndarray
@@ -217,6 +237,121 @@ def _circular_null(bk: Any, Yz: Any, Pz: Any, shifts: np.ndarray) -> tuple[Any, 
     return circular[0], circular[index_array(bk, shifts, circular)].T  # (t,), (t, n_perm)
 
 
+def _lag_products(Y: np.ndarray, P: np.ndarray, folds: list[np.ndarray], max_lag: int,
+                  n_probe: int = 1000) -> np.ndarray:
+    """``c[k]``, k = 0..max_lag: median over targets of ``acf_Y(k) acf_P(k)``, averaged over folds by size.
+
+    Bartlett: under the null the variance of a held-out correlation of ``n`` samples is
+    ``(1 + 2 sum_k c[k]) / n``. At most ``n_probe`` targets (evenly spaced) are read.
+    """
+    cols = np.unique(np.linspace(0, Y.shape[1] - 1, min(n_probe, Y.shape[1])).round().astype(int))
+    total = np.zeros(max_lag + 1)
+    weight = 0.0
+    for rows in folds:
+        n = rows.size
+        size = 1 << (2 * n - 1).bit_length()
+        step = max(1, 2**22 // size)  # columns per FFT: bounded temporaries on long (MEG) folds
+        products = np.ones((max_lag + 1, cols.size))
+        for first in range(0, cols.size, step):
+            part = cols[first:first + step]
+            for A in (Y[np.ix_(rows, part)], P[np.ix_(rows, part)]):
+                A = np.asarray(A, dtype=np.float64)
+                A = A - A.mean(0)
+                F = np.fft.rfft(A, size, axis=0)
+                acov = np.fft.irfft(F * F.conj(), size, axis=0)[:max_lag + 1]
+                products[:, first:first + part.size] *= acov / np.where(acov[:1] > 0, acov[:1], 1.0)
+        total += n * np.median(products, axis=1)
+        weight += n
+    return total / weight
+
+
+def auto_block_length(Y: np.ndarray, predictions: np.ndarray, sample_fold: np.ndarray, *,
+                      capture: float = AUTO_BLOCK_CAPTURE, min_blocks: int = MIN_BLOCKS) -> int:
+    """The block length a block permutation of these held-out data needs to hold its level.
+
+    Under the null the variance of a held-out correlation is ``(1 + 2 sum_k c_k) / n``
+    (Bartlett), ``c_k`` being the product of the data's and the predictions'
+    autocorrelations at lag ``k`` (median over targets, see :func:`_lag_products`; summed
+    up to its first lag <= 0). Shuffling blocks of ``L`` samples keeps the pairs within a
+    block, ``1 + 2 sum_{k<L} (1 - k/L) c_k`` of it; the shortest ``L`` keeping ``capture``
+    of the variance is returned, at least :data:`AUTO_MIN_BLOCK` (the cost of the test grows
+    as ``1 / L``) and at most the shortest fold's length over ``min_blocks``.
+
+    Parameters
+    ----------
+    Y, predictions : arrays of shape (n_samples, n_targets)
+    sample_fold : array of shape (n_samples,), int
+        Held-out fold of each sample, -1 for none.
+    capture : float
+        Share of the null variance to keep, in (0, 1).
+    min_blocks : int
+        Fewest blocks per fold (caps ``L``).
+
+    Returns
+    -------
+    block_length : int
+        At least 1. A warning is logged when the cap is shorter than the autocorrelation needs
+        (the p-values are then optimistic: fewer folds, or whole runs, help).
+    """
+    Y, P, sample_fold = paired_held_out(Y, predictions, sample_fold, np.float32, ("Y", "predictions"))
+    folds = _fold_rows(sample_fold)
+    held = np.concatenate(folds)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(Y[held]).all(0) & np.isfinite(P[held]).all(0)
+        for rows in folds:
+            ok &= (np.ptp(Y[rows], axis=0) > 0) & (np.ptp(P[rows], axis=0) > 0)
+    shortest = min(rows.size for rows in folds)
+    cap = max(1, shortest // min_blocks)
+    if not ok.any() or shortest < 4:
+        return cap if shortest // cap >= 2 else 1
+    c = _lag_products(Y[:, ok], P[:, ok], folds, max(1, shortest // 2))[1:]
+    stop = np.flatnonzero(c <= 0)
+    if stop.size:
+        c = c[:stop[0]]
+    total = 1.0 + 2.0 * c.sum()
+    k = np.arange(1, c.size + 1)
+    for L in range(1, shortest + 1):
+        kept = 1.0 + 2.0 * (np.clip(1.0 - k / L, 0.0, None) * c).sum()
+        if kept >= capture * total:
+            break
+    L = max(L, min(AUTO_MIN_BLOCK, cap))
+    if L > cap:
+        log.warning("permutation test: the held-out data's autocorrelation needs blocks of %d samples, but "
+                    "folds of %d samples allow %d blocks of at most %d; p-values may be optimistic (fewer, "
+                    "longer folds help)", L, shortest, min_blocks, cap)
+        return cap
+    return int(L)
+
+
+def choose_permutation_method(n_folds: int, n_permutations: int) -> str:
+    """``"run"`` where held-out whole runs give at least as many null pairs as the permutations asked
+    for (``n_folds (n_folds - 1) >= n_permutations``), else ``"block"``."""
+    return "run" if n_folds >= 3 and n_folds * (n_folds - 1) >= n_permutations else "block"
+
+
+def _run_null(bk: Any, Y: np.ndarray, P: np.ndarray, folds: list[np.ndarray], cols: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Observed and swapped statistics ``r sqrt(m)`` of every (data fold, prediction fold) pair.
+
+    Returns ``S`` of shape (n_folds, n_folds, n_targets): data of fold ``f`` against the
+    predictions of fold ``g`` over their first ``m = min(n_f, n_g)`` samples, and each fold's
+    own ``r`` (on all its samples).
+    """
+    n = len(folds)
+    S = np.empty((n, n, cols.size))
+    own = np.empty((n, cols.size))
+    for f, rf in enumerate(folds):
+        for g, rg in enumerate(folds):
+            m = min(rf.size, rg.size)
+            Yz = _zscore_columns(bk, bk.asarray(Y[np.ix_(rf[:m], cols)]))
+            Pz = _zscore_columns(bk, bk.asarray(P[np.ix_(rg[:m], cols)]))
+            r = bk.to_numpy((Yz * Pz).mean(0)).astype(np.float64)
+            S[f, g] = r * math.sqrt(m)
+            if f == g:
+                own[f] = r
+    return S, own
+
+
 def paired_held_out(observed: np.ndarray, predicted: np.ndarray, sample_fold: np.ndarray, dtype: Any,
                     names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Observed and predicted as 2-D arrays of one shape, with one fold label per row, else FitError."""
@@ -238,7 +373,7 @@ def permutation_test(
     *,
     n_permutations: int = 1000,
     method: str = "block",
-    block_length: int = 10,
+    block_length: int | str = "auto",
     random_state: int = 0,
     backend: str = "auto",
     n_targets_batch: int | None = None,
@@ -256,7 +391,7 @@ def permutation_test(
     n_permutations : int
         Permutations (the same ones for every target). See :func:`permutations_needed`
         for how many BH needs.
-    method : {"block", "circular"}
+    method : {"block", "circular", "run"}
         ``"block"``: the held-out data of each fold are cut into blocks of
         ``block_length`` samples whose order is shuffled (a remainder shorter than a
         block stays in place); ``"circular"``: they are shifted circularly by a lag of
@@ -264,9 +399,14 @@ def permutation_test(
         there are at most ``n_permutations`` of them (a fold of ``n`` samples has only
         ``n - 2 * block_length + 1``, which bounds its smallest p-value), else a random
         subset. Folds are permuted independently; predictions stay in place.
-    block_length : int
+        ``"run"`` (folds that are whole runs, at least 3): each fold's ``r sqrt(n)`` is
+        ranked among those of every pair of one fold's data with another fold's
+        predictions (their first ``min(n_f, n_g)`` samples): ``n_folds (n_folds - 1)``
+        null values that keep all of the data's and the predictions' autocorrelation
+        (``n_permutations`` and ``block_length`` are not used).
+    block_length : int or "auto"
         Samples per block (or smallest circular shift); longer than the data's
-        autocorrelation (e.g. 10 TRs of fMRI).
+        autocorrelation. ``"auto"``: :func:`auto_block_length` of these data.
     random_state : int
         Seed of the permutations.
     backend : str
@@ -297,6 +437,12 @@ def permutation_test(
     test set (``fit_encoding(..., test_groups=...)``) there is one fold and the p-value
     is the fold's own.
 
+    Blocks must be as long as the joint autocorrelation of data and predictions: with
+    AR(1) 0.9 responses and slow Lanczos-resampled word features, blocks of 10 samples
+    give 10-12% of null p-values below 0.05, ``block_length="auto"`` 3.8-5.0% and
+    ``method="run"`` 0-0.4% (conservative: its p-values are coarse with few runs;
+    bench/results/permutation-level.md).
+
     Raises
     ------
     FitError
@@ -306,13 +452,23 @@ def permutation_test(
     """
     if method not in PERMUTATION_METHODS:
         raise ConfigError(f"'method' must be one of {', '.join(PERMUTATION_METHODS)}; got {method!r}.")
-    for name, value in (("n_permutations", n_permutations), ("block_length", block_length)):
+    checks = [("n_permutations", n_permutations)] + ([] if block_length == "auto" else [("block_length", block_length)])
+    for name, value in checks:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ConfigError(f"'{name}' must be an integer >= 1; got {value!r}.")
+            also = " or 'auto'" if name == "block_length" else ""
+            raise ConfigError(f"'{name}' must be an integer >= 1{also}; got {value!r}.")
     Y, P, sample_fold = paired_held_out(Y, predictions, sample_fold, np.float32, ("Y", "predictions"))
     folds = _fold_rows(sample_fold)
+    if method == "run" and len(folds) < 3:
+        raise FitError(f"method 'run' pairs held-out runs with each other's predictions and needs at least 3 "
+                       f"held-out folds; got {len(folds)}. Use method 'block'.")
+    if method == "run":
+        block_length = 0
+    elif block_length == "auto":
+        block_length = auto_block_length(Y, P, sample_fold)
     for rows in folds:
-        if rows.size // block_length < 2 or (method == "circular" and rows.size <= 2 * block_length):
+        if method != "run" and (rows.size // block_length < 2
+                                or (method == "circular" and rows.size <= 2 * block_length)):
             raise FitError(f"A held-out fold of {rows.size} samples is too short to permute blocks of "
                            f"{block_length}; lower 'block_length'.")
     weights = np.array([rows.size for rows in folds], dtype=np.float64)
@@ -328,7 +484,9 @@ def permutation_test(
     rng = np.random.default_rng(random_state)
     draws = []
     for rows in folds:
-        if method == "block":
+        if method == "run":
+            draws.append(np.empty(len(folds) * (len(folds) - 1)))
+        elif method == "block":
             n_blocks = rows.size // block_length
             draws.append(np.argsort(rng.random((n_permutations, n_blocks)), axis=1))
         else:  # every allowed shift once when there are no more of them than permutations
@@ -346,11 +504,20 @@ def permutation_test(
         backend_name = "numpy"
     if n_targets_batch is None:
         longest = max(rows.size for rows in folds)
-        per_target = 4 * (8 * longest + 3 * n_permutations + (longest // block_length) ** 2)
+        per_target = 4 * (8 * longest + 3 * n_permutations + (longest // max(block_length, 1)) ** 2
+                          + 4 * len(folds) ** 2)
         n_targets_batch = max(1, memory_budget_bytes(backend_name) // per_target)
     with use_backend(backend_name) as bk:
         for start in range(0, idx.size, n_targets_batch):
             cols = idx[start:start + n_targets_batch]
+            if method == "run":
+                S, own = _run_null(bk, Y, P, folds, cols)
+                null = S[~np.eye(len(folds), dtype=bool)]  # (n_folds (n_folds - 1), targets)
+                for k, rows in enumerate(folds):
+                    exceed = (null >= S[k, k][None, :] - 1e-6 * math.sqrt(rows.size)).sum(0)
+                    p_folds[k, cols] = (1.0 + exceed) / (1.0 + null.shape[0])
+                r[cols] = weights @ own
+                continue
             observed = np.zeros(cols.size, dtype=np.float64)
             for k, (rows, draw, w) in enumerate(zip(folds, draws, weights)):
                 Yz = _zscore_columns(bk, bk.asarray(Y[np.ix_(rows, cols)]))
@@ -370,106 +537,3 @@ def permutation_test(
     p_values = simes(p_folds)
     return PermutationResult(r=r, p_values=p_values, p_folds=p_folds, valid=valid,
                              n_permutations=int(n_permutations), method=method, block_length=int(block_length))
-
-
-# --------------------------------------------------------------------------- noise ceiling
-
-
-@dataclass
-class NoiseCeiling:
-    """What a perfect model could reach on repeated data.
-
-    Attributes
-    ----------
-    explainable_variance : array of shape (n_targets,), float64
-        Share of single-repeat variance that repeats (bias-corrected; can be <= 0 for
-        targets with no repeatable signal, NaN for constant or NaN targets).
-    r_max : array of shape (n_targets,), float64
-        Highest expected correlation of a perfect model with the data it is scored
-        on: the average of ``n_average`` repeats, ``sqrt(N ev / (1 + (N - 1) ev))``
-        (Spearman-Brown); NaN where ``explainable_variance <= 0``.
-    n_repeats : int
-    n_average : int
-    """
-
-    explainable_variance: np.ndarray
-    r_max: np.ndarray
-    n_repeats: int
-    n_average: int
-
-
-def explainable_variance(repeats: np.ndarray, *, bias_correction: bool = True, zscore: bool = True) -> np.ndarray:
-    """Explainable variance of each target from repeated presentations of one stimulus.
-
-    Parameters
-    ----------
-    repeats : array of shape (n_repeats, n_samples, n_targets)
-        Responses to the same stimulus, repeat by repeat (at least 2).
-    bias_correction : bool
-        Correct the upward bias of the raw ratio with few repeats (Sahani & Linden
-        2003): ``ev - (1 - ev) / (n_repeats - 1)``, an unbiased estimate of
-        signal / (signal + noise) for one repeat.
-    zscore : bool
-        Z-score each repeat first (repeats on different scales weigh alike).
-
-    Returns
-    -------
-    ev : array of shape (n_targets,), float64
-        ``var(mean over repeats) / mean(var of each repeat)``, bias-corrected. NaN for
-        targets constant or not finite in some repeat.
-    """
-    data = np.asarray(repeats, dtype=np.float64)
-    if data.ndim == 2:
-        data = data[:, :, None]
-    if data.ndim != 3 or data.shape[0] < 2:
-        raise FitError(f"'repeats' must have shape (n_repeats >= 2, n_samples, n_targets); got {data.shape}.")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ok = np.isfinite(data).all(axis=(0, 1)) & (np.ptp(data, axis=1) > 0).all(axis=0)
-        if zscore:
-            data = (data - data.mean(1, keepdims=True)) / data.std(1, keepdims=True)
-        mean_var = data.var(axis=1).mean(axis=0)
-        var_mean = data.mean(axis=0).var(axis=0)
-        ev = var_mean / mean_var
-    if bias_correction:
-        ev = ev - (1.0 - ev) / (data.shape[0] - 1)
-    return np.where(ok, ev, np.nan)
-
-
-def noise_ceiling(repeats: np.ndarray, *, n_average: int | None = None, bias_correction: bool = True,
-                  ) -> NoiseCeiling:
-    """Explainable variance and the correlation ceiling of each target.
-
-    Parameters
-    ----------
-    repeats : array of shape (n_repeats, n_samples, n_targets)
-    n_average : int or None
-        Number of repeats averaged in the data the model is scored on (None: all of
-        them, the usual held-out test story; 1: single repeats).
-    bias_correction : bool
-        See :func:`explainable_variance`.
-    """
-    ev = explainable_variance(repeats, bias_correction=bias_correction)
-    n_repeats = int(np.asarray(repeats).shape[0])
-    n = n_repeats if n_average is None else int(n_average)
-    if n < 1:
-        raise ConfigError(f"'n_average' must be >= 1; got {n_average!r}.")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r_max = np.where(ev > 0, np.sqrt(n * ev / (1.0 + (n - 1) * ev)), np.nan)
-    return NoiseCeiling(explainable_variance=ev, r_max=np.minimum(r_max, 1.0), n_repeats=n_repeats, n_average=n)
-
-
-def normalise_by_ceiling(score: np.ndarray, r_max: np.ndarray, *, kind: str = "r",
-                         min_ceiling: float = 0.1) -> np.ndarray:
-    """Ceiling-normalised scores: ``r / r_max`` or ``r2 / r_max**2``.
-
-    Targets whose ceiling is below ``min_ceiling`` (or NaN) get NaN: dividing by a
-    near-zero ceiling only amplifies noise.
-    """
-    if kind not in ("r", "r2"):
-        raise ConfigError(f"'kind' must be 'r' or 'r2'; got {kind!r}.")
-    score = np.asarray(score, dtype=np.float64)
-    ceiling = np.asarray(r_max, dtype=np.float64)
-    ok = np.isfinite(ceiling) & (ceiling >= min_ceiling)
-    denom = ceiling if kind == "r" else ceiling ** 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(ok, score / np.where(ok, denom, 1.0), np.nan)

@@ -31,3 +31,11 @@ def test_bench_scale_runs_neuroflow_and_the_minimal_script(tmp_path):
     assert "| `neuroflow run` |" in text and "| minimal script" in text
     planted = float(text.split("planted voxels: ")[1].split(" ")[0])
     assert planted > 0.2  # the minimal script finds the planted voxels: it does the same fit
+
+
+def test_bench_permutation_level_writes_its_table(tmp_path):
+    out = tmp_path / "permutation-level.md"
+    subprocess.run([sys.executable, str(REPO / "bench" / "bench_permutation_level.py"), "--seeds", "1",
+                    "--designs", "4x120x200", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| 4 x 120 |")]
+    assert len(rows) == 1 and rows[0].count("%") == 3

@@ -283,8 +283,8 @@ def test_a_repeated_test_story_gives_ceiling_normalised_scores(lebel, tmp_path, 
     r_max = noise_ceiling(repeats.astype(np.float32)).r_max
     np.testing.assert_allclose(scores["rnorm"].iloc[PLANTED], scores["r"].iloc[PLANTED] / r_max[PLANTED], rtol=1e-4)
     assert (r_max[PLANTED] > 0.7).all() and scores["rnorm"].iloc[PLANTED].min() > 0.5
-    # noise voxels have no repeatable signal: no ceiling, so no normalised score
-    assert scores["rnorm"].drop(index=PLANTED).isna().mean() > 0.5
+    # noise voxels have no repeatable signal: no ceiling (reliability tested at 0.05), so no normalised score
+    assert scores["rnorm"].drop(index=PLANTED).isna().mean() > 0.9
     # the repeated story as the held-out test story: alphas from the other three stories only
     cfg["model"]["test_stories"] = ["wheretheressmoke"]
     held = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")

@@ -7,10 +7,15 @@ from scipy.stats import false_discovery_control, kstest
 
 from pipelines.backend import use_backend
 from pipelines.errors import ConfigError, FitError
+from pipelines.features.align import make_delays
 from pipelines.fit import fit_encoding, zscore_by_group
+from pipelines.simulate import ar1_noise, slow_word_features
 from pipelines.stats import (
     _block_null,
     _circular_null,
+    auto_block_length,
+    ceiling_p_values,
+    choose_permutation_method,
     explainable_variance,
     fdr_bh,
     noise_ceiling,
@@ -135,8 +140,64 @@ def test_planted_signal_is_significant_after_fdr(rng):
     sig = perm.significant(0.05)
     assert sig[:50].mean() > 0.9 and sig[50:].sum() <= 0.1 * sig.sum()  # FDR 5%, with margin
     # a circular shift of a 200-sample fold has only 181 distinct nulls: its p-values cannot go lower
-    circ = permutation_test(Y, res.predictions, res.sample_fold, n_permutations=1999, method="circular")
+    circ = permutation_test(Y, res.predictions, res.sample_fold, n_permutations=1999, method="circular",
+                            block_length=10)
     assert circ.p_folds.min() == pytest.approx(1 / 182)
+
+
+def slow_null_fit(seed: int, n_runs: int, n_trs: int, n_targets: int):
+    """AR(1) 0.9 noise responses fitted on slow word-rate-like features (Lanczos, delays 1-4), nested
+    leave-one-run-out: every target is null, and data and predictions are both autocorrelated."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(n_runs), n_trs)
+    X = np.concatenate([slow_word_features(rng, n_trs) for _ in range(n_runs)])
+    X = make_delays(zscore_by_group(X, groups), [n_trs] * n_runs, [1, 2, 3, 4])
+    Y = zscore_by_group(ar1_noise(rng, n_runs * n_trs, n_targets, 0.9).astype(np.float32), groups)
+    return Y, fit_encoding(X, Y, groups, [1, 10, 100, 1e3, 1e4, 1e5], backend="numpy")
+
+
+@pytest.mark.slow
+def test_auto_blocks_hold_the_level_on_slow_autocorrelated_data():
+    """AR(1) 0.9 noise and slow features: fixed blocks of 10 samples give about 11% of p < 0.05 on
+    null targets; blocks sized from the data's autocorrelation hold 5% (at most 6% asked)."""
+    Y, res = slow_null_fit(0, n_runs=5, n_trs=300, n_targets=2000)
+    fixed = permutation_test(Y, res.predictions, res.sample_fold, n_permutations=999, block_length=10)
+    auto = permutation_test(Y, res.predictions, res.sample_fold, n_permutations=999)
+    assert (fixed.p_values < 0.05).mean() > 0.08  # the problem this solves is there
+    assert auto.block_length > 20 and auto.block_length == auto_block_length(Y, res.predictions, res.sample_fold)
+    assert (auto.p_values < 0.05).mean() <= 0.06
+    assert auto_block_length(*ar1_data_pair(0.0)) == 10  # white data: the shortest blocks it uses
+    assert 10 < auto_block_length(*ar1_data_pair(0.8)) < auto_block_length(*ar1_data_pair(0.95)) <= 250 // 6
+
+
+def ar1_data_pair(phi: float):
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(4), 250)
+    return ar1_noise(rng, 1000, 300, phi), ar1_noise(rng, 1000, 300, phi), groups
+
+
+@pytest.mark.slow
+def test_whole_run_null_holds_the_level_with_many_runs():
+    Y, res = slow_null_fit(1, n_runs=12, n_trs=150, n_targets=1000)
+    run = permutation_test(Y, res.predictions, res.sample_fold, method="run")
+    assert run.method == "run" and run.block_length == 0 and run.p_folds.shape == (12, 1000)
+    np.testing.assert_allclose(run.r, res.r, atol=1e-5)
+    assert run.p_folds.min() >= 1 / (12 * 11 + 1)
+    assert (run.p_values < 0.05).mean() <= 0.06
+    assert choose_permutation_method(30, 870) == "run" and choose_permutation_method(30, 1000) == "block"
+
+
+def test_whole_run_null_finds_a_planted_signal_and_needs_three_runs(rng):
+    groups = np.repeat(np.arange(12), 100)
+    X = zscore_by_group(rng.standard_normal((1200, 10)), groups)
+    Y = ar1(rng, 1200, 200, 0.7)
+    Y[:, :20] += X @ rng.standard_normal((10, 20)) * 0.3
+    Y = zscore_by_group(Y, groups)
+    res = fit_encoding(X, Y, groups, ALPHAS)
+    run = permutation_test(Y, res.predictions, res.sample_fold, method="run")
+    assert (run.p_values[:20] < 0.05).all() and (run.p_values[20:] < 0.05).mean() <= 0.1
+    with pytest.raises(FitError, match="method 'run' .* needs at least 3 held-out folds"):
+        permutation_test(Y[:200], res.predictions[:200], groups[:200], method="run")
 
 
 def test_constant_and_nan_targets_are_skipped_not_fatal(rng):
@@ -163,6 +224,8 @@ def test_backends_agree_and_bad_arguments_are_refused(rng):
         permutation_test(Y, P, groups, method="phase")
     with pytest.raises(ConfigError, match="'n_permutations' must be an integer >= 1"):
         permutation_test(Y, P, groups, n_permutations=0)
+    with pytest.raises(ConfigError, match="'block_length' must be an integer >= 1 or 'auto'"):
+        permutation_test(Y, P, groups, block_length="long")
     with pytest.raises(FitError, match="too short to permute blocks of 80"):
         permutation_test(Y, P, groups, block_length=80)
     with pytest.raises(FitError, match="marks no held-out sample"):
@@ -204,3 +267,28 @@ def test_noise_ceiling_skips_constant_targets(rng):
     assert np.isnan(noise_ceiling(repeats).r_max[[1, 2]]).all()
     with pytest.raises(FitError, match="n_repeats >= 2"):
         explainable_variance(repeats[:1])
+
+
+def test_targets_without_repeatable_signal_get_no_ceiling_normalised_score():
+    """AR(1) 0.9 noise in 3 repeats: without a reliability test about half of the pure-noise targets get a
+    ceiling (ev > 0 by chance) and a normalised score; with it (split halves, phase-randomised, p <= 0.05)
+    about 5%, while targets with a planted repeatable signal keep theirs."""
+    rng = np.random.default_rng(4)
+    n, n_null, n_signal = 290, 3000, 200
+    repeats = np.stack([ar1_noise(rng, n, n_null + n_signal, 0.9) for _ in range(3)])
+    repeats[:, :, n_null:] += ar1_noise(rng, n, n_signal, 0.5)[None]  # ev = 0.5
+    untested = noise_ceiling(repeats, reliability=None)
+    tested = noise_ceiling(repeats)
+    r = np.full(n_null + n_signal, 0.3)  # any model's held-out r
+    before = np.isfinite(normalise_by_ceiling(r, untested.r_max))
+    after = np.isfinite(normalise_by_ceiling(r, tested.r_max))
+    assert before[:n_null].mean() > 0.3
+    assert after[:n_null].mean() <= 0.07
+    assert after[n_null:].mean() > 0.95
+    assert tested.reliability == 0.05 and tested.p_value.shape == (n_null + n_signal,)
+    # the p-values of pure noise are (close to) uniform, whatever the autocorrelation
+    for phi in (0.0, 0.9):
+        noise = np.stack([ar1_noise(rng, 300, 2000, phi) for _ in range(2)])
+        assert at_most_level(ceiling_p_values(noise), 0.05 + 0.01)  # phase randomisation: at most ~6%
+    with pytest.raises(ConfigError, match="'reliability' must lie in"):
+        noise_ceiling(repeats, reliability=1.5)

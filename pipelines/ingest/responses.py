@@ -16,8 +16,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from ..bids import RUN_ENTITIES, inherited_files, parse_bids_name, raw_key
+from ..bids import RUN_ENTITIES, build_name, inherited_files, parse_bids_name, raw_key
 from ..errors import DatasetError
+from ..preprocess import preprocess_run, read_confounds, select_confounds
 from ..readers import Responses, check_not_pointer, reader_for
 from .dataset import Ingest
 from .events import events_key_for, raw_sidecar, run_sidecar, sidecar, stimulus_from_events
@@ -93,6 +94,48 @@ def read_timeseries_run(ingest: Ingest, key: str) -> tuple[np.ndarray, float, fl
     r = reader_for("timeseries")(path, key, tr=sidecar_number(meta, "RepetitionTime", key),
                                  start=sidecar_number(meta, "StartTime", key, 0.0))
     return r.data, r.period, r.start, r.target_names
+
+
+def confounds_key(ingest: Ingest, key: str) -> str:
+    """fMRIPrep's confounds table of a run: ``*_desc-confounds_timeseries.tsv`` (or the older ``_regressors``)
+    in the run's folder with the run's entities (``sub``, ``ses``, ``task``, ``run``, ...), else DatasetError."""
+    name = parse_bids_name(key)
+    folder = key.rsplit("/", 1)[0] if "/" in key else ""
+    if name is None:
+        raise DatasetError(f"{key}: 'dataset.responses.preprocess.confounds' reads fMRIPrep's confounds table beside "
+                           "each BIDS run, and this file is not a BIDS run; remove 'confounds'")
+    wanted = {k: v for k, v in name.entities.items() if k in RUN_ENTITIES}
+    found = []
+    for cand in ingest.listing:
+        if (cand.rsplit("/", 1)[0] if "/" in cand else "") != folder:
+            continue
+        c = parse_bids_name(cand)
+        if (c is not None and c.get("desc") == "confounds" and c.suffix in ("timeseries", "regressors")
+                and c.extension == ".tsv" and {k: v for k, v in c.entities.items() if k in RUN_ENTITIES} == wanted):
+            found.append(cand)
+    if not found:
+        raise DatasetError(f"{key}: 'dataset.responses.preprocess.confounds' needs fMRIPrep's confounds table beside "
+                           f"the run ({build_name({**wanted, 'desc': 'confounds'}, 'timeseries', '.tsv')} in "
+                           f"{folder or 'the dataset root'}); none is there: add it, or remove 'confounds'")
+    return sorted(found, key=lambda k: ("regressors" in k, k))[0]
+
+
+def _preprocess(ingest: Ingest, data: np.ndarray, tr: float, key: str, kind: str) -> tuple[np.ndarray, dict]:
+    """``dataset.responses.preprocess`` applied to one run, fitted on that run alone (see pipelines.preprocess)."""
+    opts = ingest.responses.preprocess
+    confounds = None
+    record: dict = {}
+    if opts.confounds:
+        if kind in ("hdf5", "meg", "ieeg", "eeg"):
+            raise DatasetError(f"{key}: 'dataset.responses.preprocess.confounds' reads fMRIPrep's confounds tables, "
+                               f"which {kind} runs do not have; remove 'confounds'")
+        ckey = confounds_key(ingest, key)
+        path = ingest.fetch(ckey)
+        check_not_pointer(path, ckey)
+        confounds, columns = select_confounds(read_confounds(path, ckey), opts.confounds, ckey)
+        record = {"confounds_file": ckey, "confounds": columns}
+    data, done = preprocess_run(data, tr, opts, confounds, key=key)
+    return data, {**done, **record}
 
 
 def _tr_counts(ingest: Ingest) -> dict[str, int] | None:
@@ -325,6 +368,8 @@ def load_subject(ingest: Ingest, subject: str, on_run: Callable[[Run], None] | N
                                f"run ({len(names)}: {names[:5]}...); the runs must share targets (same mask, "
                                "surface or good channels): mark channels bad in every run or use registered data")
         names = cols
+        if opts.preprocess.active:  # within this run only, before the runs are stacked and z-scored
+            data, meta["preprocess"] = _preprocess(ingest, data, tr, key, kind)
         simulated = simulated or bool(side.get("Simulated", False))
         times = start + tr * np.arange(data.shape[0])
         runs.append(Run(label=label, data=data, times=times, tr=tr, key=key, story=story,

@@ -82,7 +82,8 @@ def _candidates(ingest: Ingest, subject: str) -> dict[str, list[RunFiles]]:
         ents = name.run_entities()
         if name.suffix == "bold" and name.extension in (".nii.gz", ".nii"):
             found.setdefault("bold", []).append(RunFiles("bold", {"data": key}, ents, derivative=derivative))
-        elif name.suffix == "timeseries" and name.extension == ".tsv":
+        elif name.suffix == "timeseries" and name.extension == ".tsv" and name.get("desc") != "confounds":
+            # (fMRIPrep's *_desc-confounds_timeseries.tsv are confounds, read by dataset.responses.preprocess)
             found.setdefault("timeseries", []).append(RunFiles("timeseries", {"data": key}, ents,
                                                                derivative=derivative))
         elif name.extension == ".func.gii" and name.get("hemi") in opts.hemi:

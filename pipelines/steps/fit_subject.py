@@ -30,7 +30,7 @@ from ..fit.checks import is_stored
 from ..limits import memory_budget
 from ..ingest import Ingest, Run, check_run_timing, load_run_words, load_subject, open_dataset
 from ..progress import Progress
-from ..stats import fdr_bh, normalise_by_ceiling, permutation_test
+from ..stats import auto_block_length, choose_permutation_method, fdr_bh, normalise_by_ceiling, permutation_test
 from ..resultstore import ResultStore
 from ..fit.chunks import columns
 from .features import feature_spec, read_feature_cache
@@ -40,6 +40,9 @@ from .results import FeatureSet, SubjectFit
 log = logging.getLogger("neuroflow")
 
 FIT_CODE_VERSION = "1"
+
+#: Targets, evenly spread over the matrix, from which an ``auto`` permutation block length is chosen.
+AUTO_BLOCK_TARGETS: int = 4096
 
 
 def is_ephys(runs: list[Run]) -> bool:
@@ -133,6 +136,14 @@ def fit_key(cfg: AnalysisConfig, subject: str, responses_sha: str, feature_rels:
     blob = json.dumps({"subject": subject, "responses": responses_sha, "features": feature_rels, "space": space,
                        "model": model, "code": FIT_CODE_VERSION}, sort_keys=True)
     return sha256_bytes(blob.encode())[:24]
+
+
+def permutation_record(fitted: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``{"permutation_block": "run" | samples}`` for the metrics, where a permutation test ran."""
+    if "permutation_block" not in fitted:
+        return {}
+    block = str(fitted["permutation_block"])
+    return {"permutation_block": block if block == "run" else int(block)}
 
 
 FIT_ARRAYS = ("r", "r2", "alpha", "valid", "p", "q", "significant", "lag_weights", "lag_times")
@@ -278,6 +289,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
                 metrics[name] = summarize(fitted["r"], fitted["valid"])
                 # significant targets (permutations, BH-FDR 0.05); None when no permutations were asked for
                 metrics[name]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
+                metrics[name].update(permutation_record(fitted))
                 if cfg.decoding.enabled:
                     decoded, word_auc = _decode(cfg, results, runs, space, Y, finite, fitted, groups, gap, client,
                                                 test_groups)
@@ -300,6 +312,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
                     arrays[f"banded__{stat}"] = fitted[stat]
             metrics["banded"] = summarize(fitted["r"], fitted["valid"])
             metrics["banded"]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
+            metrics["banded"].update(permutation_record(fitted))
             valid = fitted["valid"].astype(bool)
             for i, (name, *_rest) in enumerate(bands):
                 arrays[f"{name}__r2split"] = fitted["r2_split"][i]
@@ -319,6 +332,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
             "subject": subject, "status": "ok", "kind": responses.kind, "space": responses.space,
             "simulated": responses.simulated, "n_samples": int(sum(lengths)), "n_runs": len(lengths),
             "stories": sorted({str(r.story) for r in runs}),
+            "preprocess": {r.label: r.meta["preprocess"] for r in runs if "preprocess" in r.meta},  # per run, if any
             "n_targets": int(Y.shape[1]), "n_invalid_targets": int((~finite).sum()),
             "n_constant_targets": int(constant.sum()),
             "result_rel": rel, "mask_rel": mask_rel, "metrics": metrics, "backend": backend, "reused": False,
@@ -434,25 +448,39 @@ def _decode(cfg: AnalysisConfig, results: list[FeatureResult], runs: list[Run], 
 
 
 def _permutation_maps(cfg: AnalysisConfig, Y: np.ndarray, result) -> dict[str, np.ndarray]:
-    """Block-permutation p-values of the held-out r, and Benjamini-Hochberg FDR at 0.05.
+    """Permutation p-values of the held-out r (``model.permutation_block``), and Benjamini-Hochberg FDR at 0.05.
 
-    On storage (``Y`` and the predictions out of core), a block of columns at a time: every call
-    draws the same permutations (one seed), so the p-values are those of one call on all targets.
+    ``permutation_block`` records the null used: ``"run"``, or the block length in samples. An
+    ``auto`` block length is chosen once, from :data:`AUTO_BLOCK_TARGETS` targets evenly spread
+    over the matrix. On storage (``Y`` and the predictions out of core) the test runs a block of
+    columns at a time: every call draws the same permutations (one seed) with that one block
+    length, so the p-values are those of one call on all targets.
     """
+    block = cfg.model.permutation_block
+    method = "run" if block == "run" else "block"
+    if block == "auto" and cfg.model.cv == "leave_one_run_out":
+        n_held = np.unique(result.sample_fold[result.sample_fold >= 0]).size
+        method = choose_permutation_method(n_held, cfg.model.permutations)
+    length = block
+    if method == "block" and block == "auto":
+        spread = np.unique(np.linspace(0, Y.shape[1] - 1, min(Y.shape[1], AUTO_BLOCK_TARGETS)).astype(int))
+        length = auto_block_length(_take(Y, spread), _take(result.predictions, spread), result.sample_fold)
+    options = {"n_permutations": cfg.model.permutations, "method": method, "backend": cfg.compute.backend,
+               "block_length": length if method == "block" else "auto"}
     if is_stored(Y):
         width = max(1, memory_budget() // (16 * Y.shape[0]))  # Y and predictions of a block, in float32 and z-scored
-        parts = [permutation_test(columns(Y, cols), columns(result.predictions, cols), result.sample_fold,
-                                  n_permutations=cfg.model.permutations, backend=cfg.compute.backend)
+        parts = [permutation_test(columns(Y, cols), columns(result.predictions, cols), result.sample_fold, **options)
                  for cols in (np.arange(a, min(a + width, Y.shape[1])) for a in range(0, Y.shape[1], width))]
         valid = np.concatenate([p.valid for p in parts])
         p_values = np.concatenate([p.p_values for p in parts])
+        perm = parts[0]
     else:
-        perm = permutation_test(Y, result.predictions, result.sample_fold, n_permutations=cfg.model.permutations,
-                                backend=cfg.compute.backend)
+        perm = permutation_test(Y, result.predictions, result.sample_fold, **options)
         valid, p_values = perm.valid, perm.p_values
     p = np.where(valid, p_values, np.nan).astype(np.float32)
     significant, q = fdr_bh(p, 0.05)
-    return {"p": p, "q": np.asarray(q, dtype=np.float32), "significant": np.asarray(significant, dtype=bool)}
+    return {"p": p, "q": np.asarray(q, dtype=np.float32), "significant": np.asarray(significant, dtype=bool),
+            "permutation_block": np.asarray("run" if perm.method == "run" else str(perm.block_length))}
 
 
 def _take(Y, cols: np.ndarray) -> np.ndarray:

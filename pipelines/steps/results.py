@@ -57,6 +57,7 @@ class SubjectFit(TypedDict, total=False):
     n_samples: int
     n_runs: int
     stories: list[str]
+    preprocess: dict[str, dict[str, Any]]  # per run label: what dataset.responses.preprocess did (empty: nothing)
     n_targets: int
     n_invalid_targets: int
     n_constant_targets: int
