@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipelines.errors import ModelError
+from pipelines.features.model_runtime import input_device, load_kwargs, place, resolve_runtime
 from pipelines.features.lm_windows import (
     LoadedModel,
     Window,
@@ -71,6 +72,10 @@ CAUSAL_MODEL_TYPES = frozenset({
     "olmo", "olmo2", "stablelm", "codegen", "ctrl", "xglm", "mpt", "openai-gpt", "pythia",
     "transfo-xl", "xlnet", "smollm3", "granite",
 })
+
+
+#: Encoder-decoder ``model_type`` values whose encoder alone gives features, and its class.
+ENCODER_OF_ENCODER_DECODER = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
 
 def safe_model_config(model: str, revision: str | None, label: str) -> tuple[str, dict[str, Any], Any]:
@@ -165,7 +170,8 @@ def _max_tokens(config: Any, tokenizer: Any) -> int:
 
 
 def load_language_model(model: str, revision: str | None = None, *, device: str = "auto",
-                        head: str = "base") -> LoadedModel:
+                        head: str = "base", dtype: str = "auto", quantization: str | None = None,
+                        device_map: str | None = None) -> LoadedModel:
     """Load a tokenizer and base model for feature extraction, safetensors weights only.
 
     Parameters
@@ -180,20 +186,28 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
     head : {"base", "causal_lm"}
         ``"base"``: the bare model (hidden states). ``"causal_lm"``: the model with its
         language-modelling head (next-token logits, for surprisal); causal models only.
+    dtype : {"auto", "float32", "bfloat16", "float16"}
+        What the model computes in; ``"auto"``: bfloat16 on a GPU above about 1B parameters,
+        else float32 (see :mod:`pipelines.features.model_runtime`). Features are float32 anyway.
+    quantization : {"8bit", "4bit"}, optional
+        bitsandbytes weights (a CUDA GPU only).
+    device_map : {"auto"}, optional
+        Shard the model over the visible GPUs (and the CPU) with accelerate.
 
     Returns
     -------
     LoadedModel
-        Model in eval mode, float32, with ``output_hidden_states`` on.
+        Model in eval mode with ``output_hidden_states`` on; ``runtime`` says how it is held.
 
     Raises
     ------
     ModelError
         Unknown or missing model, no safetensors weights, no fast tokenizer,
-        or an encoder-decoder model.
+        or an encoder-decoder model other than T5 (whose encoder is loaded alone).
+    ConfigError
+        Unknown ``dtype``/``quantization``/``device_map``, or quantization without a GPU.
     """
-    import torch  # heavy and optional: imported only when a model loads
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # heavy: imported only when a model loads
 
     if head not in ("base", "causal_lm"):
         raise ValueError(f"head = {head!r} is unknown: use 'base' or 'causal_lm'")
@@ -201,8 +215,10 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         raise ModelError(f"model {model!r} is not a model name: give a local folder or a hub id")
     name = model
     src, kwargs, config = safe_model_config(model, revision, "model")
-    if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(f"model {model!r} is an encoder-decoder model: give an encoder (BERT-like) or a causal LM")
+    encoder_only = ENCODER_OF_ENCODER_DECODER.get(getattr(config, "model_type", ""))
+    if getattr(config, "is_encoder_decoder", False) and (encoder_only is None or head != "base"):
+        raise ModelError(f"model {model!r} is an encoder-decoder model: give an encoder (BERT-like), a T5 "
+                         "(its encoder is used) or a causal LM")
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -216,9 +232,16 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         tokenizer = AutoTokenizer.from_pretrained(src, add_prefix_space=True, **kwargs)
     if head == "causal_lm" and not _is_causal(config):
         raise ModelError(f"model {model!r} is not a causal language model: surprisal needs one (GPT-2, Llama...)")
-    auto = AutoModelForCausalLM if head == "causal_lm" else AutoModel
+    runtime = resolve_runtime(config, dtype=dtype, quantization=quantization, device_map=device_map, device=device,
+                              origin=f"model {model!r}")
+    if encoder_only is not None:
+        import transformers
+
+        auto = getattr(transformers, encoder_only)
+    else:
+        auto = AutoModelForCausalLM if head == "causal_lm" else AutoModel
     try:
-        net = auto.from_pretrained(src, use_safetensors=True, dtype=torch.float32, **kwargs)
+        net = auto.from_pretrained(src, use_safetensors=True, **load_kwargs(runtime), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(
             f"weights of model {model!r} cannot be loaded ({_first_line(exc)}): "
@@ -227,9 +250,7 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
     net.config.output_hidden_states = True
     if hasattr(net.config, "use_cache"):
         net.config.use_cache = False  # windows are independent: no key/value cache to build
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = net.to(device=device, dtype=torch.float32).eval()
+    net = place(net, runtime)
     return LoadedModel(
         tokenizer=tokenizer,
         model=net,
@@ -238,8 +259,9 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         hidden_size=int(config.hidden_size),
         name=name,
         max_tokens=_max_tokens(config, tokenizer),
-        device=str(device),
+        device=input_device(net, runtime),
         head=head,
+        runtime=runtime,
     )
 
 
@@ -291,10 +313,16 @@ def _run_windows(
                 slots.append(np.full(where.size, len(dests)))
                 dests.append(dest)
         device = result.hidden_states[0].device
-        r_idx = torch.from_numpy(np.concatenate(rows)).to(device)
-        p_idx = torch.from_numpy(np.concatenate(pos)).to(device)
+        r_np, p_np = np.concatenate(rows), np.concatenate(pos)
+        idx = {}  # per device: a sharded model (device_map) leaves its layers on several GPUs
+        for h in hs_index:
+            dev = result.hidden_states[h].device
+            if dev not in idx:
+                idx[dev] = (torch.from_numpy(r_np).to(dev), torch.from_numpy(p_np).to(dev))
         with torch.inference_mode():
-            picked = torch.stack([result.hidden_states[h][r_idx, p_idx] for h in hs_index]).float()  # (L, n_tok, H)
+            # (L, n_tok, H), float32 whatever the model computes in
+            picked = torch.stack([hs[idx[hs.device]].to(device).float()
+                                  for hs in (result.hidden_states[h] for h in hs_index)])
             if pooling == "mean":
                 s_idx = torch.from_numpy(np.concatenate(slots)).to(device)
                 counts = torch.bincount(s_idx, minlength=len(dests)).to(picked.dtype)

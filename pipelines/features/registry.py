@@ -41,6 +41,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from pipelines.errors import ConfigError, DatasetError
+from pipelines.features.model_runtime import cache_fields
 
 __all__ = [
     "Stimulus",
@@ -55,6 +56,7 @@ __all__ = [
     "cache_params",
     "cache_key",
     "model_fingerprint",
+    "model_runtime",
     "space_names",
 ]
 
@@ -91,12 +93,23 @@ class WordRateFeature(_Spec):
     kind: Literal["word_rate"]
 
 
-class LanguageModelFeature(_Spec):
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _ModelSpec(_Spec):
+    """A kind that runs a transformer: how it is held in memory (see ``model_runtime``)."""
+
+    model: ModelRef
+    revision: str | None = None
+    dtype: Dtype = "auto"
+    quantization: Literal["8bit", "4bit"] | None = None
+    device_map: Literal["auto"] | None = None
+
+
+class LanguageModelFeature(_ModelSpec):
     """Hidden states of a transformers language model, per word (see ``language_model``)."""
 
     kind: Literal["language_model"]
-    model: ModelRef
-    revision: str | None = None
     layer: Layers = -1
     context_words: int = Field(32, ge=0, le=2048)
     pooling: Literal["last", "mean"] = "last"
@@ -110,6 +123,7 @@ class SpeechModelFeature(_Spec):
     kind: Literal["speech_model"]
     model: ModelRef
     revision: str | None = None
+    dtype: Dtype = "auto"
     layer: Layers = -1
     window_s: float = Field(16.0, gt=0, le=600)
     step_s: float = Field(0.1, gt=0, le=60)
@@ -169,12 +183,10 @@ class WordFrequencyFeature(_Spec):
     wordlist: Literal["best", "large", "small"] = "best"
 
 
-class SurprisalFeature(_Spec):
+class SurprisalFeature(_ModelSpec):
     """Word surprisal in bits under a causal LM, strided windows (see ``lexical``)."""
 
     kind: Literal["surprisal"]
-    model: ModelRef
-    revision: str | None = None
     context_words: int = Field(32, ge=0, le=2048)
     batch_size: int = Field(32, ge=1, le=4096)
     batch_tokens: int | None = Field(None, ge=1, le=1_000_000)
@@ -365,6 +377,39 @@ def _audio(stimulus: Stimulus, kind: str, sample_rate: int | None = None) -> tup
     return audio, sr
 
 
+def _placement_kwargs(spec: BaseModel) -> dict[str, Any]:
+    """The spec's ``dtype``, ``quantization`` and ``device_map`` (those it has)."""
+    return {k: getattr(spec, k) for k in ("dtype", "quantization", "device_map") if k in type(spec).model_fields}
+
+
+def _placement(spec: BaseModel) -> tuple:
+    return tuple(_placement_kwargs(spec).values())
+
+
+def model_runtime(params: Mapping[str, Any] | BaseModel, device: str = "auto") -> dict[str, Any] | None:
+    """How this machine would hold the feature's model (dtype, quantization, device), without loading it.
+
+    None for a kind that runs no model. The result goes into the feature cache key (see
+    :func:`cache_key`) and the manifest's provenance.
+
+    Raises
+    ------
+    ConfigError
+        Quantization asked for without a GPU or without bitsandbytes, device_map without accelerate.
+    ModelError
+        The model's config cannot be read.
+    """
+    from pipelines.features.language_model import safe_model_config
+    from pipelines.features.model_runtime import resolve_runtime
+
+    spec = parse_feature(params)
+    entry = KINDS[spec.kind]
+    if entry.model_field is None:
+        return None
+    _, _, config = safe_model_config(getattr(spec, entry.model_field), getattr(spec, "revision", None), "model")
+    return resolve_runtime(config, device=device, origin=f"features[{spec.name}]", **_placement_kwargs(spec)).as_dict()
+
+
 # ---------------------------------------------------------------------------- compute functions
 
 
@@ -382,8 +427,8 @@ def compute_language_model(spec: LanguageModelFeature, stimulus: Stimulus, *, de
 
     words, times = _words(stimulus, spec.kind)
     models = models or ModelCache()
-    lm = models.get(("language_model", spec.model, spec.revision, device, "base"),
-                    lambda: load_language_model(spec.model, spec.revision, device=device))
+    lm = models.get(("language_model", spec.model, spec.revision, device, "base", *_placement(spec)),
+                    lambda: load_language_model(spec.model, spec.revision, device=device, **_placement_kwargs(spec)))
     layers, sweep = _layer_list(spec.layer, lm.n_layers)
     feats = extract_word_features(words, lm, layers, spec.context_words, batch_size=spec.batch_size,
                                   pooling=spec.pooling, batch_tokens=spec.batch_tokens)
@@ -395,8 +440,8 @@ def compute_speech_model(spec: SpeechModelFeature, stimulus: Stimulus, *, device
     from pipelines.features.speech_model import extract_speech_features, load_audio, load_speech_model
 
     models = models or ModelCache()
-    sm = models.get(("speech_model", spec.model, spec.revision, device),
-                    lambda: load_speech_model(spec.model, spec.revision, device=device))
+    sm = models.get(("speech_model", spec.model, spec.revision, device, spec.dtype),
+                    lambda: load_speech_model(spec.model, spec.revision, device=device, dtype=spec.dtype))
     audio = load_audio(_need(stimulus, "audio", spec.kind), sm.sampling_rate)
     layers, sweep = _layer_list(spec.layer, sm.n_layers)
     times, feats = extract_speech_features(audio, sm.sampling_rate, sm, layers, window_s=spec.window_s,
@@ -451,8 +496,9 @@ def compute_surprisal(spec: SurprisalFeature, stimulus: Stimulus, *, device: str
 
     words, times = _words(stimulus, spec.kind)
     models = models or ModelCache()
-    lm = models.get(("language_model", spec.model, spec.revision, device, "causal_lm"),
-                    lambda: load_language_model(spec.model, spec.revision, device=device, head="causal_lm"))
+    lm = models.get(("language_model", spec.model, spec.revision, device, "causal_lm", *_placement(spec)),
+                    lambda: load_language_model(spec.model, spec.revision, device=device, head="causal_lm",
+                                                **_placement_kwargs(spec)))
     values = word_surprisal(words, lm, spec.context_words, batch_size=spec.batch_size, batch_tokens=spec.batch_tokens)
     return FeatureResult({"values": values}, times, "events", columns=["bits"])
 
@@ -628,13 +674,17 @@ def cache_params(params: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
     return out
 
 
-def cache_key(params: Mapping[str, Any] | BaseModel, stimulus_sha256: str, *, extra: Mapping[str, Any] | None = None
-              ) -> str:
-    """Hash of (stimulus content, :func:`cache_params`, ``extra``): 24 hex digits.
+def cache_key(params: Mapping[str, Any] | BaseModel, stimulus_sha256: str, *, extra: Mapping[str, Any] | None = None,
+              runtime: Mapping[str, Any] | None = None) -> str:
+    """Hash of (stimulus content, :func:`cache_params`, ``extra``, the model's runtime): 24 hex digits.
 
     The run a stimulus was heard in is not part of the key, so a story heard in several runs
-    (or by several subjects) is extracted once.
+    (or by several subjects) is extracted once. ``runtime`` (:func:`model_runtime`) adds the
+    resolved dtype, quantization and kind of device, so ``dtype: auto`` resolved to bfloat16
+    on a GPU and to float32 on a CPU gives two entries.
     """
-    blob = json.dumps({"stimulus": stimulus_sha256, "params": cache_params(params), "extra": dict(extra or {})},
-                      sort_keys=True)
+    blob = {"stimulus": stimulus_sha256, "params": cache_params(params), "extra": dict(extra or {})}
+    if runtime is not None:
+        blob["runtime"] = cache_fields(runtime)
+    blob = json.dumps(blob, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -45,6 +45,7 @@ import numpy as np
 from pipelines.errors import ModelError
 from pipelines.features.language_model import safe_model_config
 from pipelines.features.lm_windows import layer_indices
+from pipelines.features.model_runtime import load_kwargs, place, resolve_runtime
 
 __all__ = [
     "SPEECH_MODEL_TYPES",
@@ -73,7 +74,7 @@ class LoadedSpeechModel:
     feature_extractor : transformers.FeatureExtractionMixin
         Turns raw audio into the encoder's input (normalised waveform or log-mel).
     model : torch.nn.Module
-        The encoder in eval mode, float32, on ``device``.
+        The encoder in eval mode, in ``runtime.dtype``, on ``device``.
     model_type : str
         ``config.model_type`` (one of :data:`SPEECH_MODEL_TYPES`).
     n_layers : int
@@ -92,6 +93,8 @@ class LoadedSpeechModel:
         Samples between encoder frames (wav2vec2-style) or per mel hop times 2 (Whisper).
     frame_span : int
         Samples from a frame's window start to its last sample, for frame 0.
+    runtime : pipelines.features.model_runtime.ModelRuntime, optional
+        dtype and device the encoder was loaded with.
     """
 
     feature_extractor: Any
@@ -105,6 +108,7 @@ class LoadedSpeechModel:
     max_window_s: float | None = None
     frame_stride: int = 320
     frame_span: int = 400
+    runtime: Any = None
 
     def frame_ends(self, n_frames: int) -> np.ndarray:
         """Last sample (exclusive) of each of ``n_frames`` encoder frames, relative to the window start."""
@@ -116,7 +120,8 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def load_speech_model(model: str, revision: str | None = None, *, device: str = "auto") -> LoadedSpeechModel:
+def load_speech_model(model: str, revision: str | None = None, *, device: str = "auto",
+                      dtype: str = "auto") -> LoadedSpeechModel:
     """Load a speech encoder (safetensors only, no remote code) and its feature extractor.
 
     Parameters
@@ -128,6 +133,9 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
         Hub revision; ignored for local folders.
     device : str
         ``"auto"`` (cuda when available, else cpu), ``"cpu"``, ``"cuda"``...
+    dtype : {"auto", "float32", "bfloat16", "float16"}
+        What the encoder computes in (``"auto"``: see :mod:`pipelines.features.model_runtime`);
+        its inputs are cast to it, its features come back as float32.
 
     Returns
     -------
@@ -139,8 +147,7 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
         Missing model, pickled weights only, remote code asked for, no feature extractor,
         or a model type that is not a supported speech encoder.
     """
-    import torch
-    from transformers import AutoFeatureExtractor, AutoModel
+    from transformers import AutoFeatureExtractor, AutoModel  # heavy: imported only when a model loads
 
     if not isinstance(model, str) or not model.strip():
         raise ModelError(f"speech model {model!r} is not a model name: give a local folder or a hub id")
@@ -152,13 +159,14 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
     if getattr(config, "add_adapter", False):
         raise ModelError(f"speech model {model!r} has an adapter (add_adapter) that changes its frame rate: "
                          "use the encoder without it")
+    runtime = resolve_runtime(config, dtype=dtype, device=device, origin=f"speech model {model!r}")
     try:
         fe = AutoFeatureExtractor.from_pretrained(src, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"feature extractor of speech model {model!r} cannot be loaded ({_first_line(exc)}): "
                          "save it next to the model (preprocessor_config.json)") from exc
     try:
-        net = AutoModel.from_pretrained(src, use_safetensors=True, dtype=torch.float32, **kwargs)
+        net = AutoModel.from_pretrained(src, use_safetensors=True, **load_kwargs(runtime), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"weights of speech model {model!r} cannot be loaded ({_first_line(exc)}): "
                          "safetensors weights are required") from exc
@@ -177,12 +185,11 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
             span += (int(k) - 1) * stride
             stride *= int(s)
         max_window = None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = net.to(device=device, dtype=torch.float32).eval()
+    net = place(net, runtime)
     return LoadedSpeechModel(feature_extractor=fe, model=net, model_type=mtype, n_layers=n_layers,
-                             hidden_size=hidden, sampling_rate=int(fe.sampling_rate), name=model, device=str(device),
-                             max_window_s=max_window, frame_stride=stride, frame_span=span)
+                             hidden_size=hidden, sampling_rate=int(fe.sampling_rate), name=model,
+                             device=runtime.device, max_window_s=max_window, frame_stride=stride, frame_span=span,
+                             runtime=runtime)
 
 
 def load_audio(path: str | Path, sampling_rate: int) -> np.ndarray:
@@ -204,12 +211,14 @@ def chunk_ends(n_samples: int, sampling_rate: int, step_s: float) -> np.ndarray:
 
 
 def _inputs(lm: LoadedSpeechModel, windows: list[np.ndarray]) -> Any:
+    """The encoder's input for equal-length windows, on its device and in its dtype."""
     fe = lm.feature_extractor
+    dtype = next(lm.model.parameters()).dtype
     if lm.model_type == "whisper":
         enc = fe(windows, sampling_rate=lm.sampling_rate, return_tensors="pt")
-        return {"input_features": enc["input_features"].to(lm.device)}
+        return {"input_features": enc["input_features"].to(lm.device, dtype=dtype)}
     enc = fe(windows, sampling_rate=lm.sampling_rate, return_tensors="pt", padding=False)
-    return {"input_values": enc["input_values"].to(lm.device)}
+    return {"input_values": enc["input_values"].to(lm.device, dtype=dtype)}
 
 
 def _run(lm: LoadedSpeechModel, windows: list[np.ndarray], hs_index: list[int]) -> np.ndarray:

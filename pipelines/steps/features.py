@@ -15,7 +15,8 @@ import numpy as np
 from ..cache import default_cache_dir, load_npz, save_npz, sha256_bytes, write_entry
 from ..config import AnalysisConfig, as_config
 from ..errors import DatasetError, IntegrityError
-from ..features.registry import KINDS, FeatureResult, ModelCache, Stimulus, cache_key, compute_feature
+from ..features.registry import (KINDS, FeatureResult, ModelCache, Stimulus, cache_key, compute_feature,
+                                 model_runtime)
 from ..ingest import Ingest, Run, check_subjects, load_run_words, open_dataset, plan_runs, word_timing_key
 from ..progress import Progress
 from ..resultstore import ResultStore
@@ -100,9 +101,14 @@ def read_feature_cache(store: ResultStore, rel: str, feature_name: str) -> Featu
 
 
 def stimulus_features(store: ResultStore, spec, stim: Stimulus, stim_sha: str, *,
-                      models: ModelCache | None = None) -> tuple[FeatureResult, bool, str]:
-    """(result, computed, cache rel) of one feature space on one stimulus, from the content cache."""
-    key = cache_key(spec, stim_sha, extra={"neuroflow_features": FEATURE_CODE_VERSION})
+                      models: ModelCache | None = None, runtime: dict | None = None
+                      ) -> tuple[FeatureResult, bool, str]:
+    """(result, computed, cache rel) of one feature space on one stimulus, from the content cache.
+
+    ``runtime`` (:func:`pipelines.features.registry.model_runtime`) puts the model's resolved
+    dtype, quantization and device into the key.
+    """
+    key = cache_key(spec, stim_sha, extra={"neuroflow_features": FEATURE_CODE_VERSION}, runtime=runtime)
     rel = f"_cache/features/{key}.npz"
     cached = read_feature_cache(store, rel, spec.name)
     if cached is not None:
@@ -126,6 +132,7 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
     ingest = open_dataset(cfg, cache_dir or default_cache_dir())
     store = ResultStore(cfg.output)
     models = ModelCache()
+    runtime = model_runtime(spec)  # the model's dtype and device on this worker: cache key and provenance
     entries: dict[str, str] = {}
     by_run: dict[str, str] = {}  # "<subject>/<run label>" -> stimulus sha256: the fit reads it, never re-derives it
     problems: dict[str, str] = {}  # "<subject>" or "<subject>/<run label>" -> why it has no features
@@ -153,7 +160,7 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
             by_run[f"{subject}/{run.label}"] = sha
             if sha in entries:
                 continue
-            result, computed, rel = stimulus_features(store, spec, stim, sha, models=models)
+            result, computed, rel = stimulus_features(store, spec, stim, sha, models=models, runtime=runtime)
             entries[sha] = rel
             spaces.update(result.values)
             n_computed += int(computed)
@@ -161,6 +168,6 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
     progress.close()
     key = sha256_bytes(json.dumps(sorted(entries.values())).encode())[:24]
     return {"feature": feature_name, "kind": spec.kind, "key": key, "entries": entries, "runs": by_run,
-            "problems": problems, "spaces": sorted(spaces),
+            "problems": problems, "spaces": sorted(spaces), "model_runtime": runtime,
             "computed": n_computed > 0, "n_computed": n_computed, "n_stimuli": len(entries),
             "files_read": [r.as_dict() for r in ingest.files_read.values()]}
