@@ -94,6 +94,8 @@ class WordRateFeature(_Spec):
 
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+#: ``pca``: a number of components, or the fraction of the training variance to keep.
+Pca = Union[Annotated[int, Field(ge=1, le=100_000)], Annotated[float, Field(gt=0.0, lt=1.0)], None]
 
 
 class _ModelSpec(_Spec):
@@ -110,6 +112,7 @@ class LanguageModelFeature(_ModelSpec):
     """Hidden states of a transformers language model, per word (see ``language_model``)."""
 
     kind: Literal["language_model"]
+    pca: Pca = None
     layer: Layers = -1
     context_words: int = Field(32, ge=0, le=2048)
     pooling: Literal["last", "mean"] = "last"
@@ -124,6 +127,7 @@ class SpeechModelFeature(_Spec):
     model: ModelRef
     revision: str | None = None
     dtype: Dtype = "auto"
+    pca: Pca = None
     layer: Layers = -1
     window_s: float = Field(16.0, gt=0, le=600)
     step_s: float = Field(0.1, gt=0, le=60)
@@ -581,6 +585,9 @@ def parse_feature(params: Mapping[str, Any] | BaseModel, origin: str = "feature"
         msg = first["msg"].removeprefix("Value error, ")
         if loc and loc[0] == "layer":  # a union: pydantic's message names only one of its members
             msg = f"must be a layer index, a list of layer indices, or 'all'; got {params.get('layer')!r}"
+        if loc and loc[0] == "pca":
+            msg = (f"must be a number of components (an integer >= 1) or a fraction of the variance to keep "
+                   f"(between 0 and 1); got {params.get('pca')!r}")
         raise ConfigError(f"{origin}: {key or kind}: {msg}") from err
 
 
@@ -666,6 +673,7 @@ def cache_params(params: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
     entry = KINDS[spec.kind]
     out = spec.model_dump(mode="json")
     out.pop("name")
+    out.pop("pca", None)  # applied after extraction (pipelines.features.reduce), keyed there
     for key in entry.batch_fields:
         out.pop(key, None)
     if entry.model_field:

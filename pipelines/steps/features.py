@@ -5,6 +5,7 @@ content-addressed cache ``{output}/_cache/features/``; returns the entries by st
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 from ..cache import default_cache_dir, load_npz, save_npz, sha256_bytes, write_entry
 from ..config import AnalysisConfig, as_config
 from ..errors import DatasetError, IntegrityError
+from ..features.reduce import PcaFit, apply_pca, fit_pca
 from ..features.registry import (KINDS, FeatureResult, ModelCache, Stimulus, cache_key, compute_feature,
                                  model_runtime)
 from ..ingest import Ingest, Run, check_subjects, load_run_words, open_dataset, plan_runs, word_timing_key
@@ -26,6 +28,7 @@ from .results import FeatureSet
 log = logging.getLogger("neuroflow")
 
 FEATURE_CODE_VERSION = "2"
+PCA_CODE_VERSION = "1"
 
 
 def run_stimulus(ingest: Ingest, run: Run, needs: tuple[str, ...] | set[str]) -> tuple[Stimulus, str]:
@@ -118,6 +121,70 @@ def stimulus_features(store: ResultStore, spec, stim: Stimulus, stim_sha: str, *
     return result, True, rel
 
 
+def _space_of(store: ResultStore, rel: str, space: str) -> np.ndarray:
+    """One space of a cache entry (the other spaces are not decoded)."""
+    with np.load(io.BytesIO(store.get_bytes(rel)), allow_pickle=False) as npz:
+        return npz[space]
+
+
+def _read_pca_fits(store: ResultStore, rel: str, spaces: list[str]) -> dict[str, PcaFit] | None:
+    """The PCA fits of an earlier run, or None (missing or unreadable: then they are fitted again)."""
+    if not store.exists(rel):
+        return None
+    try:
+        arrays = load_npz(store.get_bytes(rel))
+        return {sp: PcaFit(mean=arrays[f"{sp}/mean"], components=arrays[f"{sp}/components"],
+                           explained=float(arrays[f"{sp}/explained"]), n_rows=int(arrays[f"{sp}/n_rows"]))
+                for sp in spaces}
+    except Exception as err:  # noqa: BLE001 - a corrupt cache entry is refitted, never trusted
+        log.warning("PCA fits %s are unreadable (%s); fitting again", rel, err)
+        return None
+
+
+def reduce_features(store: ResultStore, spec, entries: dict[str, str], train: set[str],
+                    spaces: list[str]) -> tuple[dict[str, str], dict[str, dict]]:
+    """Replace every space of every entry by its principal components (``spec.pca``).
+
+    The PCA of each space is fitted on the entries of the ``train`` stimuli only (see
+    :mod:`pipelines.features.reduce`); every entry is then projected. The fits and the reduced
+    entries are content-keyed by the raw entries of the training stimuli and ``spec.pca``, so a
+    change to a test stimulus re-projects that stimulus alone and never changes a fit.
+
+    Returns
+    -------
+    entries : dict[str, str]
+        Stimulus sha256 -> reduced cache entry.
+    summary : dict[str, dict]
+        Per space: ``n_components``, ``explained`` (fraction of the training variance), ``n_rows``.
+    """
+    what = f"features[{spec.name}].pca"
+    fit_key = sha256_bytes(json.dumps({"train": sorted(entries[sha] for sha in train), "pca": spec.pca,
+                                       "code": PCA_CODE_VERSION}, sort_keys=True).encode())[:24]
+    fits_rel = f"_cache/features/pca-{fit_key}.npz"
+    fits = _read_pca_fits(store, fits_rel, spaces)
+    if fits is None:
+        fits = {}
+        for sp in spaces:  # one space at a time: never every layer of every story in memory
+            fits[sp] = fit_pca([_space_of(store, entries[sha], sp) for sha in sorted(train)], spec.pca, what=what)
+        arrays = {}
+        for sp, fit in fits.items():
+            arrays.update({f"{sp}/mean": fit.mean, f"{sp}/components": fit.components,
+                           f"{sp}/explained": np.float64(fit.explained), f"{sp}/n_rows": np.int64(fit.n_rows)})
+        write_entry(store, save_npz(arrays), fits_rel)
+    reduced: dict[str, str] = {}
+    for sha, rel in entries.items():
+        out_rel = f"_cache/features/pca-{sha256_bytes(f'{fit_key}/{rel}'.encode())[:24]}.npz"
+        if read_feature_cache(store, out_rel, spec.name) is None:
+            raw = FeatureResult.from_arrays(load_npz(store.get_bytes(rel)))
+            raw.values = {sp: apply_pca(raw.values[sp], fits[sp]) for sp in spaces}
+            raw.columns = None
+            write_entry(store, save_npz(raw.to_arrays()), out_rel)
+        reduced[sha] = out_rel
+    summary = {sp: {"n_components": int(f.components.shape[0]), "explained": round(f.explained, 6),
+                    "n_rows": f.n_rows} for sp, f in fits.items()}
+    return reduced, summary
+
+
 def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
                      cache_dir: str | Path | None = None) -> FeatureSet:
     """One feature space on every distinct stimulus of the analysis, content-cached in S3.
@@ -135,6 +202,7 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
     runtime = model_runtime(spec)  # the model's dtype and device on this worker: cache key and provenance
     entries: dict[str, str] = {}
     by_run: dict[str, str] = {}  # "<subject>/<run label>" -> stimulus sha256: the fit reads it, never re-derives it
+    story_of: dict[str, str | None] = {}  # "<subject>/<run label>" -> story (test stories stay out of a PCA)
     problems: dict[str, str] = {}  # "<subject>" or "<subject>/<run label>" -> why it has no features
     spaces: set[str] = set()
     n_computed = 0
@@ -158,6 +226,7 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
                 problems[f"{subject}/{run.label}"] = str(err)
                 continue
             by_run[f"{subject}/{run.label}"] = sha
+            story_of[f"{subject}/{run.label}"] = run.story
             if sha in entries:
                 continue
             result, computed, rel = stimulus_features(store, spec, stim, sha, models=models, runtime=runtime)
@@ -166,8 +235,14 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
             n_computed += int(computed)
     models.clear()
     progress.close()
+    pca_summary = None
+    if getattr(spec, "pca", None) is not None and entries:
+        test = {sha for run_key, sha in by_run.items() if story_of[run_key] in (cfg.model.test_stories or [])}
+        entries, pca_summary = reduce_features(store, spec, entries, set(entries) - test, sorted(spaces))
+        log.info("feature %s: PCA fitted on %d training stimuli, %d held out", feature_name,
+                 len(set(entries) - test), len(test))
     key = sha256_bytes(json.dumps(sorted(entries.values())).encode())[:24]
     return {"feature": feature_name, "kind": spec.kind, "key": key, "entries": entries, "runs": by_run,
-            "problems": problems, "spaces": sorted(spaces), "model_runtime": runtime,
+            "problems": problems, "spaces": sorted(spaces), "model_runtime": runtime, "pca": pca_summary,
             "computed": n_computed > 0, "n_computed": n_computed, "n_stimuli": len(entries),
             "files_read": [r.as_dict() for r in ingest.files_read.values()]}

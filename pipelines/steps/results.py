@@ -39,6 +39,7 @@ class FeatureSet(TypedDict):
     problems: dict[str, str]  # "<subject>" or "<subject>/<run label>" -> why it has no features
     spaces: list[str]
     model_runtime: dict | None  # the model's dtype, quantization, device (None: the kind runs no model)
+    pca: dict | None  # per space: n_components, explained, n_rows of the PCA (None: no `pca`)
     computed: bool
     n_computed: int
     n_stimuli: int
