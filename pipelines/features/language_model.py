@@ -36,11 +36,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from pipelines.errors import ModelError
+from pipelines.features.layer_files import LayerFiles
 from pipelines.features.model_runtime import input_device, load_kwargs, place, resolve_runtime
 from pipelines.features.lm_windows import (
     LoadedModel,
@@ -60,6 +61,7 @@ __all__ = [
     "load_language_model",
     "extract_word_features",
     "extract_word_features_per_word",
+    "stream_word_features",
     "strided_window_starts",
     "causal_window_starts",
     "word_token_counts",
@@ -279,16 +281,17 @@ def _run_windows(
     windows: list[Window],
     tokenized: list[tuple[list[int], list[int | None]]],
     hs_index: list[int],
-    out: np.ndarray,
+    write: Callable[[np.ndarray, list[int]], None],
     batch_size: int,
     pooling: str,
     batch_tokens: int,
 ) -> None:
-    """Run the model on windows (right-padded batches) and write pooled features into ``out``.
+    """Run the model on windows (right-padded batches) and hand on the pooled features.
 
-    ``out`` has shape (n_layers_requested, n_words, hidden_size). Only the target words'
-    tokens are gathered (and mean-pooled) on the model's device and copied to the host, in
-    one transfer per batch: context tokens never leave the GPU.
+    ``write(values, dests)`` receives each batch's float32 features, shape
+    (len(hs_index), len(dests), hidden_size), for the word rows ``dests``. Only the target
+    words' tokens are gathered (and mean-pooled) on the model's device and copied to the
+    host, in one transfer per batch: context tokens never leave the GPU.
     """
     import torch  # heavy and optional: imported only when a model runs
 
@@ -328,7 +331,7 @@ def _run_windows(
                 counts = torch.bincount(s_idx, minlength=len(dests)).to(picked.dtype)
                 summed = picked.new_zeros((picked.shape[0], len(dests), picked.shape[2])).index_add_(1, s_idx, picked)
                 picked = summed / counts[None, :, None]
-            out[:, dests, :] = picked.cpu().numpy()
+            write(picked.cpu().numpy(), dests)
         del result
 
 
@@ -373,12 +376,30 @@ def _extract(
     pooling: str,
     batch_tokens: int | None = None,
     n_rows: int | None = None,
+    sink: tuple[LayerFiles, Mapping[int, str]] | None = None,
 ) -> dict[int, np.ndarray]:
+    """Features of ``layers`` from ``windows``: in memory, or written to ``sink`` (files, {layer: space})."""
     hs_index = layer_indices(layers, lm)
     uniq = sorted(set(hs_index))
     kept, tokenized = _tokenize_windows(lm, words, windows, starts_for_fallback)
+    budget = tokens_per_batch(lm, batch_tokens)
+    if sink is not None:  # each layer straight to its file: no all-layers array
+        files, spaces = sink
+        targets = [[spaces[layer] for layer, h2 in zip(layers, hs_index) if h2 == h] for h in uniq]
+
+        def to_files(values: np.ndarray, dests: list[int]) -> None:
+            for i, names in enumerate(targets):
+                for name in names:
+                    files.write(name, np.asarray(dests), values[i])
+
+        _run_windows(lm, kept, tokenized, uniq, to_files, batch_size, pooling, budget)
+        return {}
     out = np.zeros((len(uniq), len(words) if n_rows is None else n_rows, lm.hidden_size), dtype=np.float32)
-    _run_windows(lm, kept, tokenized, uniq, out, batch_size, pooling, tokens_per_batch(lm, batch_tokens))
+
+    def to_memory(values: np.ndarray, dests: list[int]) -> None:
+        out[:, dests, :] = values
+
+    _run_windows(lm, kept, tokenized, uniq, to_memory, batch_size, pooling, budget)
     return {layer: out[uniq.index(h)].copy() for layer, h in zip(layers, hs_index)}
 
 
@@ -607,12 +628,54 @@ def extract_word_features(
     words = check_words(words)
     check_extraction_args(context_words, batch_size, pooling)
     lm = _resolve_model(model, revision)
+    windows, starts = _windows(lm, words, int(context_words))
+    return _extract(lm, words, layers, windows, starts, batch_size, pooling, batch_tokens)
+
+
+def stream_word_features(
+    words: Sequence[str],
+    model: str | LoadedModel,
+    layers: Sequence[int],
+    context_words: int,
+    files: LayerFiles,
+    spaces: Mapping[int, str],
+    *,
+    revision: str | None = None,
+    batch_size: int = 32,
+    pooling: str = "last",
+    batch_tokens: int | None = None,
+) -> None:
+    """:func:`extract_word_features`, each layer written to its file as the batches are computed.
+
+    Same windows and numbers as :func:`extract_word_features`; no array of every layer is
+    ever held (a layer sweep of a large model over a long story stays at one batch in memory).
+
+    Parameters
+    ----------
+    files : LayerFiles
+        Preallocated files of shape (n_words, hidden_size), one per space.
+    spaces : mapping of int to str
+        The space (file) of each requested layer, e.g. ``{1: "layer1", -1: "layer12"}``.
+    """
+    words = check_words(words)
+    check_extraction_args(context_words, batch_size, pooling)
+    lm = _resolve_model(model, revision)
+    if (files.n_rows, files.n_dims) != (len(words), lm.hidden_size):
+        raise ValueError(f"files hold ({files.n_rows}, {files.n_dims}) rows, the story needs "
+                         f"({len(words)}, {lm.hidden_size})")
+    windows, starts = _windows(lm, words, int(context_words))
+    _extract(lm, words, layers, windows, starts, batch_size, pooling, batch_tokens, sink=(files, spaces))
+
+
+def _windows(lm: LoadedModel, words: list[str], context_words: int) -> tuple[list[Window], np.ndarray | None]:
+    """The windows of a story: per word for a masked model, strided for a causal one (with the
+    first visible word of each word, for the per-word fallback of windows too long to fit)."""
     if not lm.is_causal:
-        return extract_word_features_per_word(words, lm, layers, context_words, batch_size=batch_size,
-                                              pooling=pooling, batch_tokens=batch_tokens)
+        starts = np.maximum(np.arange(len(words)) - context_words, 0)
+        return _per_word_windows(words, starts, range(len(words))), None
     counts, n_special = word_token_counts(words, lm)
-    plan = strided_plan(len(words), int(context_words), counts, lm.max_tokens - n_special)
+    plan = strided_plan(len(words), context_words, counts, lm.max_tokens - n_special)
     starts = np.zeros(len(words), dtype=np.int64)
     for s, f, e in plan:
         starts[f:e] = s
-    return _extract(lm, words, layers, _strided_windows(words, plan), starts, batch_size, pooling, batch_tokens)
+    return _strided_windows(words, plan), starts

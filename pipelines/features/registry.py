@@ -52,6 +52,8 @@ __all__ = [
     "FeatureSpec",
     "parse_feature",
     "compute_feature",
+    "stream_feature",
+    "FeatureFiles",
     "align_to_samples",
     "cache_params",
     "cache_key",
@@ -296,6 +298,22 @@ class FeatureResult:
                    sfreq=sfreq, columns=columns)
 
 
+@dataclass
+class FeatureFiles:
+    """A result written to disk as it was computed, one float32 ``.npy`` file per space.
+
+    Attributes
+    ----------
+    files : dict[str, Path]
+        Space name -> ``.npy`` file of shape (n_rows, n_dims).
+    meta : FeatureResult
+        ``times``, ``sampling``, ``sfreq`` and ``columns``; its ``values`` are empty.
+    """
+
+    files: dict[str, Path]
+    meta: FeatureResult
+
+
 class ModelCache:
     """Loaded models shared between feature spaces: ``get(key, loader)`` loads once per key."""
 
@@ -322,6 +340,7 @@ class FeatureKind:
     version: str = "1"
     model_field: str | None = None
     batch_fields: tuple[str, ...] = field(default=())
+    stream: Callable[..., FeatureFiles] | None = None
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -439,6 +458,24 @@ def compute_language_model(spec: LanguageModelFeature, stimulus: Stimulus, *, de
     return FeatureResult(_spaces(feats, layers, sweep), times, "events")
 
 
+def stream_language_model(spec: LanguageModelFeature, stimulus: Stimulus, folder: Path, *, device: str = "auto",
+                          models: ModelCache | None = None) -> FeatureFiles:
+    """:func:`compute_language_model` with each layer written to ``folder`` as it is computed."""
+    from pipelines.features.layer_files import LayerFiles
+    from pipelines.features.language_model import load_language_model, stream_word_features
+
+    words, times = _words(stimulus, spec.kind)
+    models = models or ModelCache()
+    lm = models.get(("language_model", spec.model, spec.revision, device, "base", *_placement(spec)),
+                    lambda: load_language_model(spec.model, spec.revision, device=device, **_placement_kwargs(spec)))
+    layers, sweep = _layer_list(spec.layer, lm.n_layers)
+    spaces = {k: f"layer{k}" for k in layers} if sweep else {layers[0]: "values"}
+    with LayerFiles(folder, list(dict.fromkeys(spaces.values())), len(words), lm.hidden_size) as files:
+        stream_word_features(words, lm, layers, spec.context_words, files, spaces, batch_size=spec.batch_size,
+                             pooling=spec.pooling, batch_tokens=spec.batch_tokens)
+    return FeatureFiles(files=dict(files.paths), meta=FeatureResult({}, times, "events"))
+
+
 def compute_speech_model(spec: SpeechModelFeature, stimulus: Stimulus, *, device: str = "auto",
                          models: ModelCache | None = None) -> FeatureResult:
     from pipelines.features.speech_model import extract_speech_features, load_audio, load_speech_model
@@ -520,7 +557,7 @@ KINDS: dict[str, FeatureKind] = {
     k.kind: k for k in [
         FeatureKind("word_rate", WordRateFeature, compute_word_rate, ("words",)),
         FeatureKind("language_model", LanguageModelFeature, compute_language_model, ("words",), version="2",
-                    model_field="model", batch_fields=("batch_size", "batch_tokens")),
+                    model_field="model", batch_fields=("batch_size", "batch_tokens"), stream=stream_language_model),
         FeatureKind("speech_model", SpeechModelFeature, compute_speech_model, ("audio",), model_field="model",
                     batch_fields=("batch_size",)),
         FeatureKind("spectrogram", SpectrogramFeature, compute_spectrogram, ("audio",)),
@@ -612,6 +649,29 @@ def compute_feature(params: Mapping[str, Any] | BaseModel, stimulus: Stimulus, *
         if not np.all(np.isfinite(arr)):
             raise DatasetError(f"feature {spec.name!r} ({spec.kind}) produced NaN or Inf values")
     return result
+
+
+def stream_feature(params: Mapping[str, Any] | BaseModel, stimulus: Stimulus, folder: str | Path, *,
+                   device: str = "auto", models: ModelCache | None = None) -> FeatureFiles | None:
+    """:func:`compute_feature` written to ``folder`` space by space as it is computed, for the
+    kinds that can (a language-model layer sweep); None for the others.
+
+    Raises
+    ------
+    ConfigError, DatasetError, ModelError
+        As :func:`compute_feature`.
+    """
+    from pipelines.features.layer_files import all_finite
+
+    spec = parse_feature(params)
+    stream = KINDS[spec.kind].stream
+    if stream is None:
+        return None
+    out = stream(spec, stimulus, Path(folder), device=device, models=models)
+    for key, path in out.files.items():
+        if not all_finite(path):
+            raise DatasetError(f"feature {spec.name!r} ({spec.kind}) produced NaN or Inf values (space {key})")
+    return out
 
 
 def align_to_samples(result: FeatureResult, sample_times: np.ndarray, *, method: str = "lanczos",

@@ -5,20 +5,21 @@ content-addressed cache ``{output}/_cache/features/``; returns the entries by st
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..cache import default_cache_dir, load_npz, save_npz, sha256_bytes, write_entry
+from ..cache import default_cache_dir, load_npz, save_npz, sha256_bytes, write_entry, write_entry_file
 from ..config import AnalysisConfig, as_config
 from ..errors import DatasetError, IntegrityError
 from ..features.reduce import PcaFit, apply_pca, fit_pca
+from ..features.layer_files import write_npz
 from ..features.registry import (KINDS, FeatureResult, ModelCache, Stimulus, cache_key, compute_feature,
-                                 model_runtime)
+                                 model_runtime, stream_feature)
 from ..ingest import Ingest, Run, check_subjects, load_run_words, open_dataset, plan_runs, word_timing_key
 from ..progress import Progress
 from ..resultstore import ResultStore
@@ -103,28 +104,65 @@ def read_feature_cache(store: ResultStore, rel: str, feature_name: str) -> Featu
         return None
 
 
+def cached_spaces(store: ResultStore, rel: str, feature_name: str, workdir: Path) -> list[str] | None:
+    """The spaces of a verified cache entry, checked one space at a time (never every layer in
+    memory), or None (missing or corrupt: then it is recomputed)."""
+    if not store.exists(rel):
+        return None
+    try:
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            path = store.download(rel, Path(tmp) / "entry.npz")
+            with np.load(path, allow_pickle=False) as npz:
+                n_rows = npz["__times"].shape[0]
+                spaces = [k for k in npz.files if not k.startswith("__")]
+                for space in spaces:
+                    arr = npz[space]
+                    if arr.ndim != 2 or arr.shape[0] != n_rows or not np.isfinite(arr).all():
+                        raise IntegrityError(f"space {space}: shape or values do not match")
+                    del arr
+        log.info("feature %s: reused cache entry %s", feature_name, rel)
+        return spaces
+    except Exception as err:  # noqa: BLE001 - a corrupt cache entry is recomputed, never trusted
+        log.warning("feature %s: cache entry %s is corrupt (%s); recomputing", feature_name, rel, err)
+        return None
+
+
 def stimulus_features(store: ResultStore, spec, stim: Stimulus, stim_sha: str, *,
-                      models: ModelCache | None = None, runtime: dict | None = None
-                      ) -> tuple[FeatureResult, bool, str]:
-    """(result, computed, cache rel) of one feature space on one stimulus, from the content cache.
+                      models: ModelCache | None = None, runtime: dict | None = None,
+                      workdir: str | Path | None = None) -> tuple[list[str], bool, str]:
+    """(spaces, computed, cache rel) of one feature space on one stimulus, from the content cache.
 
     ``runtime`` (:func:`pipelines.features.registry.model_runtime`) puts the model's resolved
-    dtype, quantization and device into the key.
+    dtype, quantization and device into the key. A kind that streams (a language-model layer
+    sweep) writes each layer to a file under ``workdir`` as it is computed and uploads the
+    entry from disk, so memory holds one batch, never every layer.
     """
     key = cache_key(spec, stim_sha, extra={"neuroflow_features": FEATURE_CODE_VERSION}, runtime=runtime)
     rel = f"_cache/features/{key}.npz"
+    workdir = Path(workdir or default_cache_dir())
+    workdir.mkdir(parents=True, exist_ok=True)
+    if KINDS[spec.kind].stream is not None:
+        spaces = cached_spaces(store, rel, spec.name, workdir)
+        if spaces is not None:
+            return spaces, False, rel
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            streamed = stream_feature(spec, stim, tmp, models=models)
+            entry = write_npz(Path(tmp) / "entry.npz", streamed.files, streamed.meta.to_arrays())
+            write_entry_file(store, entry, rel)
+            return sorted(streamed.files), True, rel
     cached = read_feature_cache(store, rel, spec.name)
     if cached is not None:
-        return cached, False, rel
+        return sorted(cached.values), False, rel
     result = compute_feature(spec, stim, models=models)
     write_entry(store, save_npz(result.to_arrays()), rel)
-    return result, True, rel
+    return sorted(result.values), True, rel
 
 
-def _space_of(store: ResultStore, rel: str, space: str) -> np.ndarray:
-    """One space of a cache entry (the other spaces are not decoded)."""
-    with np.load(io.BytesIO(store.get_bytes(rel)), allow_pickle=False) as npz:
-        return npz[space]
+def _space_of(store: ResultStore, rel: str, space: str, workdir: Path) -> np.ndarray:
+    """One space of a cache entry, downloaded to disk first (the other spaces are not read into memory)."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        with np.load(store.download(rel, Path(tmp) / "entry.npz"), allow_pickle=False) as npz:
+            return npz[space]
 
 
 def _read_pca_fits(store: ResultStore, rel: str, spaces: list[str]) -> dict[str, PcaFit] | None:
@@ -142,7 +180,7 @@ def _read_pca_fits(store: ResultStore, rel: str, spaces: list[str]) -> dict[str,
 
 
 def reduce_features(store: ResultStore, spec, entries: dict[str, str], train: set[str],
-                    spaces: list[str]) -> tuple[dict[str, str], dict[str, dict]]:
+                    spaces: list[str], workdir: str | Path | None = None) -> tuple[dict[str, str], dict[str, dict]]:
     """Replace every space of every entry by its principal components (``spec.pca``).
 
     The PCA of each space is fitted on the entries of the ``train`` stimuli only (see
@@ -158,6 +196,8 @@ def reduce_features(store: ResultStore, spec, entries: dict[str, str], train: se
         Per space: ``n_components``, ``explained`` (fraction of the training variance), ``n_rows``.
     """
     what = f"features[{spec.name}].pca"
+    workdir = Path(workdir or default_cache_dir())
+    workdir.mkdir(parents=True, exist_ok=True)
     fit_key = sha256_bytes(json.dumps({"train": sorted(entries[sha] for sha in train), "pca": spec.pca,
                                        "code": PCA_CODE_VERSION}, sort_keys=True).encode())[:24]
     fits_rel = f"_cache/features/pca-{fit_key}.npz"
@@ -165,7 +205,8 @@ def reduce_features(store: ResultStore, spec, entries: dict[str, str], train: se
     if fits is None:
         fits = {}
         for sp in spaces:  # one space at a time: never every layer of every story in memory
-            fits[sp] = fit_pca([_space_of(store, entries[sha], sp) for sha in sorted(train)], spec.pca, what=what)
+            fits[sp] = fit_pca([_space_of(store, entries[sha], sp, workdir) for sha in sorted(train)], spec.pca,
+                               what=what)
         arrays = {}
         for sp, fit in fits.items():
             arrays.update({f"{sp}/mean": fit.mean, f"{sp}/components": fit.components,
@@ -196,7 +237,8 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
     cfg = as_config(config)
     spec = feature_spec(cfg, feature_name)
     needs = KINDS[spec.kind].needs
-    ingest = open_dataset(cfg, cache_dir or default_cache_dir())
+    cache_dir = Path(cache_dir or default_cache_dir())
+    ingest = open_dataset(cfg, cache_dir)
     store = ResultStore(cfg.output)
     models = ModelCache()
     runtime = model_runtime(spec)  # the model's dtype and device on this worker: cache key and provenance
@@ -229,16 +271,18 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
             story_of[f"{subject}/{run.label}"] = run.story
             if sha in entries:
                 continue
-            result, computed, rel = stimulus_features(store, spec, stim, sha, models=models, runtime=runtime)
+            names, computed, rel = stimulus_features(store, spec, stim, sha, models=models, runtime=runtime,
+                                                     workdir=cache_dir)
             entries[sha] = rel
-            spaces.update(result.values)
+            spaces.update(names)
             n_computed += int(computed)
     models.clear()
     progress.close()
     pca_summary = None
     if getattr(spec, "pca", None) is not None and entries:
         test = {sha for run_key, sha in by_run.items() if story_of[run_key] in (cfg.model.test_stories or [])}
-        entries, pca_summary = reduce_features(store, spec, entries, set(entries) - test, sorted(spaces))
+        entries, pca_summary = reduce_features(store, spec, entries, set(entries) - test, sorted(spaces),
+                                               workdir=cache_dir)
         log.info("feature %s: PCA fitted on %d training stimuli, %d held out", feature_name,
                  len(set(entries) - test), len(test))
     key = sha256_bytes(json.dumps(sorted(entries.values())).encode())[:24]
