@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_features.py --out bench/results/features.md
 	$(BIN)/python bench/bench_responses.py --targets 80000 --out bench/results/responses.md
 	$(BIN)/python bench/bench_scale.py --out bench/results/scale.md
+	$(BIN)/python bench/bench_sweep.py --out bench/results/sweep.md
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

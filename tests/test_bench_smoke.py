@@ -31,3 +31,12 @@ def test_bench_scale_runs_neuroflow_and_the_minimal_script(tmp_path):
     assert "| `neuroflow run` |" in text and "| minimal script" in text
     planted = float(text.split("planted voxels: ")[1].split(" ")[0])
     assert planted > 0.2  # the minimal script finds the planted voxels: it does the same fit
+
+
+def test_bench_sweep_measures_both_ways(tmp_path):
+    out = tmp_path / "sweep.md"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_sweep.py"), "--words", "200", "--layers", "2",
+                           "--hidden", "32", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln.split("|")[1].strip() for ln in out.read_text().splitlines() if ln.startswith("| ") and "MB" not in ln]
+    assert rows == ["in memory", "streamed"]
