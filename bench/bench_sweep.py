@@ -149,8 +149,10 @@ def main() -> None:
                 raise SystemExit(f"the two entries differ at {n} words: {a['checksum']} vs {b['checksum']}")
             one_layer = n * a["hidden"] * 4 / 2**20
             for mode, r in got.items():
-                rows.append(f"| {mode} | {n:,} | {r['n_layers'] + 1} x {r['hidden']} | {one_layer * (r['n_layers'] + 1):.0f} "
-                            f"| {one_layer:.1f} | {r['peak_mb']:.0f} | {r['peak_mb'] / one_layer:.1f} | {r['seconds']:.1f} |")
+                n_states = r["n_layers"] + 1
+                rows.append(f"| {mode} | {n:,} | {n_states} x {r['hidden']} | {one_layer * n_states:.0f} "
+                            f"| {one_layer:.1f} | {r['peak_mb']:.0f} | {r['peak_mb'] / one_layer:.1f} "
+                            f"| {r['seconds']:.1f} |")
                 print(rows[-1], flush=True)
     lines = [
         "# Layer sweep: peak memory, every layer in memory against streamed",
@@ -167,7 +169,9 @@ def main() -> None:
         *rows,
         "",
         "In memory, the peak grows with the story (every layer, then the entry's bytes); streamed, it is the "
-        "forward pass's own hidden states for one batch (``batch_tokens``), whatever the story's length.",
+        "forward pass's own working set for one batch (``batch_tokens``), whatever the story's length. "
+        f"Load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (the machine is "
+        "shared: times are indicative, peaks are not affected).",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -42,7 +42,8 @@ def _save_tokenizer(path, template: str) -> int:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     single, specials = TEMPLATES[template]
     if single is not None:
-        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[(s, vocab[s]) for s in specials])
+        tok.post_processor = processors.TemplateProcessing(single=single,
+                                                           special_tokens=[(s, vocab[s]) for s in specials])
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(path)
     return len(vocab)
