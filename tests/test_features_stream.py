@@ -79,3 +79,34 @@ def test_the_features_step_streams_a_sweep_into_the_cache_the_fit_reads(tiny_gpt
     assert stimulus_features(store, spec, stim, "sha-story", workdir=tmp_path) == (spaces, True, rel)
     assert FeatureResult.from_arrays(load_npz(store.get_bytes(rel))).values["layer1"].shape == (len(STORY), 32)
     assert not list(tmp_path.iterdir())  # the layer files are gone once uploaded
+
+
+def test_streamed_speech_sweep_equals_the_in_memory_one(tmp_path):
+    """A speech-model layer sweep through stream_feature: the same rows as compute_feature."""
+    import torch
+    from scipy.io import wavfile
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    from pipelines.features.registry import stream_feature
+
+    folder = tmp_path / "w2v"
+    torch.manual_seed(0)
+    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                                 vocab_size=8)).save_pretrained(folder, safe_serialization=True)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=False).save_pretrained(folder)
+    t = np.arange(int(2.2 * 16000)) / 16000
+    wav = tmp_path / "story.wav"
+    wavfile.write(wav, 16000, (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t) * 32767).astype(np.int16))
+    stim = Stimulus(audio=wav, offset=1.5)
+    spec = {"name": "w2v", "kind": "speech_model", "model": str(folder), "layer": [0, 2, -1], "window_s": 1.0,
+            "step_s": 0.2, "batch_size": 3}
+    expected = compute_feature(spec, stim)
+    (tmp_path / "spaces").mkdir()
+    meta, files = stream_feature(spec, stim, tmp_path / "spaces")
+    assert sorted(files) == ["layer-1", "layer0", "layer2"] and meta.sampling == "regular" and meta.sfreq == 5.0
+    np.testing.assert_allclose(meta.times, expected.times)
+    for space, path in files.items():
+        np.testing.assert_array_equal(np.load(path), expected.values[space])
+    assert stream_feature({"name": "wr", "kind": "word_rate"}, stim, tmp_path) is None

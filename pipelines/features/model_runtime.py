@@ -33,6 +33,7 @@ __all__ = [
     "approx_parameters",
     "resolve_device",
     "resolve_runtime",
+    "runtime_of",
     "load_kwargs",
     "place",
     "input_device",
@@ -160,6 +161,22 @@ def resolve_runtime(config: Any, *, dtype: str = "auto", quantization: str | Non
                           "in half precision; use dtype: bfloat16 (or auto) or drop 'quantization'")
     return ModelRuntime(dtype=dtype, device="auto" if device_map else where, quantization=quantization,
                         device_map=device_map, n_parameters=n_params)
+
+
+def runtime_of(model: str, revision: str | None = None, *, origin: str = "features[]", **keys: Any) -> ModelRuntime:
+    """:func:`resolve_runtime` for a model folder or hub id, reading only its config.
+
+    Raises
+    ------
+    ConfigError
+        As :func:`resolve_runtime`.
+    ModelError
+        The model's config cannot be read (see ``safe_model_config``).
+    """
+    from pipelines.features.language_model import safe_model_config  # it imports this module
+
+    _, _, config = safe_model_config(model, revision, "model")
+    return resolve_runtime(config, origin=origin, **keys)
 
 
 def _gpu_ok() -> bool:

@@ -53,7 +53,6 @@ __all__ = [
     "parse_feature",
     "compute_feature",
     "stream_feature",
-    "FeatureFiles",
     "align_to_samples",
     "cache_params",
     "cache_key",
@@ -298,22 +297,6 @@ class FeatureResult:
                    sfreq=sfreq, columns=columns)
 
 
-@dataclass
-class FeatureFiles:
-    """A result written to disk as it was computed, one float32 ``.npy`` file per space.
-
-    Attributes
-    ----------
-    files : dict[str, Path]
-        Space name -> ``.npy`` file of shape (n_rows, n_dims).
-    meta : FeatureResult
-        ``times``, ``sampling``, ``sfreq`` and ``columns``; its ``values`` are empty.
-    """
-
-    files: dict[str, Path]
-    meta: FeatureResult
-
-
 class ModelCache:
     """Loaded models shared between feature spaces: ``get(key, loader)`` loads once per key."""
 
@@ -340,7 +323,7 @@ class FeatureKind:
     version: str = "1"
     model_field: str | None = None
     batch_fields: tuple[str, ...] = field(default=())
-    stream: Callable[..., FeatureFiles] | None = None
+    streams: bool = False  # compute accepts stream_to=folder: each space written there as computed
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -374,6 +357,11 @@ def _spaces(feats: dict[int, np.ndarray], layers: list[int], sweep: bool) -> dic
     if not sweep:
         return {"values": np.asarray(feats[layers[0]], dtype=np.float32)}
     return {f"layer{k}": np.asarray(feats[k], dtype=np.float32) for k in layers}
+
+
+def _space_of_layer(layers: list[int], sweep: bool) -> dict[int, str]:
+    """The space each requested layer fills (as :func:`_spaces` names them)."""
+    return {k: f"layer{k}" for k in layers} if sweep else {layers[0]: "values"}
 
 
 def space_names(spec: BaseModel, n_layers: int | None = None) -> list[str]:
@@ -410,27 +398,17 @@ def _placement(spec: BaseModel) -> tuple:
 
 
 def model_runtime(params: Mapping[str, Any] | BaseModel, device: str = "auto") -> dict[str, Any] | None:
-    """How this machine would hold the feature's model (dtype, quantization, device), without loading it.
-
-    None for a kind that runs no model. The result goes into the feature cache key (see
-    :func:`cache_key`) and the manifest's provenance.
-
-    Raises
-    ------
-    ConfigError
-        Quantization asked for without a GPU or without bitsandbytes, device_map without accelerate.
-    ModelError
-        The model's config cannot be read.
-    """
-    from pipelines.features.language_model import safe_model_config
-    from pipelines.features.model_runtime import resolve_runtime
+    """How this machine would hold the feature's model (dtype, quantization, device), without
+    loading it (:func:`pipelines.features.model_runtime.runtime_of`); None for a kind that runs
+    no model. Goes into the feature cache key (:func:`cache_key`) and the manifest."""
+    from pipelines.features.model_runtime import runtime_of
 
     spec = parse_feature(params)
     entry = KINDS[spec.kind]
     if entry.model_field is None:
         return None
-    _, _, config = safe_model_config(getattr(spec, entry.model_field), getattr(spec, "revision", None), "model")
-    return resolve_runtime(config, device=device, origin=f"features[{spec.name}]", **_placement_kwargs(spec)).as_dict()
+    return runtime_of(getattr(spec, entry.model_field), getattr(spec, "revision", None), device=device,
+                      origin=f"features[{spec.name}]", **_placement_kwargs(spec)).as_dict()
 
 
 # ---------------------------------------------------------------------------- compute functions
@@ -445,39 +423,29 @@ def compute_word_rate(spec: WordRateFeature, stimulus: Stimulus, *, device: str 
 
 
 def compute_language_model(spec: LanguageModelFeature, stimulus: Stimulus, *, device: str = "auto",
-                           models: ModelCache | None = None) -> FeatureResult:
-    from pipelines.features.language_model import extract_word_features, load_language_model
+                           models: ModelCache | None = None, stream_to: Path | None = None) -> FeatureResult:
+    from pipelines.features.language_model import extract_word_features, load_language_model, stream_word_features
 
     words, times = _words(stimulus, spec.kind)
     models = models or ModelCache()
     lm = models.get(("language_model", spec.model, spec.revision, device, "base", *_placement(spec)),
                     lambda: load_language_model(spec.model, spec.revision, device=device, **_placement_kwargs(spec)))
     layers, sweep = _layer_list(spec.layer, lm.n_layers)
+    if stream_to is not None:  # each layer to stream_to/<space>.npy as computed (see stream_feature)
+        from pipelines.features.layer_files import LayerFiles
+
+        spaces = _space_of_layer(layers, sweep)
+        with LayerFiles(stream_to, list(dict.fromkeys(spaces.values())), len(words), lm.hidden_size) as files:
+            stream_word_features(words, lm, layers, spec.context_words, files, spaces, batch_size=spec.batch_size,
+                                 pooling=spec.pooling, batch_tokens=spec.batch_tokens)
+        return FeatureResult({}, times, "events")
     feats = extract_word_features(words, lm, layers, spec.context_words, batch_size=spec.batch_size,
                                   pooling=spec.pooling, batch_tokens=spec.batch_tokens)
     return FeatureResult(_spaces(feats, layers, sweep), times, "events")
 
 
-def stream_language_model(spec: LanguageModelFeature, stimulus: Stimulus, folder: Path, *, device: str = "auto",
-                          models: ModelCache | None = None) -> FeatureFiles:
-    """:func:`compute_language_model` with each layer written to ``folder`` as it is computed."""
-    from pipelines.features.layer_files import LayerFiles
-    from pipelines.features.language_model import load_language_model, stream_word_features
-
-    words, times = _words(stimulus, spec.kind)
-    models = models or ModelCache()
-    lm = models.get(("language_model", spec.model, spec.revision, device, "base", *_placement(spec)),
-                    lambda: load_language_model(spec.model, spec.revision, device=device, **_placement_kwargs(spec)))
-    layers, sweep = _layer_list(spec.layer, lm.n_layers)
-    spaces = {k: f"layer{k}" for k in layers} if sweep else {layers[0]: "values"}
-    with LayerFiles(folder, list(dict.fromkeys(spaces.values())), len(words), lm.hidden_size) as files:
-        stream_word_features(words, lm, layers, spec.context_words, files, spaces, batch_size=spec.batch_size,
-                             pooling=spec.pooling, batch_tokens=spec.batch_tokens)
-    return FeatureFiles(files=dict(files.paths), meta=FeatureResult({}, times, "events"))
-
-
 def compute_speech_model(spec: SpeechModelFeature, stimulus: Stimulus, *, device: str = "auto",
-                         models: ModelCache | None = None) -> FeatureResult:
+                         models: ModelCache | None = None, stream_to: Path | None = None) -> FeatureResult:
     from pipelines.features.speech_model import extract_speech_features, load_audio, load_speech_model
 
     models = models or ModelCache()
@@ -485,9 +453,12 @@ def compute_speech_model(spec: SpeechModelFeature, stimulus: Stimulus, *, device
                     lambda: load_speech_model(spec.model, spec.revision, device=device, dtype=spec.dtype))
     audio = load_audio(_need(stimulus, "audio", spec.kind), sm.sampling_rate)
     layers, sweep = _layer_list(spec.layer, sm.n_layers)
+    stream = None if stream_to is None else (stream_to, _space_of_layer(layers, sweep))
     times, feats = extract_speech_features(audio, sm.sampling_rate, sm, layers, window_s=spec.window_s,
-                                           step_s=spec.step_s, pooling=spec.pooling, batch_size=spec.batch_size)
-    return FeatureResult(_spaces(feats, layers, sweep), times + stimulus.offset, "regular", sfreq=1.0 / spec.step_s)
+                                           step_s=spec.step_s, pooling=spec.pooling, batch_size=spec.batch_size,
+                                           stream_to=stream)
+    return FeatureResult(_spaces(feats, layers, sweep) if stream is None else {}, times + stimulus.offset, "regular",
+                         sfreq=1.0 / spec.step_s)
 
 
 def compute_spectrogram(spec: SpectrogramFeature, stimulus: Stimulus, *, device: str = "auto",
@@ -557,9 +528,9 @@ KINDS: dict[str, FeatureKind] = {
     k.kind: k for k in [
         FeatureKind("word_rate", WordRateFeature, compute_word_rate, ("words",)),
         FeatureKind("language_model", LanguageModelFeature, compute_language_model, ("words",), version="2",
-                    model_field="model", batch_fields=("batch_size", "batch_tokens"), stream=stream_language_model),
+                    model_field="model", batch_fields=("batch_size", "batch_tokens"), streams=True),
         FeatureKind("speech_model", SpeechModelFeature, compute_speech_model, ("audio",), model_field="model",
-                    batch_fields=("batch_size",)),
+                    batch_fields=("batch_size",), streams=True),
         FeatureKind("spectrogram", SpectrogramFeature, compute_spectrogram, ("audio",)),
         FeatureKind("envelope", EnvelopeFeature, compute_envelope, ("audio",)),
         FeatureKind("phoneme_rate", PhonemeRateFeature, compute_phoneme_rate, ("textgrid",)),
@@ -652,9 +623,13 @@ def compute_feature(params: Mapping[str, Any] | BaseModel, stimulus: Stimulus, *
 
 
 def stream_feature(params: Mapping[str, Any] | BaseModel, stimulus: Stimulus, folder: str | Path, *,
-                   device: str = "auto", models: ModelCache | None = None) -> FeatureFiles | None:
+                   device: str = "auto", models: ModelCache | None = None
+                   ) -> tuple[FeatureResult, dict[str, Path]] | None:
     """:func:`compute_feature` written to ``folder`` space by space as it is computed, for the
-    kinds that can (a language-model layer sweep); None for the others.
+    kinds that can (language- and speech-model layer sweeps); None for the others.
+
+    Returns the result without its values (times, sampling...) and the float32 ``.npy`` file
+    of each space, shape (n_rows, n_dims).
 
     Raises
     ------
@@ -664,14 +639,14 @@ def stream_feature(params: Mapping[str, Any] | BaseModel, stimulus: Stimulus, fo
     from pipelines.features.layer_files import all_finite
 
     spec = parse_feature(params)
-    stream = KINDS[spec.kind].stream
-    if stream is None:
+    if not KINDS[spec.kind].streams:
         return None
-    out = stream(spec, stimulus, Path(folder), device=device, models=models)
-    for key, path in out.files.items():
+    meta = KINDS[spec.kind].compute(spec, stimulus, device=device, models=models, stream_to=Path(folder))
+    files = {p.stem: p for p in sorted(Path(folder).glob("*.npy"))}
+    for key, path in files.items():
         if not all_finite(path):
             raise DatasetError(f"feature {spec.name!r} ({spec.kind}) produced NaN or Inf values (space {key})")
-    return out
+    return meta, files
 
 
 def align_to_samples(result: FeatureResult, sample_times: np.ndarray, *, method: str = "lanczos",

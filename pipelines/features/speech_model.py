@@ -38,12 +38,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from pipelines.errors import ModelError
 from pipelines.features.language_model import safe_model_config
+from pipelines.features.layer_files import LayerFiles
 from pipelines.features.lm_windows import layer_indices
 from pipelines.features.model_runtime import load_kwargs, place, resolve_runtime
 
@@ -257,6 +258,7 @@ def extract_speech_features(
     pooling: str = "mean",
     batch_size: int = 8,
     revision: str | None = None,
+    stream_to: tuple[str | Path, Mapping[int, str]] | None = None,
 ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Speech-encoder features of an audio signal on causal windows, all layers in one pass.
 
@@ -280,6 +282,10 @@ def extract_speech_features(
         Full-length windows per forward pass (does not change the numbers).
     revision : str, optional
         Hub revision when ``model`` is a name.
+    stream_to : (folder, {layer: space}), optional
+        Write each layer's rows to ``folder/<space>.npy`` as each batch is computed
+        (:class:`~pipelines.features.layer_files.LayerFiles`) instead of returning them: a
+        layer sweep never holds every layer. ``features`` is then empty.
 
     Returns
     -------
@@ -320,7 +326,6 @@ def extract_speech_features(
         raise ValueError(f"the audio ({x.size / sr:.3f} s) is shorter than one step ({step_s} s)")
     win = int(round(window_s * sr))
     chunk = np.diff(np.concatenate([[0], ends]))  # samples in each chunk (rounding may vary by one)
-    out = np.zeros((len(uniq), ends.size, lm.hidden_size), dtype=np.float32)
     starts = np.maximum(ends - win, 0)
     if lm.model_type == "whisper":  # every input is padded to the encoder's fixed length anyway
         groups = [np.arange(lo, min(lo + batch_size, ends.size)) for lo in range(0, ends.size, batch_size)]
@@ -328,9 +333,22 @@ def extract_speech_features(
         full = np.flatnonzero(ends >= win)
         groups = [np.array([k]) for k in np.flatnonzero(ends < win)]
         groups += [full[lo : lo + batch_size] for lo in range(0, full.size, batch_size)]
+    times = ends / sr - step_s / 2.0
+    if stream_to is not None:  # each layer straight to its file: no all-layers array
+        folder, spaces = stream_to
+        targets = [[spaces[layer] for layer, h2 in zip(layers, hs_index) if h2 == h] for h in uniq]
+        with LayerFiles(folder, list(dict.fromkeys(spaces.values())), ends.size, lm.hidden_size) as files:
+            for ks in groups:
+                hidden = _run(lm, [x[starts[k] : ends[k]] for k in ks], uniq)
+                rows = np.stack([_pool(lm, hidden[:, row], int(ends[k] - starts[k]), int(chunk[k]), pooling)
+                                 for row, k in enumerate(ks)], axis=1)  # (L, len(ks), H)
+                for i, names in enumerate(targets):
+                    for name in names:
+                        files.write(name, ks, rows[i])
+        return times, {}
+    out = np.zeros((len(uniq), ends.size, lm.hidden_size), dtype=np.float32)
     for ks in groups:
         hidden = _run(lm, [x[starts[k] : ends[k]] for k in ks], uniq)
         for row, k in enumerate(ks):
             out[:, k] = _pool(lm, hidden[:, row], int(ends[k] - starts[k]), int(chunk[k]), pooling)
-    times = ends / sr - step_s / 2.0
     return times, {layer: out[uniq.index(h)].copy() for layer, h in zip(layers, hs_index)}

@@ -141,15 +141,15 @@ def stimulus_features(store: ResultStore, spec, stim: Stimulus, stim_sha: str, *
     rel = f"_cache/features/{key}.npz"
     workdir = Path(workdir or default_cache_dir())
     workdir.mkdir(parents=True, exist_ok=True)
-    if KINDS[spec.kind].stream is not None:
+    if KINDS[spec.kind].streams:
         spaces = cached_spaces(store, rel, spec.name, workdir)
         if spaces is not None:
             return spaces, False, rel
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            streamed = stream_feature(spec, stim, tmp, models=models)
-            entry = write_npz(Path(tmp) / "entry.npz", streamed.files, streamed.meta.to_arrays())
-            write_entry_file(store, entry, rel)
-            return sorted(streamed.files), True, rel
+            (Path(tmp) / "spaces").mkdir()
+            meta, files = stream_feature(spec, stim, Path(tmp) / "spaces", models=models)
+            write_entry_file(store, write_npz(Path(tmp) / "entry.npz", files, meta.to_arrays()), rel)
+            return sorted(files), True, rel
     cached = read_feature_cache(store, rel, spec.name)
     if cached is not None:
         return sorted(cached.values), False, rel
