@@ -324,3 +324,11 @@ def test_pca_of_a_layer_sweep_is_fitted_on_the_training_stories(lebel, tmp_path,
     for rel in feat["entries"].values():
         arrays = _load_npz(store.get_bytes(rel))
         assert arrays["layer1"].shape[1] == 5 and arrays["layer2"].dtype == np.float32
+    # the fit reads the reduced entries: one model per layer, scored on the test story
+    from pipelines.run import run_analysis
+
+    result = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
+    assert result["status"] == "complete"
+    assert set(result["metrics"]["UTS01"]) == {"lm_layer1", "lm_layer2"}
+    (again,) = [f for f in result["features"] if f["feature"] == "lm"]
+    assert not again["computed"] and again["entries"] == feat["entries"]
