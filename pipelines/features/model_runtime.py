@@ -3,8 +3,8 @@
 A feature space that runs a model (``language_model``, ``speech_model``, ``surprisal``) may set
 
 * ``dtype``: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (the default): bfloat16 on a GPU
-  for a model of more than about a billion parameters (:data:`AUTO_HALF_MIN_PARAMS`), float32
-  otherwise (always on a CPU);
+  for a model of more than about a billion parameters (:data:`AUTO_HALF_MIN_PARAMS`; float16 on a
+  GPU without bfloat16), float32 otherwise (always on a CPU);
 * ``quantization``: ``8bit`` or ``4bit`` weights through bitsandbytes (a CUDA GPU only);
 * ``device_map``: ``auto`` to shard the model over every visible GPU (and offload what does not
   fit to the CPU) through accelerate.
@@ -156,6 +156,8 @@ def resolve_runtime(config: Any, *, dtype: str = "auto", quantization: str | Non
     if dtype == "auto":
         gpu = on_gpu or (device_map is not None and _gpu_ok())
         dtype = "bfloat16" if quantization is not None or (gpu and n_params > AUTO_HALF_MIN_PARAMS) else "float32"
+        if dtype == "bfloat16" and not _bf16_ok():
+            dtype = "float16"  # a GPU older than Ampere has no bfloat16
     elif dtype == "float32" and quantization is not None:
         raise ConfigError(f"{origin}.dtype: float32 with quantization {quantization!r}: quantized weights compute "
                           "in half precision; use dtype: bfloat16 (or auto) or drop 'quantization'")
@@ -177,6 +179,13 @@ def runtime_of(model: str, revision: str | None = None, *, origin: str = "featur
 
     _, _, config = safe_model_config(model, revision, "model")
     return resolve_runtime(config, origin=origin, **keys)
+
+
+def _bf16_ok() -> bool:
+    """False only on a CUDA GPU that lacks bfloat16 (before Ampere)."""
+    import torch  # heavy and optional
+
+    return not torch.cuda.is_available() or bool(torch.cuda.is_bf16_supported())
 
 
 def _gpu_ok() -> bool:
