@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_responses.py --targets 80000 --out bench/results/responses.md
 	$(BIN)/python bench/bench_scale.py --out bench/results/scale.md
 	$(BIN)/python bench/bench_permutation_level.py --out bench/results/permutation-level.md
+	$(BIN)/python bench/bench_sweep.py --out bench/results/sweep.md
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -39,6 +39,12 @@ def load_npz(data: bytes) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
+def write_entry_file(store: ResultStore, path: str | Path, rel: str) -> None:
+    """:func:`write_entry` for an entry on disk: uploaded in parts and read back in blocks to
+    verify it, never whole in memory (a concurrent writer of the same key writes the same bytes)."""
+    store.put_file(path, rel)
+
+
 def write_entry(store: ResultStore, data: bytes, rel: str) -> None:
     """Write a content-keyed cache or work entry once.
 

@@ -436,6 +436,12 @@ class AnalysisConfig(_Strict):
                 raise ValueError(f"'features[].name' must be a short identifier; got {n!r}")
         if len(set(names)) != len(names):
             raise ValueError(f"'features' names must be unique; got {names}")
+        for f in self.features:
+            if getattr(f, "pca", None) is not None and not self.model.test_stories:
+                raise ValueError(
+                    f"'features[{f.name}].pca' is fitted on the training stories only, so it needs "
+                    "'model.test_stories' (with leave-one-run-out over every run, each story is held out once "
+                    "and would be in the PCA of its own fold): set 'model.test_stories' or drop 'pca'")
         wt = self.dataset.word_timings
         if wt.format != "events" and not wt.pattern and not wt.files:
             raise ValueError("'dataset.word_timings' names no file: add 'files' or 'pattern'")

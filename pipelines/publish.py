@@ -226,6 +226,11 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
                                local_shown, cache_dir, started, airflow_run_id)
 
 
+def _feature_models(features: list[dict]) -> dict[str, dict]:
+    """Per feature space that runs a model: the dtype, quantization and device it ran with."""
+    return {f["feature"]: f["model_runtime"] for f in features if f.get("model_runtime")}
+
+
 def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], fits: list[dict], store: ResultStore,
                     prefix_rel: str, manifest_rel: str, out_dir: Path, local_dir: str | Path, cache_dir: Path,
                     started: str | None, airflow_run_id: str | None) -> dict[str, Any]:
@@ -318,7 +323,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         "metrics": metrics,
         "artifacts": records,
         "inputs": [inputs[k] for k in sorted(inputs)],
-        "provenance": {**provenance_static,
+        "provenance": {**provenance_static, "feature_models": _feature_models(features),
                        "started": started or utc_now(), "finished": utc_now(), "airflow_run_id": airflow_run_id},
     }
     validate_manifest(manifest)

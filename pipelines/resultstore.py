@@ -147,18 +147,32 @@ class ResultStore:
             raise translate_s3_error(err, f"s3://{self.bucket}/{prefix}") from err
         return out
 
+    def _blocks(self, rel: str):
+        """The object's bytes in blocks of 16 MiB (memory stays at one block)."""
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"]
+            yield from body.iter_chunks(16 * 1024 * 1024)
+        except Exception as err:  # noqa: BLE001
+            raise translate_s3_error(err, self.uri_of(rel)) from err
+
     def verify(self, rel: str, sha256: str, size: int) -> None:
-        """Read the object back; raise IntegrityError unless size and sha256 match."""
-        data = self.get_bytes(rel)
-        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+        """Read the object back (in blocks); raise IntegrityError unless size and sha256 match."""
+        digest, n = hashlib.sha256(), 0
+        for block in self._blocks(rel):
+            digest.update(block)
+            n += len(block)
+        if n != size or digest.hexdigest() != sha256:
             raise IntegrityError(f"{self.uri_of(rel)}: verification after upload failed "
-                                 f"({len(data)} bytes, expected {size}); the upload was not stored intact")
+                                 f"({n} bytes, expected {size}); the upload was not stored intact")
 
     def download(self, rel: str, dest: str | Path) -> Path:
+        """The object as the file ``dest``, written in blocks (never whole in memory), then renamed."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
-        part.write_bytes(self.get_bytes(rel))
+        with open(part, "wb") as fh:
+            for block in self._blocks(rel):
+                fh.write(block)
         os.replace(part, dest)
         return dest
 

@@ -39,3 +39,12 @@ def test_bench_permutation_level_writes_its_table(tmp_path):
                     "--designs", "4x120x200", "--out", str(out)], check=True, capture_output=True, timeout=600)
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| 4 x 120 |")]
     assert len(rows) == 1 and rows[0].count("%") == 3
+
+
+def test_bench_sweep_measures_both_ways(tmp_path):
+    out = tmp_path / "sweep.md"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_sweep.py"), "--words", "200", "--layers", "2",
+                           "--hidden", "32", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln.split("|")[1].strip() for ln in out.read_text().splitlines() if ln.startswith("| ") and "MB" not in ln]
+    assert rows == ["in memory", "streamed"]

@@ -300,3 +300,35 @@ def test_a_repeated_test_story_gives_ceiling_normalised_scores(lebel, tmp_path, 
         from pipelines.steps import fit_subject
 
         fit_subject(parse_config(cfg), "UTS07", held["features"], cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_pca_of_a_layer_sweep_is_fitted_on_the_training_stories(lebel, tmp_path, results_bucket, tiny_gpt2_dir):
+    """features[].pca with model.test_stories: each layer's PCA sees the other stories' words only."""
+    from pipelines.cache import load_npz as _load_npz
+    from pipelines.resultstore import ResultStore
+    from pipelines.steps import extract_features
+
+    cfg = demo_config(tiny_gpt2_dir, results_bucket, subjects=("UTS01",))
+    cfg["dataset"].update(source=SOURCE, version="3.1.0", task="stories", responses=RESPONSES, word_timings=WORDS)
+    cfg["features"] = [{"name": "lm", "kind": "language_model", "model": str(tiny_gpt2_dir), "layer": [1, 2],
+                        "context_words": 4, "pca": 5}]
+    cfg["model"] = {"delays": [0, 1], "test_stories": ["inamoment"]}
+    feat = extract_features(parse_config(cfg), "lm", cache_dir=tmp_path / "cache")
+    assert feat["n_stimuli"] == 3 and feat["spaces"] == ["layer1", "layer2"]
+    n_words = {s: len(lebel["words"][s]) for s in STORIES}
+    assert feat["pca"]["layer1"]["n_rows"] == n_words["adollshouse"] + n_words["theclosetthatateeverything"]
+    assert feat["pca"]["layer2"]["n_components"] == 5 and 0 < feat["pca"]["layer2"]["explained"] < 1
+    assert feat["model_runtime"]["dtype"] == "float32"
+    store = ResultStore(results_bucket)
+    for rel in feat["entries"].values():
+        arrays = _load_npz(store.get_bytes(rel))
+        assert arrays["layer1"].shape[1] == 5 and arrays["layer2"].dtype == np.float32
+    # the fit reads the reduced entries: one model per layer, scored on the test story
+    from pipelines.run import run_analysis
+
+    result = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
+    assert result["status"] == "complete"
+    assert set(result["metrics"]["UTS01"]) == {"lm_layer1", "lm_layer2"}
+    (again,) = [f for f in result["features"] if f["feature"] == "lm"]
+    assert not again["computed"] and again["entries"] == feat["entries"]

@@ -242,6 +242,25 @@ def test_windows_match_direct_computation(speech_dirs, kind):
         np.testing.assert_allclose(got, ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("kind", ["wav2vec2", "hubert", "wavlm", "whisper"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_speech_features_on_chunked_audio(speech_dirs, kind, dtype):
+    """Short windows (run alone) and full ones (batched) in half precision: float32 out, close to float32."""
+    import torch
+
+    full = load_speech_model(str(speech_dirs[kind]), device="cpu", dtype="float32")
+    half = load_speech_model(str(speech_dirs[kind]), device="cpu", dtype=dtype)
+    assert half.runtime.dtype == dtype and next(half.model.parameters()).dtype == getattr(torch, dtype)
+    audio = _chirp(2.5)
+    _, a = extract_speech_features(audio, SR, full, [1, 2], window_s=1.0, step_s=0.25, batch_size=3)
+    _, b = extract_speech_features(audio, SR, half, [1, 2], window_s=1.0, step_s=0.25, batch_size=3)
+    for layer in (1, 2):
+        assert b[layer].shape == (10, 32) and b[layer].dtype == np.float32
+        assert not np.array_equal(a[layer], b[layer])  # computed in half precision
+        err = np.abs(a[layer] - b[layer]).max() / np.abs(a[layer]).max()
+        assert err < (0.05 if dtype == "bfloat16" else 0.01), err
+
+
 def test_speech_layer_sweep_equals_single_layers(w2v):
     audio = _chirp(2.0)
     _, sweep = extract_speech_features(audio, SR, w2v, [0, 1, 2, -1], window_s=1.0, step_s=0.2)

@@ -52,6 +52,10 @@ def test_manifest_is_complete_valid_and_lists_verified_artifacts(published):
     inputs = {i["key"] for i in manifest["inputs"]}
     assert "stimuli/DownTheRabbitHoleFinal_exp120_pad_1.TextGrid" in inputs
     assert manifest["provenance"]["backend"] in ("numpy", "torch", "torch_cuda")
+    # the language model's resolved dtype and device; the word-rate space runs no model
+    runtime = manifest["provenance"]["feature_models"]
+    assert set(runtime) == {"minilmL4"}
+    assert (runtime["minilmL4"]["dtype"], runtime["minilmL4"]["device"]) == ("float32", "cpu")
 
 
 def test_maps_reopen_with_the_right_geometry(published, tmp_path):

@@ -36,11 +36,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from pipelines.errors import ModelError
+from pipelines.features.layer_files import LayerFiles
+from pipelines.features.model_runtime import input_device, load_kwargs, place, resolve_runtime
 from pipelines.features.lm_windows import (
     LoadedModel,
     Window,
@@ -59,6 +61,7 @@ __all__ = [
     "load_language_model",
     "extract_word_features",
     "extract_word_features_per_word",
+    "stream_word_features",
     "strided_window_starts",
     "causal_window_starts",
     "word_token_counts",
@@ -71,6 +74,10 @@ CAUSAL_MODEL_TYPES = frozenset({
     "olmo", "olmo2", "stablelm", "codegen", "ctrl", "xglm", "mpt", "openai-gpt", "pythia",
     "transfo-xl", "xlnet", "smollm3", "granite",
 })
+
+
+#: Encoder-decoder ``model_type`` values whose encoder alone gives features, and its class.
+ENCODER_OF_ENCODER_DECODER = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
 
 def safe_model_config(model: str, revision: str | None, label: str) -> tuple[str, dict[str, Any], Any]:
@@ -165,7 +172,8 @@ def _max_tokens(config: Any, tokenizer: Any) -> int:
 
 
 def load_language_model(model: str, revision: str | None = None, *, device: str = "auto",
-                        head: str = "base") -> LoadedModel:
+                        head: str = "base", dtype: str = "auto", quantization: str | None = None,
+                        device_map: str | None = None) -> LoadedModel:
     """Load a tokenizer and base model for feature extraction, safetensors weights only.
 
     Parameters
@@ -180,20 +188,28 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
     head : {"base", "causal_lm"}
         ``"base"``: the bare model (hidden states). ``"causal_lm"``: the model with its
         language-modelling head (next-token logits, for surprisal); causal models only.
+    dtype : {"auto", "float32", "bfloat16", "float16"}
+        What the model computes in; ``"auto"``: bfloat16 on a GPU above about 1B parameters,
+        else float32 (see :mod:`pipelines.features.model_runtime`). Features are float32 anyway.
+    quantization : {"8bit", "4bit"}, optional
+        bitsandbytes weights (a CUDA GPU only).
+    device_map : {"auto"}, optional
+        Shard the model over the visible GPUs (and the CPU) with accelerate.
 
     Returns
     -------
     LoadedModel
-        Model in eval mode, float32, with ``output_hidden_states`` on.
+        Model in eval mode with ``output_hidden_states`` on; ``runtime`` says how it is held.
 
     Raises
     ------
     ModelError
         Unknown or missing model, no safetensors weights, no fast tokenizer,
-        or an encoder-decoder model.
+        or an encoder-decoder model other than T5 (whose encoder is loaded alone).
+    ConfigError
+        Unknown ``dtype``/``quantization``/``device_map``, or quantization without a GPU.
     """
-    import torch  # heavy and optional: imported only when a model loads
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # heavy: imported only when a model loads
 
     if head not in ("base", "causal_lm"):
         raise ValueError(f"head = {head!r} is unknown: use 'base' or 'causal_lm'")
@@ -201,8 +217,10 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         raise ModelError(f"model {model!r} is not a model name: give a local folder or a hub id")
     name = model
     src, kwargs, config = safe_model_config(model, revision, "model")
-    if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(f"model {model!r} is an encoder-decoder model: give an encoder (BERT-like) or a causal LM")
+    encoder_only = ENCODER_OF_ENCODER_DECODER.get(getattr(config, "model_type", ""))
+    if getattr(config, "is_encoder_decoder", False) and (encoder_only is None or head != "base"):
+        raise ModelError(f"model {model!r} is an encoder-decoder model: give an encoder (BERT-like), a T5 "
+                         "(its encoder is used) or a causal LM")
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -216,9 +234,16 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         tokenizer = AutoTokenizer.from_pretrained(src, add_prefix_space=True, **kwargs)
     if head == "causal_lm" and not _is_causal(config):
         raise ModelError(f"model {model!r} is not a causal language model: surprisal needs one (GPT-2, Llama...)")
-    auto = AutoModelForCausalLM if head == "causal_lm" else AutoModel
+    runtime = resolve_runtime(config, dtype=dtype, quantization=quantization, device_map=device_map, device=device,
+                              origin=f"model {model!r}")
+    if encoder_only is not None:
+        import transformers
+
+        auto = getattr(transformers, encoder_only)
+    else:
+        auto = AutoModelForCausalLM if head == "causal_lm" else AutoModel
     try:
-        net = auto.from_pretrained(src, use_safetensors=True, dtype=torch.float32, **kwargs)
+        net = auto.from_pretrained(src, use_safetensors=True, **load_kwargs(runtime), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(
             f"weights of model {model!r} cannot be loaded ({_first_line(exc)}): "
@@ -227,9 +252,7 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
     net.config.output_hidden_states = True
     if hasattr(net.config, "use_cache"):
         net.config.use_cache = False  # windows are independent: no key/value cache to build
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = net.to(device=device, dtype=torch.float32).eval()
+    net = place(net, runtime)
     return LoadedModel(
         tokenizer=tokenizer,
         model=net,
@@ -238,8 +261,9 @@ def load_language_model(model: str, revision: str | None = None, *, device: str 
         hidden_size=int(config.hidden_size),
         name=name,
         max_tokens=_max_tokens(config, tokenizer),
-        device=str(device),
+        device=input_device(net, runtime),
         head=head,
+        runtime=runtime,
     )
 
 
@@ -257,16 +281,17 @@ def _run_windows(
     windows: list[Window],
     tokenized: list[tuple[list[int], list[int | None]]],
     hs_index: list[int],
-    out: np.ndarray,
+    write: Callable[[np.ndarray, list[int]], None],
     batch_size: int,
     pooling: str,
     batch_tokens: int,
 ) -> None:
-    """Run the model on windows (right-padded batches) and write pooled features into ``out``.
+    """Run the model on windows (right-padded batches) and hand on the pooled features.
 
-    ``out`` has shape (n_layers_requested, n_words, hidden_size). Only the target words'
-    tokens are gathered (and mean-pooled) on the model's device and copied to the host, in
-    one transfer per batch: context tokens never leave the GPU.
+    ``write(values, dests)`` receives each batch's float32 features, shape
+    (len(hs_index), len(dests), hidden_size), for the word rows ``dests``. Only the target
+    words' tokens are gathered (and mean-pooled) on the model's device and copied to the
+    host, in one transfer per batch: context tokens never leave the GPU.
     """
     import torch  # heavy and optional: imported only when a model runs
 
@@ -291,16 +316,22 @@ def _run_windows(
                 slots.append(np.full(where.size, len(dests)))
                 dests.append(dest)
         device = result.hidden_states[0].device
-        r_idx = torch.from_numpy(np.concatenate(rows)).to(device)
-        p_idx = torch.from_numpy(np.concatenate(pos)).to(device)
+        r_np, p_np = np.concatenate(rows), np.concatenate(pos)
+        idx = {}  # per device: a sharded model (device_map) leaves its layers on several GPUs
+        for h in hs_index:
+            dev = result.hidden_states[h].device
+            if dev not in idx:
+                idx[dev] = (torch.from_numpy(r_np).to(dev), torch.from_numpy(p_np).to(dev))
         with torch.inference_mode():
-            picked = torch.stack([result.hidden_states[h][r_idx, p_idx] for h in hs_index]).float()  # (L, n_tok, H)
+            # (L, n_tok, H), float32 whatever the model computes in
+            picked = torch.stack([hs[idx[hs.device]].to(device).float()
+                                  for hs in (result.hidden_states[h] for h in hs_index)])
             if pooling == "mean":
                 s_idx = torch.from_numpy(np.concatenate(slots)).to(device)
                 counts = torch.bincount(s_idx, minlength=len(dests)).to(picked.dtype)
                 summed = picked.new_zeros((picked.shape[0], len(dests), picked.shape[2])).index_add_(1, s_idx, picked)
                 picked = summed / counts[None, :, None]
-            out[:, dests, :] = picked.cpu().numpy()
+            write(picked.cpu().numpy(), dests)
         del result
 
 
@@ -345,12 +376,30 @@ def _extract(
     pooling: str,
     batch_tokens: int | None = None,
     n_rows: int | None = None,
+    sink: tuple[LayerFiles, Mapping[int, str]] | None = None,
 ) -> dict[int, np.ndarray]:
+    """Features of ``layers`` from ``windows``: in memory, or written to ``sink`` (files, {layer: space})."""
     hs_index = layer_indices(layers, lm)
     uniq = sorted(set(hs_index))
     kept, tokenized = _tokenize_windows(lm, words, windows, starts_for_fallback)
+    budget = tokens_per_batch(lm, batch_tokens)
+    if sink is not None:  # each layer straight to its file: no all-layers array
+        files, spaces = sink
+        targets = [[spaces[layer] for layer, h2 in zip(layers, hs_index) if h2 == h] for h in uniq]
+
+        def to_files(values: np.ndarray, dests: list[int]) -> None:
+            for i, names in enumerate(targets):
+                for name in names:
+                    files.write(name, np.asarray(dests), values[i])
+
+        _run_windows(lm, kept, tokenized, uniq, to_files, batch_size, pooling, budget)
+        return {}
     out = np.zeros((len(uniq), len(words) if n_rows is None else n_rows, lm.hidden_size), dtype=np.float32)
-    _run_windows(lm, kept, tokenized, uniq, out, batch_size, pooling, tokens_per_batch(lm, batch_tokens))
+
+    def to_memory(values: np.ndarray, dests: list[int]) -> None:
+        out[:, dests, :] = values
+
+    _run_windows(lm, kept, tokenized, uniq, to_memory, batch_size, pooling, budget)
     return {layer: out[uniq.index(h)].copy() for layer, h in zip(layers, hs_index)}
 
 
@@ -579,12 +628,54 @@ def extract_word_features(
     words = check_words(words)
     check_extraction_args(context_words, batch_size, pooling)
     lm = _resolve_model(model, revision)
+    windows, starts = _windows(lm, words, int(context_words))
+    return _extract(lm, words, layers, windows, starts, batch_size, pooling, batch_tokens)
+
+
+def stream_word_features(
+    words: Sequence[str],
+    model: str | LoadedModel,
+    layers: Sequence[int],
+    context_words: int,
+    files: LayerFiles,
+    spaces: Mapping[int, str],
+    *,
+    revision: str | None = None,
+    batch_size: int = 32,
+    pooling: str = "last",
+    batch_tokens: int | None = None,
+) -> None:
+    """:func:`extract_word_features`, each layer written to its file as the batches are computed.
+
+    Same windows and numbers as :func:`extract_word_features`; no array of every layer is
+    ever held (a layer sweep of a large model over a long story stays at one batch in memory).
+
+    Parameters
+    ----------
+    files : LayerFiles
+        Preallocated files of shape (n_words, hidden_size), one per space.
+    spaces : mapping of int to str
+        The space (file) of each requested layer, e.g. ``{1: "layer1", -1: "layer12"}``.
+    """
+    words = check_words(words)
+    check_extraction_args(context_words, batch_size, pooling)
+    lm = _resolve_model(model, revision)
+    if (files.n_rows, files.n_dims) != (len(words), lm.hidden_size):
+        raise ValueError(f"files hold ({files.n_rows}, {files.n_dims}) rows, the story needs "
+                         f"({len(words)}, {lm.hidden_size})")
+    windows, starts = _windows(lm, words, int(context_words))
+    _extract(lm, words, layers, windows, starts, batch_size, pooling, batch_tokens, sink=(files, spaces))
+
+
+def _windows(lm: LoadedModel, words: list[str], context_words: int) -> tuple[list[Window], np.ndarray | None]:
+    """The windows of a story: per word for a masked model, strided for a causal one (with the
+    first visible word of each word, for the per-word fallback of windows too long to fit)."""
     if not lm.is_causal:
-        return extract_word_features_per_word(words, lm, layers, context_words, batch_size=batch_size,
-                                              pooling=pooling, batch_tokens=batch_tokens)
+        starts = np.maximum(np.arange(len(words)) - context_words, 0)
+        return _per_word_windows(words, starts, range(len(words))), None
     counts, n_special = word_token_counts(words, lm)
-    plan = strided_plan(len(words), int(context_words), counts, lm.max_tokens - n_special)
+    plan = strided_plan(len(words), context_words, counts, lm.max_tokens - n_special)
     starts = np.zeros(len(words), dtype=np.int64)
     for s, f, e in plan:
         starts[f:e] = s
-    return _extract(lm, words, layers, _strided_windows(words, plan), starts, batch_size, pooling, batch_tokens)
+    return _strided_windows(words, plan), starts

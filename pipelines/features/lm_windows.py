@@ -43,7 +43,7 @@ class LoadedModel:
     tokenizer : transformers.PreTrainedTokenizerFast
         Fast tokenizer (needed for ``word_ids()``).
     model : torch.nn.Module
-        Base model in eval mode, float32, on ``device``.
+        Base model in eval mode, in ``runtime.dtype``, on ``device`` (or sharded).
     is_causal : bool
         True for decoder-only models (each token sees only earlier tokens).
     n_layers : int
@@ -55,9 +55,11 @@ class LoadedModel:
     max_tokens : int
         Longest token sequence one window may hold.
     device : str
-        Torch device the model lives on.
+        Torch device a batch's inputs go to (the model's embeddings).
     head : {"base", "causal_lm"}
         ``"causal_lm"`` when the model also returns next-token logits (for surprisal).
+    runtime : pipelines.features.model_runtime.ModelRuntime, optional
+        dtype, quantization, device and sharding the model was loaded with.
     """
 
     tokenizer: Any
@@ -69,6 +71,7 @@ class LoadedModel:
     max_tokens: int = 512
     device: str = "cpu"
     head: str = "base"
+    runtime: Any = None
 
 
 def check_words(words: Sequence[str]) -> list[str]:
@@ -157,6 +160,10 @@ def tokenize_window(lm: LoadedModel, words: list[str]) -> tuple[list[int], list[
     enc = lm.tokenizer(words, is_split_into_words=True, add_special_tokens=True)
     ids = list(enc["input_ids"])
     wids = list(enc.word_ids())
+    if all(w is None for w in wids):
+        raise ModelError(f"the tokenizer of model {lm.name!r} gives no tokens for the words {' '.join(words[:5])!r}: "
+                         "its tokenizer files do not fit the tokenizer class transformers picks for its model_type; "
+                         "save the tokenizer with the model's own tokenizer class")
     if len(ids) <= lm.max_tokens:
         return ids, wids, False
     word_pos = [k for k, w in enumerate(wids) if w is not None]

@@ -41,6 +41,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from pipelines.errors import ConfigError, DatasetError
+from pipelines.features.model_runtime import cache_fields
 
 __all__ = [
     "Stimulus",
@@ -51,10 +52,12 @@ __all__ = [
     "FeatureSpec",
     "parse_feature",
     "compute_feature",
+    "stream_feature",
     "align_to_samples",
     "cache_params",
     "cache_key",
     "model_fingerprint",
+    "model_runtime",
     "space_names",
 ]
 
@@ -91,12 +94,26 @@ class WordRateFeature(_Spec):
     kind: Literal["word_rate"]
 
 
-class LanguageModelFeature(_Spec):
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+#: ``pca``: a number of components, or the fraction of the training variance to keep.
+Pca = Union[Annotated[int, Field(ge=1, le=100_000)], Annotated[float, Field(gt=0.0, lt=1.0)], None]
+
+
+class _ModelSpec(_Spec):
+    """A kind that runs a transformer: how it is held in memory (see ``model_runtime``)."""
+
+    model: ModelRef
+    revision: str | None = None
+    dtype: Dtype = "auto"
+    quantization: Literal["8bit", "4bit"] | None = None
+    device_map: Literal["auto"] | None = None
+
+
+class LanguageModelFeature(_ModelSpec):
     """Hidden states of a transformers language model, per word (see ``language_model``)."""
 
     kind: Literal["language_model"]
-    model: ModelRef
-    revision: str | None = None
+    pca: Pca = None
     layer: Layers = -1
     context_words: int = Field(32, ge=0, le=2048)
     pooling: Literal["last", "mean"] = "last"
@@ -110,6 +127,8 @@ class SpeechModelFeature(_Spec):
     kind: Literal["speech_model"]
     model: ModelRef
     revision: str | None = None
+    dtype: Dtype = "auto"
+    pca: Pca = None
     layer: Layers = -1
     window_s: float = Field(16.0, gt=0, le=600)
     step_s: float = Field(0.1, gt=0, le=60)
@@ -169,12 +188,10 @@ class WordFrequencyFeature(_Spec):
     wordlist: Literal["best", "large", "small"] = "best"
 
 
-class SurprisalFeature(_Spec):
+class SurprisalFeature(_ModelSpec):
     """Word surprisal in bits under a causal LM, strided windows (see ``lexical``)."""
 
     kind: Literal["surprisal"]
-    model: ModelRef
-    revision: str | None = None
     context_words: int = Field(32, ge=0, le=2048)
     batch_size: int = Field(32, ge=1, le=4096)
     batch_tokens: int | None = Field(None, ge=1, le=1_000_000)
@@ -306,6 +323,7 @@ class FeatureKind:
     version: str = "1"
     model_field: str | None = None
     batch_fields: tuple[str, ...] = field(default=())
+    streams: bool = False  # compute accepts stream_to=folder: each space written there as computed
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -341,6 +359,11 @@ def _spaces(feats: dict[int, np.ndarray], layers: list[int], sweep: bool) -> dic
     return {f"layer{k}": np.asarray(feats[k], dtype=np.float32) for k in layers}
 
 
+def _space_of_layer(layers: list[int], sweep: bool) -> dict[int, str]:
+    """The space each requested layer fills (as :func:`_spaces` names them)."""
+    return {k: f"layer{k}" for k in layers} if sweep else {layers[0]: "values"}
+
+
 def space_names(spec: BaseModel, n_layers: int | None = None) -> list[str]:
     """Names of the spaces a spec yields (``["values"]`` or ``["layer3", ...]``).
 
@@ -365,6 +388,29 @@ def _audio(stimulus: Stimulus, kind: str, sample_rate: int | None = None) -> tup
     return audio, sr
 
 
+def _placement_kwargs(spec: BaseModel) -> dict[str, Any]:
+    """The spec's ``dtype``, ``quantization`` and ``device_map`` (those it has)."""
+    return {k: getattr(spec, k) for k in ("dtype", "quantization", "device_map") if k in type(spec).model_fields}
+
+
+def _placement(spec: BaseModel) -> tuple:
+    return tuple(_placement_kwargs(spec).values())
+
+
+def model_runtime(params: Mapping[str, Any] | BaseModel, device: str = "auto") -> dict[str, Any] | None:
+    """How this machine would hold the feature's model (dtype, quantization, device), without
+    loading it (:func:`pipelines.features.model_runtime.runtime_of`); None for a kind that runs
+    no model. Goes into the feature cache key (:func:`cache_key`) and the manifest."""
+    from pipelines.features.model_runtime import runtime_of
+
+    spec = parse_feature(params)
+    entry = KINDS[spec.kind]
+    if entry.model_field is None:
+        return None
+    return runtime_of(getattr(spec, entry.model_field), getattr(spec, "revision", None), device=device,
+                      origin=f"features[{spec.name}]", **_placement_kwargs(spec)).as_dict()
+
+
 # ---------------------------------------------------------------------------- compute functions
 
 
@@ -377,31 +423,42 @@ def compute_word_rate(spec: WordRateFeature, stimulus: Stimulus, *, device: str 
 
 
 def compute_language_model(spec: LanguageModelFeature, stimulus: Stimulus, *, device: str = "auto",
-                           models: ModelCache | None = None) -> FeatureResult:
-    from pipelines.features.language_model import extract_word_features, load_language_model
+                           models: ModelCache | None = None, stream_to: Path | None = None) -> FeatureResult:
+    from pipelines.features.language_model import extract_word_features, load_language_model, stream_word_features
 
     words, times = _words(stimulus, spec.kind)
     models = models or ModelCache()
-    lm = models.get(("language_model", spec.model, spec.revision, device, "base"),
-                    lambda: load_language_model(spec.model, spec.revision, device=device))
+    lm = models.get(("language_model", spec.model, spec.revision, device, "base", *_placement(spec)),
+                    lambda: load_language_model(spec.model, spec.revision, device=device, **_placement_kwargs(spec)))
     layers, sweep = _layer_list(spec.layer, lm.n_layers)
+    if stream_to is not None:  # each layer to stream_to/<space>.npy as computed (see stream_feature)
+        from pipelines.features.layer_files import LayerFiles
+
+        spaces = _space_of_layer(layers, sweep)
+        with LayerFiles(stream_to, list(dict.fromkeys(spaces.values())), len(words), lm.hidden_size) as files:
+            stream_word_features(words, lm, layers, spec.context_words, files, spaces, batch_size=spec.batch_size,
+                                 pooling=spec.pooling, batch_tokens=spec.batch_tokens)
+        return FeatureResult({}, times, "events")
     feats = extract_word_features(words, lm, layers, spec.context_words, batch_size=spec.batch_size,
                                   pooling=spec.pooling, batch_tokens=spec.batch_tokens)
     return FeatureResult(_spaces(feats, layers, sweep), times, "events")
 
 
 def compute_speech_model(spec: SpeechModelFeature, stimulus: Stimulus, *, device: str = "auto",
-                         models: ModelCache | None = None) -> FeatureResult:
+                         models: ModelCache | None = None, stream_to: Path | None = None) -> FeatureResult:
     from pipelines.features.speech_model import extract_speech_features, load_audio, load_speech_model
 
     models = models or ModelCache()
-    sm = models.get(("speech_model", spec.model, spec.revision, device),
-                    lambda: load_speech_model(spec.model, spec.revision, device=device))
+    sm = models.get(("speech_model", spec.model, spec.revision, device, spec.dtype),
+                    lambda: load_speech_model(spec.model, spec.revision, device=device, dtype=spec.dtype))
     audio = load_audio(_need(stimulus, "audio", spec.kind), sm.sampling_rate)
     layers, sweep = _layer_list(spec.layer, sm.n_layers)
+    stream = None if stream_to is None else (stream_to, _space_of_layer(layers, sweep))
     times, feats = extract_speech_features(audio, sm.sampling_rate, sm, layers, window_s=spec.window_s,
-                                           step_s=spec.step_s, pooling=spec.pooling, batch_size=spec.batch_size)
-    return FeatureResult(_spaces(feats, layers, sweep), times + stimulus.offset, "regular", sfreq=1.0 / spec.step_s)
+                                           step_s=spec.step_s, pooling=spec.pooling, batch_size=spec.batch_size,
+                                           stream_to=stream)
+    return FeatureResult(_spaces(feats, layers, sweep) if stream is None else {}, times + stimulus.offset, "regular",
+                         sfreq=1.0 / spec.step_s)
 
 
 def compute_spectrogram(spec: SpectrogramFeature, stimulus: Stimulus, *, device: str = "auto",
@@ -451,8 +508,9 @@ def compute_surprisal(spec: SurprisalFeature, stimulus: Stimulus, *, device: str
 
     words, times = _words(stimulus, spec.kind)
     models = models or ModelCache()
-    lm = models.get(("language_model", spec.model, spec.revision, device, "causal_lm"),
-                    lambda: load_language_model(spec.model, spec.revision, device=device, head="causal_lm"))
+    lm = models.get(("language_model", spec.model, spec.revision, device, "causal_lm", *_placement(spec)),
+                    lambda: load_language_model(spec.model, spec.revision, device=device, head="causal_lm",
+                                                **_placement_kwargs(spec)))
     values = word_surprisal(words, lm, spec.context_words, batch_size=spec.batch_size, batch_tokens=spec.batch_tokens)
     return FeatureResult({"values": values}, times, "events", columns=["bits"])
 
@@ -470,9 +528,9 @@ KINDS: dict[str, FeatureKind] = {
     k.kind: k for k in [
         FeatureKind("word_rate", WordRateFeature, compute_word_rate, ("words",)),
         FeatureKind("language_model", LanguageModelFeature, compute_language_model, ("words",), version="2",
-                    model_field="model", batch_fields=("batch_size", "batch_tokens")),
+                    model_field="model", batch_fields=("batch_size", "batch_tokens"), streams=True),
         FeatureKind("speech_model", SpeechModelFeature, compute_speech_model, ("audio",), model_field="model",
-                    batch_fields=("batch_size",)),
+                    batch_fields=("batch_size",), streams=True),
         FeatureKind("spectrogram", SpectrogramFeature, compute_spectrogram, ("audio",)),
         FeatureKind("envelope", EnvelopeFeature, compute_envelope, ("audio",)),
         FeatureKind("phoneme_rate", PhonemeRateFeature, compute_phoneme_rate, ("textgrid",)),
@@ -535,6 +593,9 @@ def parse_feature(params: Mapping[str, Any] | BaseModel, origin: str = "feature"
         msg = first["msg"].removeprefix("Value error, ")
         if loc and loc[0] == "layer":  # a union: pydantic's message names only one of its members
             msg = f"must be a layer index, a list of layer indices, or 'all'; got {params.get('layer')!r}"
+        if loc and loc[0] == "pca":
+            msg = (f"must be a number of components (an integer >= 1) or a fraction of the variance to keep "
+                   f"(between 0 and 1); got {params.get('pca')!r}")
         raise ConfigError(f"{origin}: {key or kind}: {msg}") from err
 
 
@@ -559,6 +620,33 @@ def compute_feature(params: Mapping[str, Any] | BaseModel, stimulus: Stimulus, *
         if not np.all(np.isfinite(arr)):
             raise DatasetError(f"feature {spec.name!r} ({spec.kind}) produced NaN or Inf values")
     return result
+
+
+def stream_feature(params: Mapping[str, Any] | BaseModel, stimulus: Stimulus, folder: str | Path, *,
+                   device: str = "auto", models: ModelCache | None = None
+                   ) -> tuple[FeatureResult, dict[str, Path]] | None:
+    """:func:`compute_feature` written to ``folder`` space by space as it is computed, for the
+    kinds that can (language- and speech-model layer sweeps); None for the others.
+
+    Returns the result without its values (times, sampling...) and the float32 ``.npy`` file
+    of each space, shape (n_rows, n_dims).
+
+    Raises
+    ------
+    ConfigError, DatasetError, ModelError
+        As :func:`compute_feature`.
+    """
+    from pipelines.features.layer_files import all_finite
+
+    spec = parse_feature(params)
+    if not KINDS[spec.kind].streams:
+        return None
+    meta = KINDS[spec.kind].compute(spec, stimulus, device=device, models=models, stream_to=Path(folder))
+    files = {p.stem: p for p in sorted(Path(folder).glob("*.npy"))}
+    for key, path in files.items():
+        if not all_finite(path):
+            raise DatasetError(f"feature {spec.name!r} ({spec.kind}) produced NaN or Inf values (space {key})")
+    return meta, files
 
 
 def align_to_samples(result: FeatureResult, sample_times: np.ndarray, *, method: str = "lanczos",
@@ -620,6 +708,7 @@ def cache_params(params: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
     entry = KINDS[spec.kind]
     out = spec.model_dump(mode="json")
     out.pop("name")
+    out.pop("pca", None)  # applied after extraction (pipelines.features.reduce), keyed there
     for key in entry.batch_fields:
         out.pop(key, None)
     if entry.model_field:
@@ -628,13 +717,17 @@ def cache_params(params: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
     return out
 
 
-def cache_key(params: Mapping[str, Any] | BaseModel, stimulus_sha256: str, *, extra: Mapping[str, Any] | None = None
-              ) -> str:
-    """Hash of (stimulus content, :func:`cache_params`, ``extra``): 24 hex digits.
+def cache_key(params: Mapping[str, Any] | BaseModel, stimulus_sha256: str, *, extra: Mapping[str, Any] | None = None,
+              runtime: Mapping[str, Any] | None = None) -> str:
+    """Hash of (stimulus content, :func:`cache_params`, ``extra``, the model's runtime): 24 hex digits.
 
     The run a stimulus was heard in is not part of the key, so a story heard in several runs
-    (or by several subjects) is extracted once.
+    (or by several subjects) is extracted once. ``runtime`` (:func:`model_runtime`) adds the
+    resolved dtype, quantization and kind of device, so ``dtype: auto`` resolved to bfloat16
+    on a GPU and to float32 on a CPU gives two entries.
     """
-    blob = json.dumps({"stimulus": stimulus_sha256, "params": cache_params(params), "extra": dict(extra or {})},
-                      sort_keys=True)
+    blob = {"stimulus": stimulus_sha256, "params": cache_params(params), "extra": dict(extra or {})}
+    if runtime is not None:
+        blob["runtime"] = cache_fields(runtime)
+    blob = json.dumps(blob, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

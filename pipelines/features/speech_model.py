@@ -38,13 +38,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from pipelines.errors import ModelError
 from pipelines.features.language_model import safe_model_config
+from pipelines.features.layer_files import LayerFiles
 from pipelines.features.lm_windows import layer_indices
+from pipelines.features.model_runtime import load_kwargs, place, resolve_runtime
 
 __all__ = [
     "SPEECH_MODEL_TYPES",
@@ -73,7 +75,7 @@ class LoadedSpeechModel:
     feature_extractor : transformers.FeatureExtractionMixin
         Turns raw audio into the encoder's input (normalised waveform or log-mel).
     model : torch.nn.Module
-        The encoder in eval mode, float32, on ``device``.
+        The encoder in eval mode, in ``runtime.dtype``, on ``device``.
     model_type : str
         ``config.model_type`` (one of :data:`SPEECH_MODEL_TYPES`).
     n_layers : int
@@ -92,6 +94,8 @@ class LoadedSpeechModel:
         Samples between encoder frames (wav2vec2-style) or per mel hop times 2 (Whisper).
     frame_span : int
         Samples from a frame's window start to its last sample, for frame 0.
+    runtime : pipelines.features.model_runtime.ModelRuntime, optional
+        dtype and device the encoder was loaded with.
     """
 
     feature_extractor: Any
@@ -105,6 +109,7 @@ class LoadedSpeechModel:
     max_window_s: float | None = None
     frame_stride: int = 320
     frame_span: int = 400
+    runtime: Any = None
 
     def frame_ends(self, n_frames: int) -> np.ndarray:
         """Last sample (exclusive) of each of ``n_frames`` encoder frames, relative to the window start."""
@@ -116,7 +121,8 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def load_speech_model(model: str, revision: str | None = None, *, device: str = "auto") -> LoadedSpeechModel:
+def load_speech_model(model: str, revision: str | None = None, *, device: str = "auto",
+                      dtype: str = "auto") -> LoadedSpeechModel:
     """Load a speech encoder (safetensors only, no remote code) and its feature extractor.
 
     Parameters
@@ -128,6 +134,9 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
         Hub revision; ignored for local folders.
     device : str
         ``"auto"`` (cuda when available, else cpu), ``"cpu"``, ``"cuda"``...
+    dtype : {"auto", "float32", "bfloat16", "float16"}
+        What the encoder computes in (``"auto"``: see :mod:`pipelines.features.model_runtime`);
+        its inputs are cast to it, its features come back as float32.
 
     Returns
     -------
@@ -139,8 +148,7 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
         Missing model, pickled weights only, remote code asked for, no feature extractor,
         or a model type that is not a supported speech encoder.
     """
-    import torch
-    from transformers import AutoFeatureExtractor, AutoModel
+    from transformers import AutoFeatureExtractor, AutoModel  # heavy: imported only when a model loads
 
     if not isinstance(model, str) or not model.strip():
         raise ModelError(f"speech model {model!r} is not a model name: give a local folder or a hub id")
@@ -152,13 +160,14 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
     if getattr(config, "add_adapter", False):
         raise ModelError(f"speech model {model!r} has an adapter (add_adapter) that changes its frame rate: "
                          "use the encoder without it")
+    runtime = resolve_runtime(config, dtype=dtype, device=device, origin=f"speech model {model!r}")
     try:
         fe = AutoFeatureExtractor.from_pretrained(src, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"feature extractor of speech model {model!r} cannot be loaded ({_first_line(exc)}): "
                          "save it next to the model (preprocessor_config.json)") from exc
     try:
-        net = AutoModel.from_pretrained(src, use_safetensors=True, dtype=torch.float32, **kwargs)
+        net = AutoModel.from_pretrained(src, use_safetensors=True, **load_kwargs(runtime), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"weights of speech model {model!r} cannot be loaded ({_first_line(exc)}): "
                          "safetensors weights are required") from exc
@@ -177,12 +186,11 @@ def load_speech_model(model: str, revision: str | None = None, *, device: str = 
             span += (int(k) - 1) * stride
             stride *= int(s)
         max_window = None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = net.to(device=device, dtype=torch.float32).eval()
+    net = place(net, runtime)
     return LoadedSpeechModel(feature_extractor=fe, model=net, model_type=mtype, n_layers=n_layers,
-                             hidden_size=hidden, sampling_rate=int(fe.sampling_rate), name=model, device=str(device),
-                             max_window_s=max_window, frame_stride=stride, frame_span=span)
+                             hidden_size=hidden, sampling_rate=int(fe.sampling_rate), name=model,
+                             device=runtime.device, max_window_s=max_window, frame_stride=stride, frame_span=span,
+                             runtime=runtime)
 
 
 def load_audio(path: str | Path, sampling_rate: int) -> np.ndarray:
@@ -204,12 +212,14 @@ def chunk_ends(n_samples: int, sampling_rate: int, step_s: float) -> np.ndarray:
 
 
 def _inputs(lm: LoadedSpeechModel, windows: list[np.ndarray]) -> Any:
+    """The encoder's input for equal-length windows, on its device and in its dtype."""
     fe = lm.feature_extractor
+    dtype = next(lm.model.parameters()).dtype
     if lm.model_type == "whisper":
         enc = fe(windows, sampling_rate=lm.sampling_rate, return_tensors="pt")
-        return {"input_features": enc["input_features"].to(lm.device)}
+        return {"input_features": enc["input_features"].to(lm.device, dtype=dtype)}
     enc = fe(windows, sampling_rate=lm.sampling_rate, return_tensors="pt", padding=False)
-    return {"input_values": enc["input_values"].to(lm.device)}
+    return {"input_values": enc["input_values"].to(lm.device, dtype=dtype)}
 
 
 def _run(lm: LoadedSpeechModel, windows: list[np.ndarray], hs_index: list[int]) -> np.ndarray:
@@ -248,6 +258,7 @@ def extract_speech_features(
     pooling: str = "mean",
     batch_size: int = 8,
     revision: str | None = None,
+    stream_to: tuple[str | Path, Mapping[int, str]] | None = None,
 ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Speech-encoder features of an audio signal on causal windows, all layers in one pass.
 
@@ -271,6 +282,10 @@ def extract_speech_features(
         Full-length windows per forward pass (does not change the numbers).
     revision : str, optional
         Hub revision when ``model`` is a name.
+    stream_to : (folder, {layer: space}), optional
+        Write each layer's rows to ``folder/<space>.npy`` as each batch is computed
+        (:class:`~pipelines.features.layer_files.LayerFiles`) instead of returning them: a
+        layer sweep never holds every layer. ``features`` is then empty.
 
     Returns
     -------
@@ -311,7 +326,6 @@ def extract_speech_features(
         raise ValueError(f"the audio ({x.size / sr:.3f} s) is shorter than one step ({step_s} s)")
     win = int(round(window_s * sr))
     chunk = np.diff(np.concatenate([[0], ends]))  # samples in each chunk (rounding may vary by one)
-    out = np.zeros((len(uniq), ends.size, lm.hidden_size), dtype=np.float32)
     starts = np.maximum(ends - win, 0)
     if lm.model_type == "whisper":  # every input is padded to the encoder's fixed length anyway
         groups = [np.arange(lo, min(lo + batch_size, ends.size)) for lo in range(0, ends.size, batch_size)]
@@ -319,9 +333,22 @@ def extract_speech_features(
         full = np.flatnonzero(ends >= win)
         groups = [np.array([k]) for k in np.flatnonzero(ends < win)]
         groups += [full[lo : lo + batch_size] for lo in range(0, full.size, batch_size)]
+    times = ends / sr - step_s / 2.0
+    if stream_to is not None:  # each layer straight to its file: no all-layers array
+        folder, spaces = stream_to
+        targets = [[spaces[layer] for layer, h2 in zip(layers, hs_index) if h2 == h] for h in uniq]
+        with LayerFiles(folder, list(dict.fromkeys(spaces.values())), ends.size, lm.hidden_size) as files:
+            for ks in groups:
+                hidden = _run(lm, [x[starts[k] : ends[k]] for k in ks], uniq)
+                rows = np.stack([_pool(lm, hidden[:, row], int(ends[k] - starts[k]), int(chunk[k]), pooling)
+                                 for row, k in enumerate(ks)], axis=1)  # (L, len(ks), H)
+                for i, names in enumerate(targets):
+                    for name in names:
+                        files.write(name, ks, rows[i])
+        return times, {}
+    out = np.zeros((len(uniq), ends.size, lm.hidden_size), dtype=np.float32)
     for ks in groups:
         hidden = _run(lm, [x[starts[k] : ends[k]] for k in ks], uniq)
         for row, k in enumerate(ks):
             out[:, k] = _pool(lm, hidden[:, row], int(ends[k] - starts[k]), int(chunk[k]), pooling)
-    times = ends / sr - step_s / 2.0
     return times, {layer: out[uniq.index(h)].copy() for layer, h in zip(layers, hs_index)}

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..cache import default_cache_dir, load_npz, save_npz, sha256_bytes, write_entry
+from ..cache import default_cache_dir, load_npz, save_npz, sha256_bytes, write_entry, write_entry_file
 from ..config import AnalysisConfig, as_config
 from ..errors import DatasetError, IntegrityError
-from ..features.registry import KINDS, FeatureResult, ModelCache, Stimulus, cache_key, compute_feature
+from ..features.reduce import PcaFit, apply_pca, fit_pca
+from ..features.layer_files import write_npz
+from ..features.registry import (KINDS, FeatureResult, ModelCache, Stimulus, cache_key, compute_feature,
+                                 model_runtime, stream_feature)
 from ..ingest import Ingest, Run, check_subjects, load_run_words, open_dataset, plan_runs, word_timing_key
 from ..progress import Progress
 from ..resultstore import ResultStore
@@ -25,6 +29,7 @@ from .results import FeatureSet
 log = logging.getLogger("neuroflow")
 
 FEATURE_CODE_VERSION = "2"
+PCA_CODE_VERSION = "1"
 
 
 def run_stimulus(ingest: Ingest, run: Run, needs: tuple[str, ...] | set[str]) -> tuple[Stimulus, str]:
@@ -99,17 +104,126 @@ def read_feature_cache(store: ResultStore, rel: str, feature_name: str) -> Featu
         return None
 
 
+def cached_spaces(store: ResultStore, rel: str, feature_name: str, workdir: Path) -> list[str] | None:
+    """The spaces of a verified cache entry, checked one space at a time (never every layer in
+    memory), or None (missing or corrupt: then it is recomputed)."""
+    if not store.exists(rel):
+        return None
+    try:
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            path = store.download(rel, Path(tmp) / "entry.npz")
+            with np.load(path, allow_pickle=False) as npz:
+                n_rows = npz["__times"].shape[0]
+                spaces = [k for k in npz.files if not k.startswith("__")]
+                for space in spaces:
+                    arr = npz[space]
+                    if arr.ndim != 2 or arr.shape[0] != n_rows or not np.isfinite(arr).all():
+                        raise IntegrityError(f"space {space}: shape or values do not match")
+                    del arr
+        log.info("feature %s: reused cache entry %s", feature_name, rel)
+        return spaces
+    except Exception as err:  # noqa: BLE001 - a corrupt cache entry is recomputed, never trusted
+        log.warning("feature %s: cache entry %s is corrupt (%s); recomputing", feature_name, rel, err)
+        return None
+
+
 def stimulus_features(store: ResultStore, spec, stim: Stimulus, stim_sha: str, *,
-                      models: ModelCache | None = None) -> tuple[FeatureResult, bool, str]:
-    """(result, computed, cache rel) of one feature space on one stimulus, from the content cache."""
-    key = cache_key(spec, stim_sha, extra={"neuroflow_features": FEATURE_CODE_VERSION})
+                      models: ModelCache | None = None, runtime: dict | None = None,
+                      workdir: str | Path | None = None) -> tuple[list[str], bool, str]:
+    """(spaces, computed, cache rel) of one feature space on one stimulus, from the content cache.
+
+    ``runtime`` (:func:`pipelines.features.registry.model_runtime`) puts the model's resolved
+    dtype, quantization and device into the key. A kind that streams (a language-model layer
+    sweep) writes each layer to a file under ``workdir`` as it is computed and uploads the
+    entry from disk, so memory holds one batch, never every layer.
+    """
+    key = cache_key(spec, stim_sha, extra={"neuroflow_features": FEATURE_CODE_VERSION}, runtime=runtime)
     rel = f"_cache/features/{key}.npz"
+    workdir = Path(workdir or default_cache_dir())
+    workdir.mkdir(parents=True, exist_ok=True)
+    if KINDS[spec.kind].streams:
+        spaces = cached_spaces(store, rel, spec.name, workdir)
+        if spaces is not None:
+            return spaces, False, rel
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            (Path(tmp) / "spaces").mkdir()
+            meta, files = stream_feature(spec, stim, Path(tmp) / "spaces", models=models)
+            write_entry_file(store, write_npz(Path(tmp) / "entry.npz", files, meta.to_arrays()), rel)
+            return sorted(files), True, rel
     cached = read_feature_cache(store, rel, spec.name)
     if cached is not None:
-        return cached, False, rel
+        return sorted(cached.values), False, rel
     result = compute_feature(spec, stim, models=models)
     write_entry(store, save_npz(result.to_arrays()), rel)
-    return result, True, rel
+    return sorted(result.values), True, rel
+
+
+def _space_of(store: ResultStore, rel: str, space: str, workdir: Path) -> np.ndarray:
+    """One space of a cache entry, downloaded to disk first (the other spaces are not read into memory)."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        with np.load(store.download(rel, Path(tmp) / "entry.npz"), allow_pickle=False) as npz:
+            return npz[space]
+
+
+def _read_pca_fits(store: ResultStore, rel: str, spaces: list[str]) -> dict[str, PcaFit] | None:
+    """The PCA fits of an earlier run, or None (missing or unreadable: then they are fitted again)."""
+    if not store.exists(rel):
+        return None
+    try:
+        arrays = load_npz(store.get_bytes(rel))
+        return {sp: PcaFit(mean=arrays[f"{sp}/mean"], components=arrays[f"{sp}/components"],
+                           explained=float(arrays[f"{sp}/explained"]), n_rows=int(arrays[f"{sp}/n_rows"]))
+                for sp in spaces}
+    except Exception as err:  # noqa: BLE001 - a corrupt cache entry is refitted, never trusted
+        log.warning("PCA fits %s are unreadable (%s); fitting again", rel, err)
+        return None
+
+
+def reduce_features(store: ResultStore, spec, entries: dict[str, str], train: set[str],
+                    spaces: list[str], workdir: str | Path | None = None) -> tuple[dict[str, str], dict[str, dict]]:
+    """Replace every space of every entry by its principal components (``spec.pca``).
+
+    The PCA of each space is fitted on the entries of the ``train`` stimuli only (see
+    :mod:`pipelines.features.reduce`); every entry is then projected. The fits and the reduced
+    entries are content-keyed by the raw entries of the training stimuli and ``spec.pca``, so a
+    change to a test stimulus re-projects that stimulus alone and never changes a fit.
+
+    Returns
+    -------
+    entries : dict[str, str]
+        Stimulus sha256 -> reduced cache entry.
+    summary : dict[str, dict]
+        Per space: ``n_components``, ``explained`` (fraction of the training variance), ``n_rows``.
+    """
+    what = f"features[{spec.name}].pca"
+    workdir = Path(workdir or default_cache_dir())
+    workdir.mkdir(parents=True, exist_ok=True)
+    fit_key = sha256_bytes(json.dumps({"train": sorted(entries[sha] for sha in train), "pca": spec.pca,
+                                       "code": PCA_CODE_VERSION}, sort_keys=True).encode())[:24]
+    fits_rel = f"_cache/features/pca-{fit_key}.npz"
+    fits = _read_pca_fits(store, fits_rel, spaces)
+    if fits is None:
+        fits = {}
+        for sp in spaces:  # one space at a time: never every layer of every story in memory
+            fits[sp] = fit_pca([_space_of(store, entries[sha], sp, workdir) for sha in sorted(train)], spec.pca,
+                               what=what)
+        arrays = {}
+        for sp, fit in fits.items():
+            arrays.update({f"{sp}/mean": fit.mean, f"{sp}/components": fit.components,
+                           f"{sp}/explained": np.float64(fit.explained), f"{sp}/n_rows": np.int64(fit.n_rows)})
+        write_entry(store, save_npz(arrays), fits_rel)
+    reduced: dict[str, str] = {}
+    for sha, rel in entries.items():
+        out_rel = f"_cache/features/pca-{sha256_bytes(f'{fit_key}/{rel}'.encode())[:24]}.npz"
+        if read_feature_cache(store, out_rel, spec.name) is None:
+            raw = FeatureResult.from_arrays(load_npz(store.get_bytes(rel)))
+            raw.values = {sp: apply_pca(raw.values[sp], fits[sp]) for sp in spaces}
+            raw.columns = None
+            write_entry(store, save_npz(raw.to_arrays()), out_rel)
+        reduced[sha] = out_rel
+    summary = {sp: {"n_components": int(f.components.shape[0]), "explained": round(f.explained, 6),
+                    "n_rows": f.n_rows} for sp, f in fits.items()}
+    return reduced, summary
 
 
 def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
@@ -123,11 +237,14 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
     cfg = as_config(config)
     spec = feature_spec(cfg, feature_name)
     needs = KINDS[spec.kind].needs
-    ingest = open_dataset(cfg, cache_dir or default_cache_dir())
+    cache_dir = Path(cache_dir or default_cache_dir())
+    ingest = open_dataset(cfg, cache_dir)
     store = ResultStore(cfg.output)
     models = ModelCache()
+    runtime = model_runtime(spec)  # the model's dtype and device on this worker: cache key and provenance
     entries: dict[str, str] = {}
     by_run: dict[str, str] = {}  # "<subject>/<run label>" -> stimulus sha256: the fit reads it, never re-derives it
+    story_of: dict[str, str | None] = {}  # "<subject>/<run label>" -> story (test stories stay out of a PCA)
     problems: dict[str, str] = {}  # "<subject>" or "<subject>/<run label>" -> why it has no features
     spaces: set[str] = set()
     n_computed = 0
@@ -151,16 +268,25 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
                 problems[f"{subject}/{run.label}"] = str(err)
                 continue
             by_run[f"{subject}/{run.label}"] = sha
+            story_of[f"{subject}/{run.label}"] = run.story
             if sha in entries:
                 continue
-            result, computed, rel = stimulus_features(store, spec, stim, sha, models=models)
+            names, computed, rel = stimulus_features(store, spec, stim, sha, models=models, runtime=runtime,
+                                                     workdir=cache_dir)
             entries[sha] = rel
-            spaces.update(result.values)
+            spaces.update(names)
             n_computed += int(computed)
     models.clear()
     progress.close()
+    pca_summary = None
+    if getattr(spec, "pca", None) is not None and entries:
+        test = {sha for run_key, sha in by_run.items() if story_of[run_key] in (cfg.model.test_stories or [])}
+        entries, pca_summary = reduce_features(store, spec, entries, set(entries) - test, sorted(spaces),
+                                               workdir=cache_dir)
+        log.info("feature %s: PCA fitted on %d training stimuli, %d held out", feature_name,
+                 len(set(entries) - test), len(test))
     key = sha256_bytes(json.dumps(sorted(entries.values())).encode())[:24]
     return {"feature": feature_name, "kind": spec.kind, "key": key, "entries": entries, "runs": by_run,
-            "problems": problems, "spaces": sorted(spaces),
+            "problems": problems, "spaces": sorted(spaces), "model_runtime": runtime, "pca": pca_summary,
             "computed": n_computed > 0, "n_computed": n_computed, "n_stimuli": len(entries),
             "files_read": [r.as_dict() for r in ingest.files_read.values()]}

@@ -38,6 +38,8 @@ class FeatureSet(TypedDict):
     runs: dict[str, str]  # "<subject>/<run label>" -> stimulus sha256
     problems: dict[str, str]  # "<subject>" or "<subject>/<run label>" -> why it has no features
     spaces: list[str]
+    model_runtime: dict | None  # the model's dtype, quantization, device (None: the kind runs no model)
+    pca: dict | None  # per space: n_components, explained, n_rows of the PCA (None: no `pca`)
     computed: bool
     n_computed: int
     n_stimuli: int
