@@ -145,3 +145,23 @@ def test_a_cohort_of_300_subjects_runs_through_the_dag(airflow_db, dagbag, s3_ur
             select(XComModel).where(XComModel.run_id == run.run_id, XComModel.key == "peak_rss_bytes"))}
     assert {(ti.task_id, ti.map_index) for ti in tis} == set(peaks)
     assert all(isinstance(v, int) and v > 10 * 2**20 for v in peaks.values()), json.dumps(peaks)[:500]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_cohort_writes_its_table(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    out = tmp_path / "cohort.md"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}  # the bench makes its own home
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_cohort.py"), "--subjects", "3", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "| `neuroflow run` (in process) |" in text and "Airflow overhead per subject:" in text
+    fit = next(ln for ln in text.splitlines() if ln.startswith("| `fit_subject` (mapped) | 3 |"))
+    assert "success" in fit and "n/a" not in fit  # every fit task recorded its peak RSS
