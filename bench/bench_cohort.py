@@ -1,6 +1,6 @@
 """A Narratives-size cohort through the real Airflow DAG against `neuroflow run` on the same data.
 
-Builds a cohort of tiny simulated listeners of one story (``tests/datasets/cohort.py``: 362 TRs,
+Builds a cohort of tiny simulated listeners of one story (``tests/datasets/cohort.py``: 150 TRs,
 4 ROI targets each, word rate only), then runs the same analysis twice, each in its own process
 with its own output bucket and cache (nothing reused between them), against a local S3 server:
 
@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.datasets.cohort import build_cohort, cohort_config  # noqa: E402
+from tests.datasets.cohort import N_TRS, build_cohort, cohort_config  # noqa: E402
 
 # Each measured command reports its own peak resident memory (VmHWM restarts at exec).
 PEAK = """
@@ -115,8 +115,8 @@ def task_rows(tasks: list[dict]) -> list[str]:
         secs = [t["seconds"] for t in group if t["seconds"] is not None]
         states = sorted({t["state"] for t in group})
         if len(group) == 1:
-            rows.append(f"| `{name}` | 1 | {secs[0] if secs else float('nan'):.2f} | {_mib(peaks[0] if peaks else None)}"
-                        f" | - | {', '.join(states)} |")
+            sec = f"{secs[0]:.2f}" if secs else "n/a"
+            rows.append(f"| `{name}` | 1 | {sec} | {_mib(peaks[0] if peaks else None)} | - | {', '.join(states)} |")
         else:
             rows.append(f"| `{name}` (mapped) | {len(group)} | median {statistics.median(secs):.2f}, "
                         f"sum {sum(secs):.1f} | median {_mib(statistics.median(peaks) if peaks else None)} | "
@@ -169,7 +169,7 @@ def main() -> None:
         "",
         f"Written by `bench/bench_cohort.py` on {time.strftime('%Y-%m-%d %H:%M')} ({platform.node()}): "
         f"{os.cpu_count()} CPU cores, {platform.machine()}; load average {os.getloadavg()[0]:.1f}. "
-        f"{n} simulated listeners of one story (`tests/datasets/cohort.py`: 362 TRs x 4 ROI targets each, "
+        f"{n} simulated listeners of one story (`tests/datasets/cohort.py`: {N_TRS} TRs x 4 ROI targets each, "
         f"built in {built:.1f} s, not timed), word rate only, 4 delays, 5 contiguous folds, numpy backend, no "
         "dask; published to a local S3 server (maps, one report page per subject and an index, manifest). "
         "Each run in its own process, with its own output bucket and cache: nothing reused.",

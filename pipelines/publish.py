@@ -290,8 +290,8 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
     records = []
     for art in artifacts:
         rel = Path(art["file"]).relative_to(out_dir).as_posix()
-        ctype = {"report_html": "text/html", "subject_report_html": "text/html", "figure_png": "image/png", "flatmap_png": "image/png",
-                 "config_yaml": "text/yaml",
+        ctype = {"report_html": "text/html", "subject_report_html": "text/html", "figure_png": "image/png",
+                 "flatmap_png": "image/png", "config_yaml": "text/yaml",
                  "decoding_json": "application/json",
                  "dataset_description": "application/json"}.get(art["kind"])
         failpoint("publish.upload")

@@ -158,8 +158,9 @@ def test_bench_cohort_writes_its_table(tmp_path):
 
     out = tmp_path / "cohort.md"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}  # the bench makes its own home
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_cohort.py"), "--subjects", "3", "--out", str(out),
-                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_cohort.py"), "--subjects", "3",
+                           "--out", str(out), "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert "| `neuroflow run` (in process) |" in text and "Airflow overhead per subject:" in text
