@@ -78,6 +78,20 @@ def test_a_page_path_outside_the_analysis_is_refused(tmp_path, rng):
     assert not (tmp_path / "elsewhere.html").exists()
 
 
+def test_a_task_peak_counts_only_what_happened_since_its_reset():
+    from pipelines.taskmem import peak_rss_bytes, reset_peak
+
+    block = np.ones(200 * 2**20, np.uint8)  # 200 MiB, touched
+    high = peak_rss_bytes()
+    del block
+    assert reset_peak()
+    after = peak_rss_bytes()
+    assert high - after > 150 * 2**20  # the earlier 200 MiB no longer count
+    block = np.ones(100 * 2**20, np.uint8)
+    assert peak_rss_bytes() - after > 90 * 2**20  # what this "task" held does
+    del block
+
+
 def _check_published(cfg, labels: list[str]) -> dict:
     """The manifest lists every subject; the index links every subject page; each page is in S3,
     matches its manifest entry and is bounded."""
