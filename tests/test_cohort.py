@@ -92,21 +92,25 @@ def test_a_task_peak_counts_only_what_happened_since_its_reset():
     del block
 
 
-def _check_published(cfg, labels: list[str]) -> dict:
-    """The manifest lists every subject; the index links every subject page; each page is in S3,
-    matches its manifest entry and is bounded."""
+def _check_published(cfg, labels: list[str], failed: tuple[str, ...] = ()) -> dict:
+    """The manifest lists every subject; the index links every fitted subject's page (and names the
+    failed ones); each page is in S3, matches its manifest entry and is bounded."""
     from pipelines.consume import read_manifest
     from pipelines.resultstore import ResultStore
 
+    fitted = sorted(set(labels) - set(failed))
     manifest = read_manifest(f"{cfg.publish_prefix}/manifest.json")
-    assert manifest["status"] == "complete" and manifest["subjects"] == sorted(labels)
-    assert set(manifest["metrics"]) == set(labels)
+    assert manifest["status"] == ("partial" if failed else "complete") and manifest["subjects"] == sorted(labels)
+    assert sorted(manifest["metrics"]) == fitted
     pages = {a["subject"]: a for a in manifest["artifacts"] if a["kind"] == "subject_report_html"}
-    assert set(pages) == set(labels)
+    assert sorted(pages) == fitted
     assert all(a["path"] == f"sub-{s}/report.html" for s, a in pages.items())
     store = ResultStore(cfg.publish_prefix)
     index = store.get_bytes("report.html").decode()
-    assert sorted(re.findall(r'<a href="sub-([a-z0-9]+)/report.html"', index)) == sorted(labels)
+    assert sorted(re.findall(r'<a href="sub-([a-z0-9]+)/report.html"', index)) == fitted
+    for sub in failed:
+        row = re.search(rf'<tr id="sub-{sub}">(.*?)</tr>', index, re.S).group(1)
+        assert "failed" in row and f"sub-{sub}" in row  # its error, naming it
     for sub, art in pages.items():
         body = store.get_bytes(art["path"])
         assert len(body) == art["bytes"] <= PAGE_BOUND, sub
@@ -122,13 +126,16 @@ def test_neuroflow_run_publishes_an_index_and_a_page_per_subject_past_the_thresh
     from pipelines.steps import run_analysis
 
     monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
-    labels = build_cohort(tmp_path / "ds002322", INDEX_ABOVE_SUBJECTS + 1)
+    labels = build_cohort(tmp_path / "ds002322", INDEX_ABOVE_SUBJECTS + 2)
+    bad = tmp_path / "ds002322" / "derivatives/cohortroi/sub-c022/func/sub-c022_task-alice_desc-roi_timeseries.tsv"
+    bad.write_text("\n".join(bad.read_text().splitlines()[:40]) + "\n")  # a truncated run: this subject fails
     cfg = parse_config(cohort_config(str(tmp_path / "ds002322"), results_bucket, labels))
     result = run_analysis(cfg)
-    manifest = _check_published(cfg, labels)
+    assert result["status"] == "partial" and result["failed_subjects"] == ["c022"]
+    manifest = _check_published(cfg, labels, failed=("c022",))
     assert [a["path"] for a in manifest["artifacts"] if a["kind"] == "report_html"] == ["report.html"]
     assert (Path(result["local_dir"]) / "sub-c001" / "report.html").is_file()
-    planted = np.mean([manifest["metrics"][s]["wordrate"]["max_r"] for s in labels])
+    planted = np.mean([manifest["metrics"][s]["wordrate"]["max_r"] for s in labels[:-1]])
     assert planted > 0.3  # the word-rate targets are found
 
 
