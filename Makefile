@@ -36,14 +36,16 @@ test: $(STAMP) browser
 reliability: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m reliability
 
-# Speed and memory, measured on this machine: tables in bench/results/ (40-60 min on 2 cores).
+# Speed and memory, measured on this machine: tables in bench/results/ (about 2 hours on 2 cores).
 bench: $(STAMP)
 	$(BIN)/python bench/bench_fit.py --out bench/results/fit.md
 	$(BIN)/python bench/bench_features.py --out bench/results/features.md
 	$(BIN)/python bench/bench_responses.py --targets 80000 --out bench/results/responses.md
 	$(BIN)/python bench/bench_scale.py --out bench/results/scale.md
+	$(BIN)/python bench/bench_memory.py --out bench/results/memory.md
 	$(BIN)/python bench/bench_permutation_level.py --out bench/results/permutation-level.md
 	$(BIN)/python bench/bench_sweep.py --out bench/results/sweep.md
+	$(BIN)/python bench/bench_cohort.py --out bench/results/cohort.md
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

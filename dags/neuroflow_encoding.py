@@ -11,9 +11,14 @@ The feature and fit tasks run in the ``gpu`` pool, so GPU-bound tasks queue for 
 instead of fighting over it (create it once: ``airflow pools set gpu 1 "GPU-bound tasks"``;
 set its slots to the number of GPUs). With CeleryExecutor, ``NEUROFLOW_GPU_QUEUE=gpu`` in
 the DAG processor's environment also routes them to the workers listening on that queue.
+
+Every task records its own peak resident memory (``VmHWM``, reset when the task starts:
+``pipelines.taskmem``) in its log and as the XCom ``peak_rss_bytes``.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from datetime import datetime, timedelta
 
@@ -33,6 +38,27 @@ DEFAULT_ARGS = {
     "max_retry_delay": timedelta(minutes=10),
     "execution_timeout": timedelta(hours=2),
 }
+log = logging.getLogger(__name__)
+
+
+def _measured(fn):
+    """The task's own peak RSS (VmHWM since the task started) in its log and in XCom ``peak_rss_bytes``."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        from pipelines.taskmem import peak_rss_bytes, reset_peak  # standard library only
+
+        reset_peak()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            peak = peak_rss_bytes()
+            if peak is not None:
+                log.info("task peak RSS: %.1f MiB", peak / 2**20)
+                try:
+                    get_current_context()["ti"].xcom_push(key="peak_rss_bytes", value=peak)
+                except Exception as err:  # noqa: BLE001 - a measurement never fails the task
+                    log.warning("task peak RSS not recorded in XCom: %s", err)
+    return run
 
 
 def _credentials() -> None:
@@ -68,6 +94,7 @@ def _config_schema() -> dict:
 )
 def neuroflow_encoding():
     @task(execution_timeout=timedelta(minutes=30))
+    @_measured
     def prepare() -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -86,14 +113,17 @@ def neuroflow_encoding():
             raise AirflowFailException(str(err)) from err
 
     @task
+    @_measured
     def feature_names(prepared: dict) -> list[str]:
         return prepared["feature_spaces"]
 
     @task
+    @_measured
     def subject_labels(prepared: dict) -> list[str]:
         return prepared["subjects"]
 
     @task(map_index_template="{{ feature_label }}", **GPU_TASK)
+    @_measured
     def extract_features(feature: str) -> dict:
         from pipelines.steps import extract_features as run
 
@@ -103,6 +133,7 @@ def neuroflow_encoding():
         return run(context["params"]["config"], feature)
 
     @task(map_index_template="sub-{{ subject_label }}", **GPU_TASK)
+    @_measured
     def fit_subject(subject: str, features: list[dict]) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -123,6 +154,7 @@ def neuroflow_encoding():
 
     # a failed subject must not stop the others from publishing; a failed prepare leaves nothing to publish
     @task(outlets=[PUBLISHED_MAPS, DATASET_RESULTS], trigger_rule="all_done_min_one_success")
+    @_measured
     def publish(prepared: dict, features: list[dict], fits: list[dict]) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -153,6 +185,7 @@ def neuroflow_encoding():
         return result
 
     @task
+    @_measured
     def check_complete(result: dict) -> None:
         """Fail the run when the published analysis is partial, naming the failed subjects."""
         from airflow.sdk.exceptions import AirflowFailException

@@ -25,7 +25,7 @@ from .gallery import update_index
 from .ingest import open_dataset
 from .localdir import check_local_dir, install
 from .manifest import SCHEMA_VERSION, library_versions, utc_now, validate_manifest
-from .report import render_report
+from .report import INDEX_ABOVE_SUBJECTS, render_report, render_report_pages
 from .resultstore import ResultStore
 from .s3 import split_s3_uri
 from .storage import sha256_file
@@ -273,8 +273,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         "SourceDatasets": [{"URL": cfg.dataset.source, "Version": cfg.dataset.version}],
     }, indent=2, sort_keys=True))
     artifacts.append({"file": out_dir / "dataset_description.json", "kind": "dataset_description"})
-    report_path = out_dir / "report.html"
-    render_report({
+    report = {
         "title": f"neuroflow: {cfg.dataset.dataset_id} {cfg.dataset.version} — {cfg.name}",
         "dataset": {"id": cfg.dataset.dataset_id, "version": cfg.dataset.version, "source": cfg.dataset.source},
         "analysis_id": cfg.analysis_id, "config_yaml": cfg.resolved_yaml(),
@@ -282,8 +281,8 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
                        **{f"version {k}": v for k, v in provenance_static["libraries"].items()},
                        "published at": cfg.publish_prefix},
         "subjects": report_subjects,
-    }, report_path)
-    artifacts.append({"file": report_path, "kind": "report_html"})
+    }
+    artifacts += _render_report(report, subject_info, out_dir / "report.html")
 
     existing = _guard(store, manifest_rel, cfg, fits)  # again: another run may have committed meanwhile
     if existing is not None and existing["status"] == "complete":
@@ -296,8 +295,8 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
     records = []
     for art in artifacts:
         rel = Path(art["file"]).relative_to(out_dir).as_posix()
-        ctype = {"report_html": "text/html", "figure_png": "image/png", "flatmap_png": "image/png",
-                 "config_yaml": "text/yaml",
+        ctype = {"report_html": "text/html", "subject_report_html": "text/html", "figure_png": "image/png",
+                 "flatmap_png": "image/png", "config_yaml": "text/yaml",
                  "decoding_json": "application/json",
                  "dataset_description": "application/json"}.get(art["kind"])
         failpoint("publish.upload")
@@ -349,6 +348,20 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
     files = sorted({r["path"] for r in records} | {"manifest.json"})
     local = install(out_dir, files, local_dir, cfg.analysis_id, cache_dir=cache_dir)
     return _result(store, manifest_rel, manifest, local, reused=False)
+
+
+def _render_report(report: dict, subject_info: dict[str, dict], report_path: Path) -> list[dict]:
+    """The report's artifacts: one page (``report.html``) up to ``INDEX_ABOVE_SUBJECTS`` subjects; past
+    that an index (``report.html``) and one page per fitted subject (``sub-<label>/report.html``)."""
+    if len(subject_info) <= INDEX_ABOVE_SUBJECTS:
+        return [{"file": render_report(report, report_path), "kind": "report_html"}]
+    for subj in report["subjects"]:
+        subj["page"] = f"sub-{subj['label']}/report.html"
+    report["failed"] = [{"label": s, "error": i.get("error", "failed")} for s, i in sorted(subject_info.items())
+                        if i["status"] != "ok"]
+    return [{"file": path, "kind": "report_html"} if sub is None
+            else {"file": path, "kind": "subject_report_html", "subject": sub}
+            for path, sub in render_report_pages(report, report_path)]
 
 
 _ANALYSIS_ID = re.compile(r"[a-z0-9][a-z0-9\-]{0,40}-[0-9a-f]{12}")

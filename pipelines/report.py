@@ -1,9 +1,16 @@
-"""One self-contained HTML report per analysis.
+"""The HTML report of an analysis: one self-contained page, or an index and one page per subject.
 
-The page embeds every picture as a base64 ``data:`` URI and carries its own CSS, so it can
-be opened from disk, mailed or served from any bucket without the files next to it. All
-text that comes from users (dataset ids, labels, captions, config, provenance) is escaped
-by jinja2's autoescaping.
+Each page embeds its pictures as base64 ``data:`` URIs and carries its own CSS, so it can be
+opened from disk, mailed or served from any bucket without the files next to it. All text that
+comes from users (dataset ids, labels, captions, config, provenance) is escaped by jinja2's
+autoescaping.
+
+Up to :data:`INDEX_ABOVE_SUBJECTS` subjects, :func:`render_report` writes the whole analysis on
+one page. A cohort past that (Narratives: 345 subjects) gets :func:`render_report_pages`: an
+index page (the cohort's summary and one row per subject, failed ones included, each linking
+its page) and one page per subject holding only that subject's scores and pictures, so every
+subject page's size is bounded whatever the cohort's size and no page is rendered with all the
+cohort's pictures in memory.
 """
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import base64
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,12 +27,14 @@ import jinja2
 
 from pipelines.errors import IntegrityError, NeuroflowError
 
-__all__ = ["render_report"]
+__all__ = ["INDEX_ABOVE_SUBJECTS", "render_report", "render_report_pages"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _METRIC_KEYS = ("mean_r", "median_r", "max_r", "n_targets", "n_valid")
+INDEX_ABOVE_SUBJECTS = 20  # more subjects than this: an index page and one page per subject
+_PAGE_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*\.html")
 
-_TEMPLATE = """<!DOCTYPE html>
+_HEAD = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -45,10 +55,14 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 0.5em 0 1.5em; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; }
+a { color: #0550ae; }
+td.err { color: #8a1c1c; max-width: 30em; }
 pre { background: #f7f7f7; border: 1px solid #ddd; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 </style>
 </head>
-<body>
+"""
+
+_TEMPLATE = _HEAD + """<body>
 <h1>{{ title }}</h1>
 <p class="meta">
 Dataset <strong>{{ dataset.id }}</strong> version <strong>{{ dataset.version }}</strong>
@@ -102,6 +116,99 @@ Dataset <strong>{{ dataset.id }}</strong> version <strong>{{ dataset.version }}<
 </html>
 """
 
+_META = """<p class="meta">
+Dataset <strong>{{ dataset.id }}</strong> version <strong>{{ dataset.version }}</strong>
+{%- if dataset.source %} (source: {{ dataset.source }}){% endif %}
+&middot; analysis <strong>{{ analysis_id }}</strong>
+</p>
+"""
+
+_INDEX_TEMPLATE = _HEAD + """<body>
+<h1>{{ title }}</h1>
+""" + _META + """
+{% if any_simulated %}
+<p><span class="badge">simulated</span> Subjects marked simulated carry synthetic data, not recordings.</p>
+{% endif %}
+
+<h2>Cohort</h2>
+<p>{{ n_subjects }} subjects: {{ n_ok }} fitted{% if n_failed %}, <strong>{{ n_failed }} failed</strong>{% endif %}.
+Each subject's scores and pictures are on its own page (linked below).</p>
+<table>
+<thead><tr><th>Feature space</th><th>Subjects</th><th>Mean of mean r</th><th>Median of mean r</th>
+<th>Min mean r</th><th>Max mean r</th><th>Max r (any subject)</th></tr></thead>
+<tbody>
+{% for fs in cohort %}
+<tr><td>{{ fs.name }}</td>{% for m in fs.cells %}<td class="num">{{ m }}</td>{% endfor %}</tr>
+{% endfor %}
+</tbody>
+</table>
+
+<h2>Subjects</h2>
+<table>
+<thead><tr><th>Subject</th><th>Status</th><th>N targets</th>
+{% for name in space_names %}<th>{{ name }}: mean r</th><th>{{ name }}: max r</th>{% endfor %}
+<th>Page</th></tr></thead>
+<tbody>
+{% for s in rows %}
+<tr id="sub-{{ s.label }}"><td>{{ s.label }}{% if s.simulated %} <span class="badge">simulated</span>{% endif %}</td>
+{% if s.ok %}
+<td>ok</td><td class="num">{{ s.n_targets }}</td>
+{% for m in s.cells %}<td class="num">{{ m }}</td>{% endfor %}
+<td><a href="{{ s.page }}">sub-{{ s.label }}</a></td>
+{% else %}
+<td>failed</td><td class="err" colspan="{{ 2 + 2 * space_names|length }}">{{ s.error }}</td>
+{% endif %}
+</tr>
+{% endfor %}
+</tbody>
+</table>
+
+<h2>Configuration</h2>
+<pre>{{ config_yaml }}</pre>
+
+<h2>Provenance</h2>
+<table>
+<tbody>
+{% for key, value in provenance %}
+<tr><th>{{ key }}</th><td>{{ value }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+</body>
+</html>
+"""
+
+_SUBJECT_TEMPLATE = _HEAD + """<body>
+<p><a href="{{ index }}">&larr; all subjects</a> &middot; <a href="{{ config }}">configuration</a></p>
+<h1>{{ title }}</h1>
+""" + _META + """
+{% if s.simulated %}
+<p><span class="badge">simulated</span> This subject carries synthetic data, not recordings.</p>
+{% endif %}
+<table>
+<thead><tr><th>Feature space</th><th>Mean r</th><th>Median r</th><th>Max r</th>
+<th>N targets</th><th>N valid</th></tr></thead>
+<tbody>
+{% for fs in s.feature_spaces %}
+<tr><td>{{ fs.name }}</td>{% for m in fs.metrics_text %}<td class="num">{{ m }}</td>{% endfor %}</tr>
+{% endfor %}
+</tbody>
+</table>
+{% for fs in s.feature_spaces %}
+<h2>{{ fs.name }}</h2>
+{% for im in fs.images %}
+<figure>
+<img src="{{ im.data_uri }}" alt="{{ im.caption }}">
+<figcaption>{{ im.caption }}</figcaption>
+</figure>
+{% else %}
+<p>No pictures.</p>
+{% endfor %}
+{% endfor %}
+</body>
+</html>
+"""
+
 _ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
@@ -143,6 +250,53 @@ def _get(mapping: dict, key: str, where: str) -> Any:
         raise NeuroflowError(f"report is missing key '{key}' in {where}") from err
 
 
+def _subject_view(subj: dict, where: str) -> dict:
+    """One subject's label, simulated flag and feature spaces with metrics as text and pictures embedded."""
+    spaces = []
+    for j, fs in enumerate(_get(subj, "feature_spaces", where)):
+        fwhere = f"{where}.feature_spaces[{j}]"
+        metrics = _get(fs, "metrics", fwhere)
+        spaces.append({
+            "name": str(_get(fs, "name", fwhere)),
+            "metrics_text": [_fmt_metric(k, metrics.get(k)) for k in _METRIC_KEYS],
+            "images": [
+                {"data_uri": _png_data_uri(_get(im, "path", f"{fwhere}.images[{k}]")),
+                 "caption": str(im.get("caption", ""))}
+                for k, im in enumerate(fs.get("images", []))
+            ],
+        })
+    return {"label": str(_get(subj, "label", where)), "simulated": bool(subj.get("simulated", False)),
+            "feature_spaces": spaces}
+
+
+def _page_header(report: dict) -> dict:
+    """What every page of an analysis shows at its top: title, dataset, analysis id."""
+    dataset = _get(report, "dataset", "report")
+    return {"title": str(_get(report, "title", "report")),
+            "dataset": {"id": str(_get(dataset, "id", "dataset")),
+                        "version": str(_get(dataset, "version", "dataset")),
+                        "source": str(dataset.get("source") or "")},
+            "analysis_id": str(_get(report, "analysis_id", "report"))}
+
+
+def _provenance(report: dict) -> list[tuple[str, str]]:
+    return [(str(k), _fmt_value(v)) for k, v in (report.get("provenance") or {}).items()]
+
+
+def _write_atomic(path: Path, html: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(html)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def render_report(report: dict, path: str | Path) -> Path:
     """Write one self-contained HTML page for an analysis.
 
@@ -162,50 +316,100 @@ def render_report(report: dict, path: str | Path) -> Path:
     Path
         The written file.
     """
-    path = Path(path)
-    dataset = _get(report, "dataset", "report")
-    subjects = []
-    any_simulated = False
-    for i, subj in enumerate(_get(report, "subjects", "report")):
-        where = f"subjects[{i}]"
-        simulated = bool(subj.get("simulated", False))
-        any_simulated |= simulated
-        spaces = []
-        for j, fs in enumerate(_get(subj, "feature_spaces", where)):
-            fwhere = f"{where}.feature_spaces[{j}]"
-            metrics = _get(fs, "metrics", fwhere)
-            spaces.append({
-                "name": str(_get(fs, "name", fwhere)),
-                "metrics_text": [_fmt_metric(k, metrics.get(k)) for k in _METRIC_KEYS],
-                "images": [
-                    {"data_uri": _png_data_uri(_get(im, "path", f"{fwhere}.images[{k}]")),
-                     "caption": str(im.get("caption", ""))}
-                    for k, im in enumerate(fs.get("images", []))
-                ],
-            })
-        subjects.append({"label": str(_get(subj, "label", where)), "simulated": simulated,
-                         "feature_spaces": spaces})
-
+    subjects = [_subject_view(subj, f"subjects[{i}]") for i, subj in enumerate(_get(report, "subjects", "report"))]
     html = _ENV.from_string(_TEMPLATE).render(
-        title=str(_get(report, "title", "report")),
-        dataset={"id": str(_get(dataset, "id", "dataset")),
-                 "version": str(_get(dataset, "version", "dataset")),
-                 "source": str(dataset.get("source") or "")},
-        analysis_id=str(_get(report, "analysis_id", "report")),
-        any_simulated=any_simulated,
+        **_page_header(report),
+        any_simulated=any(s["simulated"] for s in subjects),
         subjects=subjects,
         config_yaml=str(report.get("config_yaml", "")),
-        provenance=[(str(k), _fmt_value(v)) for k, v in (report.get("provenance") or {}).items()],
+        provenance=_provenance(report),
     )
+    return _write_atomic(Path(path), html)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(html)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+def _cohort_rows(subjects: list[dict], failed: list[dict]) -> tuple[list[str], list[dict], list[dict]]:
+    """Feature space names, the cohort summary per feature space, one row per subject (sorted by label)."""
+    names: list[str] = []
+    for subj in subjects:
+        for fs in subj["feature_spaces"]:
+            if fs["name"] not in names:
+                names.append(fs["name"])
+    cohort = []
+    for name in names:
+        means = [float(fs["metrics"]["mean_r"]) for s in subjects for fs in s["feature_spaces"]
+                 if fs["name"] == name and fs["metrics"].get("mean_r") is not None
+                 and not math.isnan(float(fs["metrics"]["mean_r"]))]
+        maxes = [float(fs["metrics"]["max_r"]) for s in subjects for fs in s["feature_spaces"]
+                 if fs["name"] == name and fs["metrics"].get("max_r") is not None
+                 and not math.isnan(float(fs["metrics"]["max_r"]))]
+        ordered = sorted(means)
+        median = None
+        if ordered:
+            mid = len(ordered) // 2
+            median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        cohort.append({"name": name, "cells": [
+            str(len(means)), _fmt_metric("mean", sum(means) / len(means) if means else None),
+            _fmt_metric("median", median), _fmt_metric("min", min(means, default=None)),
+            _fmt_metric("max", max(means, default=None)), _fmt_metric("max", max(maxes, default=None))]})
+    rows = []
+    for i, subj in enumerate(subjects):
+        by_name = {fs["name"]: fs["metrics"] for fs in subj["feature_spaces"]}
+        cells = []
+        for name in names:
+            m = by_name.get(name, {})
+            cells += [_fmt_metric("mean_r", m.get("mean_r")), _fmt_metric("max_r", m.get("max_r"))]
+        n_targets = next((m.get("n_targets") for m in by_name.values() if m.get("n_targets") is not None), None)
+        page = str(_get(subj, "page", f"subjects[{i}]"))
+        if not _PAGE_PATH.fullmatch(page) or ".." in page.split("/"):
+            raise NeuroflowError(f"report subjects[{i}] page {page!r} is not a relative .html path inside the "
+                                 "analysis")
+        rows.append({"label": str(subj["label"]), "simulated": bool(subj.get("simulated", False)), "ok": True,
+                     "n_targets": _fmt_metric("n_targets", n_targets), "cells": cells, "page": page})
+    for i, fail in enumerate(failed):
+        rows.append({"label": str(_get(fail, "label", f"failed[{i}]")), "simulated": False, "ok": False,
+                     "error": str(fail.get("error", "failed"))[:500]})
+    rows.sort(key=lambda r: r["label"])
+    return names, cohort, rows
+
+
+def render_report_pages(report: dict, index_path: str | Path) -> list[tuple[Path, str | None]]:
+    """Write an index page and one self-contained page per subject.
+
+    Parameters
+    ----------
+    report : dict
+        As for :func:`render_report`, each subject with ``"page"``: its page's path relative to
+        the index's folder (e.g. ``"sub-01/report.html"``), and optionally ``"failed": [{"label",
+        "error"}]``: subjects whose fit failed (a row on the index, no page).
+    index_path : str or Path
+        The index page (written atomically); subject pages are written beside it at their
+        ``page`` paths, one at a time (only one subject's pictures are held in memory).
+
+    Returns
+    -------
+    list of (Path, str or None)
+        Every page written: the index (subject None), then each subject's page and label.
+    """
+    index_path = Path(index_path)
+    header = _page_header(report)
+    subjects = list(_get(report, "subjects", "report"))
+    names, cohort, rows = _cohort_rows(subjects, list(report.get("failed") or []))
+    written: list[tuple[Path, str | None]] = []
+    index_rel = index_path.name
+    for i, subj in enumerate(subjects):
+        view = _subject_view(subj, f"subjects[{i}]")
+        page = subj["page"]
+        up = "../" * page.count("/")
+        html = _ENV.from_string(_SUBJECT_TEMPLATE).render(
+            **{**header, "title": f"{header['title']}: sub-{view['label']}"}, s=view,
+            index=f"{up}{index_rel}#sub-{view['label']}", config=f"{up}config.yaml")
+        written.append((_write_atomic(index_path.parent / page, html), view["label"]))
+    html = _ENV.from_string(_INDEX_TEMPLATE).render(
+        **header,
+        any_simulated=any(r["simulated"] for r in rows),
+        n_subjects=len(rows), n_ok=len(subjects), n_failed=len(rows) - len(subjects),
+        space_names=names, cohort=cohort, rows=rows,
+        config_yaml=str(report.get("config_yaml", "")),
+        provenance=_provenance(report),
+    )
+    return [(_write_atomic(index_path, html), None), *written]
