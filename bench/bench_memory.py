@@ -92,7 +92,10 @@ def main() -> None:
              "", f"Written by `bench/bench_memory.py` on {time.strftime('%Y-%m-%d %H:%M')}: `neuroflow run` on the "
              f"a-hf5 dataset of `bench_scale.py` (Y = {y_gb:.2f} GB float32), under memray 1.20. \"before\": "
              f"revision `{args.before}`; \"after\": this tree. Heap high-water mark, and what was held at that "
-             "moment by the innermost neuroflow line that allocated it.", ""]
+             "moment by the innermost neuroflow line that allocated it. memray counts an allocation in full when "
+             "it is made: the stacked matrix's `np.empty` pages become resident only as each run is copied in and "
+             "the run's own array released, so resident memory (VmHWM, `bench_scale.py`) stays near Y plus one "
+             "run at this moment.", ""]
     for label, (peak, ranked) in rows.items():
         lines += [f"## {label}: heap peak {peak:.2f} GB = {peak / y_gb:.2f}x Y", "",
                   "| allocated by | GB held at the peak | x Y |", "|---|---:|---:|"]
