@@ -175,7 +175,7 @@ def runtime_of(model: str, revision: str | None = None, *, origin: str = "featur
     ModelError
         The model's config cannot be read (see ``safe_model_config``).
     """
-    from pipelines.features.language_model import safe_model_config  # it imports this module
+    from pipelines.features.model_source import safe_model_config
 
     _, _, config = safe_model_config(model, revision, "model")
     return resolve_runtime(config, origin=origin, **keys)

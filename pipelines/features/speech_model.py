@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pipelines.errors import ModelError
-from pipelines.features.language_model import safe_model_config
+from pipelines.features.model_source import safe_model_config
 from pipelines.features.layer_files import LayerFiles
 from pipelines.features.lm_windows import layer_indices
 from pipelines.features.model_runtime import load_kwargs, place, resolve_runtime
