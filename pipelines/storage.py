@@ -147,12 +147,50 @@ class _CutTransfer(Exception):
     """The server closed the body before `size` bytes arrived."""
 
 
-def _stream_to_file(client, bucket: str, key: str, dest: Path, offset: int = 0, etag: str = "") -> dict:
+class StreamDigests:
+    """Digests of a file taken while it is written, block by block (no second pass over it).
+
+    ``catch_up(path, size)`` brings them to the file's first ``size`` bytes when bytes were
+    written without them (a transfer cut between a write and its digest, or a part left by an
+    earlier process), reading only those bytes.
+    """
+
+    def __init__(self, algos: tuple[str, ...]) -> None:
+        self.algos = tuple(dict.fromkeys(algos))
+        self.reset()
+
+    def reset(self) -> None:
+        self.hashes = {a: hashlib.new(a) for a in self.algos}
+        self.n_bytes = 0
+
+    def update(self, block: bytes) -> None:
+        for h in self.hashes.values():
+            h.update(block)
+        self.n_bytes += len(block)
+
+    def catch_up(self, path: Path, size: int) -> None:
+        if self.n_bytes > size:
+            self.reset()
+        with open(path, "rb") as fh:
+            fh.seek(self.n_bytes)
+            while self.n_bytes < size:
+                block = fh.read(min(CHUNK, size - self.n_bytes))
+                if not block:
+                    break
+                self.update(block)
+
+    def hexdigests(self) -> dict[str, str]:
+        return {a: h.hexdigest() for a, h in self.hashes.items()}
+
+
+def _stream_to_file(client, bucket: str, key: str, dest: Path, offset: int = 0, etag: str = "",
+                    digests: StreamDigests | None = None) -> dict:
     """GET one object (from byte `offset` on) into `dest`, appending; returns the response headers used.
 
     GET only (anonymous HEAD is refused by some servers). With an offset the request carries
     ``Range: bytes=<offset>-`` and, when the listing gave an ETag, ``If-Match`` so that a
-    resumed transfer never splices two versions of an object.
+    resumed transfer never splices two versions of an object. ``digests`` (caught up to
+    ``offset``) are updated with every block written.
     """
     kwargs = {"Bucket": bucket, "Key": key}
     if offset:
@@ -162,9 +200,13 @@ def _stream_to_file(client, bucket: str, key: str, dest: Path, offset: int = 0, 
     resp = client.get_object(**kwargs)
     ranged = bool(offset) and bool(resp.get("ContentRange"))
     body = resp["Body"]
+    if digests is not None and not ranged:
+        digests.reset()  # the object is written from its first byte
     with open(dest, "ab" if ranged else "wb") as fh:
         for block in iter(lambda: body.read(CHUNK), b""):
             fh.write(block)
+            if digests is not None:
+                digests.update(block)
     return {"version_id": resp.get("VersionId") or "", "ranged": ranged}
 
 
@@ -331,8 +373,8 @@ class DatasetSource:
                 self.verified.setdefault(key, "size+sha256 (cached copy matches the record of its verified download)")
             else:
                 part = dest.with_name(dest.name + ".part")
-                self._download(key, info, part)
-                self.verified[key], digests = self._verify(key, info, part)
+                streamed = self._download(key, info, part)
+                self.verified[key], digests = self._verify(key, info, part, streamed)
                 _drop_if_link(dest)
                 os.replace(part, dest)
                 part.with_name(part.name + ".json").unlink(missing_ok=True)
@@ -417,8 +459,14 @@ class DatasetSource:
     def _check_pointer(self, key: str, path: Path) -> None:
         check_not_pointer(path, f"{self.source}/{key}")
 
-    def _download(self, key: str, info: ObjectInfo, part: Path) -> None:
-        """Fill `part` with the object's bytes, resuming a previous partial transfer of the same ETag."""
+    def _digest_algos(self, key: str) -> tuple[str, ...]:
+        """The digests a download is verified and recorded with: sha256, md5 and the source's algorithm."""
+        algo = self.expected_checksum(key)[0]
+        return tuple(dict.fromkeys(("sha256", "md5", *((algo,) if algo else ()))))
+
+    def _download(self, key: str, info: ObjectInfo, part: Path) -> dict[str, str]:
+        """Fill `part` with the object's bytes, resuming a previous partial transfer of the same ETag;
+        returns the digests of the bytes written, taken while they were written."""
         client = s3_client(self.bucket)
         full_key = f"{self.prefix}/{key}" if self.prefix else key
         meta = part.with_name(part.name + ".json")
@@ -437,17 +485,23 @@ class DatasetSource:
         meta.write_text(json.dumps({"etag": info.etag, "size": info.size}))
         cuts = 0
         streaming = _stream_errors()
+        digests = StreamDigests(self._digest_algos(key))
         while True:
             before = part.stat().st_size if part.exists() else 0
             try:
-                got = _stream_to_file(client, self.bucket, full_key, part, offset, info.etag)
+                if offset:
+                    digests.catch_up(part, offset)
+                got = _stream_to_file(client, self.bucket, full_key, part, offset, info.etag, digests)
                 if got["version_id"]:
                     self.version_ids[key] = got["version_id"]
                 if offset and got["ranged"]:
                     self.resumed[key] = self.resumed.get(key, 0) + 1
                 if part.stat().st_size < info.size:
                     raise _CutTransfer()
-                return
+                size = part.stat().st_size
+                if digests.n_bytes != size:  # a block written without its digest: read only what is missing
+                    digests.catch_up(part, size)
+                return digests.hexdigests()
             except streaming as err:
                 now = part.stat().st_size if part.exists() else 0
                 if now == before and not isinstance(err, _CutTransfer):  # nothing arrived: the server is unreachable
@@ -470,11 +524,12 @@ class DatasetSource:
                                           "being modified: run again once it is stable")
                 raise mapped from err
 
-    def _verify(self, key: str, info: ObjectInfo, part: Path) -> tuple[str, dict[str, str]]:
+    def _verify(self, key: str, info: ObjectInfo, part: Path,
+                streamed: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
         """Size and (where the source gives one) checksum of a finished download; removes it if wrong.
 
-        Returns the verification label and the file's digests (sha256 and md5, plus the source's algorithm),
-        taken in one pass.
+        Returns the verification label and the file's digests (sha256 and md5, plus the source's algorithm):
+        ``streamed``, taken while the download was written, else one pass over the file.
         """
         got = part.stat().st_size
         if got != info.size:
@@ -482,7 +537,8 @@ class DatasetSource:
             raise IntegrityError(f"{self.source}/{key}: downloaded {got} bytes, expected {info.size}; "
                                  "the transfer was cut or the object changed, run again")
         algo, digest, where = self.expected_checksum(key)
-        digests = hash_file(part, tuple(dict.fromkeys(("sha256", "md5", *((algo,) if algo else ())))))
+        algos = self._digest_algos(key)
+        digests = streamed if streamed is not None and set(algos) <= set(streamed) else hash_file(part, algos)
         if not algo:
             return "size", digests
         if digests[algo] != digest:

@@ -192,6 +192,41 @@ def test_a_partial_file_is_resumed_across_runs_and_never_looks_complete(blob_sou
             assert again.fetch(BIG).read_bytes() == data and again.resumed[BIG] == 1
 
 
+def test_digests_taken_while_streaming_equal_a_pass_over_the_file(blob_source, tmp_path, monkeypatch):
+    """The digests recorded for a download are taken as its bytes arrive (no second read), also when the
+    transfer is cut and resumed, and they equal the file's own."""
+    import hashlib
+
+    import pipelines.storage as storage
+
+    from .faultproxy import FaultProxy
+
+    src, data = blob_source
+    passes = []
+    real_hash_file = storage.hash_file
+    monkeypatch.setattr(storage, "hash_file", lambda path, algos=("sha256",): passes.append(path)
+                        or real_hash_file(path, algos))
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        source = _source(src, tmp_path)
+        source.list_files()
+        proxy.truncate = {BIG.rsplit("/", 1)[1]: 2}  # cut twice, resumed twice
+        path = source.fetch(BIG)
+    assert proxy.counts["truncated"] == 2 and source.resumed[BIG] >= 1
+    assert passes == []  # never read again to be hashed
+    assert source.digests[BIG]["sha256"] == hashlib.sha256(data).hexdigest() == storage.sha256_file(path)
+    assert source.digests[BIG]["md5"] == hashlib.md5(data).hexdigest()
+    # a part left by an earlier process is caught up from disk, reading only its bytes
+    digests = storage.StreamDigests(("sha256",))
+    digests.update(data[:100])
+    part = tmp_path / "part"
+    part.write_bytes(data[:5000])
+    digests.catch_up(part, 5000)
+    assert digests.n_bytes == 5000 and digests.hexdigests()["sha256"] == hashlib.sha256(data[:5000]).hexdigest()
+    digests.catch_up(part, 4000)  # fewer bytes than digested: started again from the first byte
+    assert digests.hexdigests()["sha256"] == hashlib.sha256(data[:4000]).hexdigest()
+
+
 def test_a_stale_partial_of_another_object_version_is_discarded(blob_source, tmp_path):
     import json
 
@@ -212,13 +247,16 @@ def test_a_download_that_does_not_match_its_etag_is_deleted(blob_source, tmp_pat
     src, _ = blob_source
     real = storage._stream_to_file
 
-    def corrupting(client, bucket, key, dest, offset=0, etag=""):
+    def corrupting(client, bucket, key, dest, offset=0, etag="", digests=None):
         out = real(client, bucket, key, dest, offset, etag)
         with open(dest, "r+b") as fh:  # one flipped byte, same size
             fh.seek(1000)
             b = fh.read(1)
             fh.seek(1000)
             fh.write(bytes([b[0] ^ 0xFF]))
+        if digests is not None:  # the digests taken while streaming see the bytes as they arrived: flipped
+            digests.reset()
+            digests.catch_up(dest, dest.stat().st_size)
         return out
 
     with ledger.bad_input("download corrupted in transit (MD5 != ETag)"):
