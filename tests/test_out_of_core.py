@@ -189,3 +189,20 @@ def test_an_analysis_out_of_core_publishes_the_numbers_of_the_one_in_memory(lebe
         np.testing.assert_array_equal(disk[key], mem[key], err_msg=key)
     assert fit_d["metrics"] == fit_m["metrics"] and fit_d["n_invalid_targets"] == 1
     assert np.nanmean(mem["wordrate__r"][PLANTED]) > 0.3 and mem["wordrate__p"][PLANTED].max() < 0.05
+
+
+def test_the_targets_to_fit_can_be_given_instead_of_read_from_y():
+    X, groups = _design(5, 160)
+    rng = np.random.default_rng(6)
+    Y = (X[:, :2] @ rng.standard_normal((2, 50)) + rng.standard_normal((160, 50))).astype(np.float32)
+    Y[:, 3] = 0.0
+    given = np.ones(50, dtype=bool)
+    given[[3, 9]] = False  # 9 varies but the caller leaves it out
+    fit = fit_encoding(X, Y, groups, [1, 100], valid=given)
+    np.testing.assert_array_equal(fit.valid, given)
+    assert np.isnan(fit.r[[3, 9]]).all() and np.isfinite(fit.r[given]).all()
+    np.testing.assert_array_equal(fit.r[given], fit_encoding(X, Y, groups, [1, 100]).r[given])
+    from pipelines.errors import FitError
+
+    with pytest.raises(FitError, match=r"'valid' must be a bool array of shape \(50,\)"):
+        fit_encoding(X, Y, groups, [1, 100], valid=np.ones(49, dtype=bool))

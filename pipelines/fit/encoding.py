@@ -108,6 +108,14 @@ def _held_bytes(Y: Any) -> int | None:
     return int(Y.nbytes) if isinstance(Y, np.ndarray) else None
 
 
+def _checked_valid(valid: Any, n_targets: int) -> np.ndarray:
+    """The caller's mask of targets to fit, as a bool array of one value per target."""
+    mask = np.asarray(valid)
+    if mask.dtype != bool or mask.shape != (n_targets,):
+        raise FitError(f"'valid' must be a bool array of shape ({n_targets},); got {mask.dtype} {mask.shape}.")
+    return mask.copy()
+
+
 def _predictions_array(Y: Any, return_predictions: bool, out: Any) -> Any:
     """Where held-out predictions go: ``out``, a new NaN array, or None when none are kept."""
     if not return_predictions:
@@ -162,6 +170,7 @@ def fit_encoding(
     test_groups: Sequence[Any] | None = None,
     solver: str = "auto",
     predictions_out: Any = None,
+    valid: np.ndarray | None = None,
 ) -> EncodingResult:
     """Fit a ridge encoding model per target with nested leave-one-group-out CV.
 
@@ -233,7 +242,7 @@ def fit_encoding(
     solver_name = choose_solver(solver, X.shape[1], splits)
 
     n_samples, n_targets = Y.shape
-    valid = valid_targets(Y)
+    valid = valid_targets(Y) if valid is None else _checked_valid(valid, n_targets)
     if not valid.any():
         raise FitError(f"All {n_targets} targets in Y are constant or contain NaN/Inf; nothing to fit.")
     valid_idx = np.flatnonzero(valid)
@@ -287,6 +296,7 @@ def fit_banded_encoding(
     return_predictions: bool = True,
     test_groups: Sequence[Any] | None = None,
     predictions_out: Any = None,
+    valid: np.ndarray | None = None,
 ) -> BandedEncodingResult:
     """Banded ridge over several feature spaces, with the held-out R² split per space.
 
@@ -298,7 +308,7 @@ def fit_banded_encoding(
     ----------
     Xs : mapping of name -> array of shape (n_samples, n_features_b), or a sequence
         The feature spaces (a sequence is named ``band0``, ``band1``, ...).
-    Y, groups, alphas, backend, gap, n_targets_chunk, client, return_predictions, test_groups, predictions_out
+    Y, groups, alphas, backend, gap, n_targets_chunk, client, return_predictions, test_groups, predictions_out, valid
         As in :func:`fit_encoding` (``Y`` may be on storage).
     n_iter : int
         Draws of band weights in himalaya's random search (the first is uniform).
@@ -328,7 +338,7 @@ def fit_banded_encoding(
     backend_name = choose_backend(backend)
 
     n_samples, n_targets = Y.shape
-    valid = valid_targets(Y)
+    valid = valid_targets(Y) if valid is None else _checked_valid(valid, n_targets)
     if not valid.any():
         raise FitError(f"All {n_targets} targets in Y are constant or contain NaN/Inf; nothing to fit.")
     valid_idx = np.flatnonzero(valid)

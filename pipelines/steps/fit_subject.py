@@ -269,7 +269,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
                     result = fit_encoding(X, Y, groups, cfg.model.alphas, backend=cfg.compute.backend, gap=gap,
                                           client=client, test_groups=test_groups, return_predictions=keep,
                                           predictions_out=matrix.predictions_like() if keep and matrix.out_of_core
-                                          else None)
+                                          else None, valid=finite & ~constant)
                     backend = result.backend
                     fitted = {"r": result.r.astype(np.float32), "r2": result.r2.astype(np.float32),
                               "alpha": result.alpha.astype(np.float32), "valid": result.valid,
@@ -304,7 +304,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
             if client is None and Y.shape[1] > 64:
                 client = get_client(cfg.compute.dask, cfg.compute.n_workers)
             fitted, computed = _fit_banded(cfg, store, subject, responses_sha, bands, runs, Y, groups, gap, client,
-                                           test_groups, matrix)
+                                           test_groups, matrix, finite & ~constant)
             backend = str(fitted.get("backend", ""))
             computed_features += ["banded"] if computed else []
             for stat in FIT_ARRAYS:
@@ -368,7 +368,8 @@ def _ceiling_normalised(runs: list[Run], arrays: dict[str, np.ndarray], metrics:
 
 def _fit_banded(cfg: AnalysisConfig, store: ResultStore, subject: str, responses_sha: str, bands: list[tuple],
                 runs: list[Run], Y: np.ndarray, groups: np.ndarray, gap: int, client,
-                test_groups: list[int] | None = None, matrix: ResponseMatrix | None = None) -> tuple[dict, bool]:
+                test_groups: list[int] | None = None, matrix: ResponseMatrix | None = None,
+                valid: np.ndarray | None = None) -> tuple[dict, bool]:
     """Banded ridge over every feature space (one band each), cached by content like single fits."""
     key = fit_key(cfg, subject, responses_sha, [r for band in bands for r in band[3]],
                   "banded:" + ",".join(f"{name}/{space}" for name, _, space, _ in bands))
@@ -384,7 +385,7 @@ def _fit_banded(cfg: AnalysisConfig, store: ResultStore, subject: str, responses
                                  backend=cfg.compute.backend, gap=gap, client=client, test_groups=test_groups,
                                  return_predictions=keep,
                                  predictions_out=matrix.predictions_like() if keep and matrix and matrix.out_of_core
-                                 else None)
+                                 else None, valid=valid)
     fitted = {"r": result.r.astype(np.float32), "r2": result.r2.astype(np.float32),
               "alpha": result.alpha.astype(np.float32), "valid": result.valid,
               "r2_split": np.asarray(result.r2_split, dtype=np.float32), "backend": np.asarray(result.backend)}
