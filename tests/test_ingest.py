@@ -355,3 +355,30 @@ def test_local_git_annex_clone_is_verified_against_its_keys(tmp_path, ledger):
     with ledger.bad_input("local symlink out of the dataset"):
         with pytest.raises(DatasetError, match=r"outside\.tsv: a symbolic link out of the dataset folder"):
             ingest.fetch("sub-01/func/outside.tsv")
+
+
+def test_a_timing_file_is_parsed_once_across_steps_and_a_bad_stored_table_is_parsed_again(demo_tree, tmp_path,
+                                                                                          monkeypatch):
+    """Each step opens the dataset anew (its own process under Airflow): the parsed words come from the
+    cache, keyed by the file's content; a damaged or planted entry is never trusted."""
+    import pandas as pd
+
+    import pipelines.ingest.words as words_module
+
+    parsed = []
+    real = words_module.read_word_timings
+    monkeypatch.setattr(words_module, "read_word_timings", lambda *a, **k: parsed.append(a[0]) or real(*a, **k))
+    cfg = cfg_for(str(demo_tree), tmp_path)
+    first = load_words(open_dataset(cfg, tmp_path / "cache"))
+    assert len(parsed) == 1
+    again = load_words(open_dataset(cfg, tmp_path / "cache"))  # a later step
+    assert len(parsed) == 1
+    pd.testing.assert_frame_equal(first, again)
+    (stored,) = list((tmp_path / "cache").rglob("words/*.npz"))
+    stored.write_bytes(b"not an npz")  # damaged: parsed again, and stored afresh
+    pd.testing.assert_frame_equal(load_words(open_dataset(cfg, tmp_path / "cache")), first)
+    assert len(parsed) == 2
+    stored.unlink()
+    stored.symlink_to(tmp_path / "elsewhere.npz")  # a link where a table belongs is never followed
+    pd.testing.assert_frame_equal(load_words(open_dataset(cfg, tmp_path / "cache")), first)
+    assert len(parsed) == 3

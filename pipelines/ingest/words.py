@@ -15,6 +15,7 @@ from ..storage import safe_key
 from ..wordtimings import read_word_timings
 from .dataset import Ingest
 from .responses import Run
+from .word_store import load_table, save_table, table_key
 
 __all__ = ["DURATION_TOLERANCE_SAMPLES", "EPHYS_TOLERANCE_S", "TIMING_TOLERANCE_S", "check_run_timing",
            "load_run_words", "load_words", "timing_tolerance", "word_reader_options", "word_timing_key"]
@@ -66,7 +67,15 @@ def _words_from(ingest: Ingest, key: str, shift: float, fmt: str | None = None) 
     cache_key = (key, round(shift, 9), fmt)
     if cache_key not in ingest.word_cache:
         path = ingest.fetch(key)
-        ingest.word_cache[cache_key] = read_word_timings(path, fmt, shift, key=key, **word_reader_options(w))
+        options = word_reader_options(w)
+        # parsed once per file content: every later step (its own process under Airflow) loads the table
+        folder = ingest.source.cache_home / "words"
+        name = table_key(ingest.files_read[key].sha256, fmt, shift, options, key)
+        table = load_table(folder, name)
+        if table is None:
+            table = read_word_timings(path, fmt, shift, key=key, **options)
+            save_table(folder, name, table)
+        ingest.word_cache[cache_key] = table
     return ingest.word_cache[cache_key].copy()
 
 
