@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -312,6 +313,16 @@ def plan_runs(ingest: Ingest, subject: str) -> list[Run]:
             for rf, label, story, events_key, stim in planned]
 
 
+def _prefetch(ingest: Ingest, rf: RunFiles) -> None:
+    """Fetch (download, verify, hash) a run's files ahead of reading them; a failure is left for the
+    reading to meet and report (it fetches again)."""
+    for key in rf.keys.values():
+        try:
+            ingest.fetch(key)
+        except Exception:  # noqa: BLE001 - the read that follows raises the error, with its file and fix
+            return
+
+
 def load_subject(ingest: Ingest, subject: str, on_run: Callable[[Run], None] | None = None) -> SubjectResponses:
     """Every run of one subject, as float32 arrays on their own clocks, each with its story.
 
@@ -325,58 +336,64 @@ def load_subject(ingest: Ingest, subject: str, on_run: Callable[[Run], None] | N
     names: list[str] = []
     mask_img = space = target_info = None
     simulated = False
-    for rf, label, story, events_key, stim in planned:
-        key = rf.key
-        meta: dict = dict(stim)
-        side: dict = {}
-        if kind == "bold":
-            data, tr, run_mask, space = read_bold_run(ingest, key)
-            if mask_img is None:
-                mask_img = run_mask
-            elif not np.array_equal(np.asarray(mask_img.dataobj), np.asarray(run_mask.dataobj)):
-                raise DatasetError(f"{key}: its brain mask differs from the subject's first run; "
-                                   "give the runs one mask (desc-brain_mask) or use registered data")
-            start = 0.0
-            cols = [f"voxel{i}" for i in range(data.shape[1])]
-            side = sidecar(ingest, key)
-        elif kind == "timeseries":
-            data, tr, start, cols = read_timeseries_run(ingest, key)
-            side = sidecar(ingest, key)
-        elif kind == "gifti":
-            side = run_sidecar(ingest, rf)
-            paths = {h: ingest.fetch(k) for h, k in rf.keys.items()}
-            space = opts.space or parse_bids_name(key).get("space")
-            r = reader_for("gifti")(paths, rf.keys, tr=opts.tr or sidecar_number(side, "RepetitionTime", key),
-                                    space=space)
-            data, tr, start, cols, target_info = r.data, r.period, r.start, r.target_names, r.target_info
-        elif kind == "hdf5":
-            r, extra = _read_hdf5_run(ingest, rf, subject)
-            meta.update(extra)
-            if "r_max" in r.meta:  # a story presented several times: its noise ceiling per target
-                meta["r_max"] = r.meta["r_max"]
-            data, tr, start, cols = r.data, r.period, r.start, r.target_names
-        else:  # meg / ieeg / eeg
-            r, extra = _read_mne_run(ingest, rf)
-            meta.update(extra)
-            data, tr, start, cols = r.data, r.period, r.start, r.target_names
-            if target_info is None:
-                target_info = r.target_info
-        if opts.start_time is not None and kind != "hdf5":
-            start = float(opts.start_time)
-        if names and cols != names:
-            raise DatasetError(f"{key}: its targets ({len(cols)}: {cols[:5]}...) differ from the subject's first "
-                               f"run ({len(names)}: {names[:5]}...); the runs must share targets (same mask, "
-                               "surface or good channels): mark channels bad in every run or use registered data")
-        names = cols
-        if opts.preprocess.active:  # within this run only, before the runs are stacked and z-scored
-            data, meta["preprocess"] = _preprocess(ingest, data, tr, key, kind)
-        simulated = simulated or bool(side.get("Simulated", False))
-        times = start + tr * np.arange(data.shape[0])
-        runs.append(Run(label=label, data=data, times=times, tr=tr, key=key, story=story,
-                        task=rf.entities.get("task"), session=rf.entities.get("ses"), events_key=events_key,
-                        meta=meta))
-        data = r = None  # the run holds its array alone: on_run may release it
-        if on_run is not None:
-            on_run(runs[-1])
+    # the next run's files are fetched and hashed in the background while this one is read
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuroflow-prefetch") as pool:
+        ahead = None
+        for i, (rf, label, story, events_key, stim) in enumerate(planned):
+            if ahead is not None:
+                ahead.result()
+            ahead = pool.submit(_prefetch, ingest, planned[i + 1][0]) if i + 1 < len(planned) else None
+            key = rf.key
+            meta: dict = dict(stim)
+            side: dict = {}
+            if kind == "bold":
+                data, tr, run_mask, space = read_bold_run(ingest, key)
+                if mask_img is None:
+                    mask_img = run_mask
+                elif not np.array_equal(np.asarray(mask_img.dataobj), np.asarray(run_mask.dataobj)):
+                    raise DatasetError(f"{key}: its brain mask differs from the subject's first run; "
+                                       "give the runs one mask (desc-brain_mask) or use registered data")
+                start = 0.0
+                cols = [f"voxel{i}" for i in range(data.shape[1])]
+                side = sidecar(ingest, key)
+            elif kind == "timeseries":
+                data, tr, start, cols = read_timeseries_run(ingest, key)
+                side = sidecar(ingest, key)
+            elif kind == "gifti":
+                side = run_sidecar(ingest, rf)
+                paths = {h: ingest.fetch(k) for h, k in rf.keys.items()}
+                space = opts.space or parse_bids_name(key).get("space")
+                r = reader_for("gifti")(paths, rf.keys, tr=opts.tr or sidecar_number(side, "RepetitionTime", key),
+                                        space=space)
+                data, tr, start, cols, target_info = r.data, r.period, r.start, r.target_names, r.target_info
+            elif kind == "hdf5":
+                r, extra = _read_hdf5_run(ingest, rf, subject)
+                meta.update(extra)
+                if "r_max" in r.meta:  # a story presented several times: its noise ceiling per target
+                    meta["r_max"] = r.meta["r_max"]
+                data, tr, start, cols = r.data, r.period, r.start, r.target_names
+            else:  # meg / ieeg / eeg
+                r, extra = _read_mne_run(ingest, rf)
+                meta.update(extra)
+                data, tr, start, cols = r.data, r.period, r.start, r.target_names
+                if target_info is None:
+                    target_info = r.target_info
+            if opts.start_time is not None and kind != "hdf5":
+                start = float(opts.start_time)
+            if names and cols != names:
+                raise DatasetError(f"{key}: its targets ({len(cols)}: {cols[:5]}...) differ from the subject's first "
+                                   f"run ({len(names)}: {names[:5]}...); the runs must share targets (same mask, "
+                                   "surface or good channels): mark channels bad in every run or use registered data")
+            names = cols
+            if opts.preprocess.active:  # within this run only, before the runs are stacked and z-scored
+                data, meta["preprocess"] = _preprocess(ingest, data, tr, key, kind)
+            simulated = simulated or bool(side.get("Simulated", False))
+            times = start + tr * np.arange(data.shape[0])
+            runs.append(Run(label=label, data=data, times=times, tr=tr, key=key, story=story,
+                            task=rf.entities.get("task"), session=rf.entities.get("ses"), events_key=events_key,
+                            meta=meta))
+            data = r = None  # the run holds its array alone: on_run may release it
+            if on_run is not None:
+                on_run(runs[-1])
     return SubjectResponses(subject=subject, kind=kind, runs=runs, target_names=names, mask_img=mask_img,
                             space=space, simulated=simulated, target_info=target_info)
