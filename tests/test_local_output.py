@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def write(path: Path, cfg: dict) -> str:
 
 
 def one_line_error(proc, *fragments) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not re.match(r"\d\d:\d\d:\d\d neuroflow: ", ln)]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
@@ -193,10 +194,10 @@ def test_a_local_folder_run_equals_an_s3_run(openneuro_demo, tiny_bert_dir, resu
         if art["sha256"] != s3_arts[path]["sha256"]:
             # only files that name the output (and so the analysis id) differ, and by exactly that
             swapped = (data.replace(local_analysis.output.encode(), s3_analysis.output.encode())
-                       .replace(local_analysis.analysis_id.encode(), s3_analysis.analysis_id.encode()))
+                       .replace(local_analysis.config_hash.encode(), s3_analysis.config_hash.encode()))
             assert swapped == s3_store.get_bytes(path), path
             differ.append(path)
-    assert set(differ) <= {"config.yaml", "report.html"}, differ
+    assert set(differ) <= {"config.yaml", "dataset_description.json", "report.html"}, differ
     assert {k: v for k, v in local_manifest.items() if k not in ("artifacts", "analysis_id", "config_hash",
                                                                  "provenance", "inputs")} == \
         {k: v for k, v in s3_manifest.items() if k not in ("artifacts", "analysis_id", "config_hash",
@@ -217,8 +218,12 @@ def test_a_local_folder_run_equals_an_s3_run(openneuro_demo, tiny_bert_dir, resu
     assert got.returncode == 0 and (tmp_path / "r.html").read_bytes() == (folder / "report.html").read_bytes()
     # an altered artifact is refused by `maps get`, as on S3
     tsv = next(p for p in local_arts if p.endswith(".tsv"))
-    (folder / tsv).write_bytes((folder / tsv).read_bytes() + b"tampered\n")
+    data = (folder / tsv).read_bytes()
+    (folder / tsv).write_bytes(data[:-2] + bytes([data[-2] ^ 1]) + data[-1:])  # one bit flipped, same size
     one_line_error(neuroflow("maps", "get", local_uri, tsv, str(tmp_path / "t.tsv")), "sha256")
+    (folder / tsv).write_bytes(data + b"more\n")  # longer: refused before it is read
+    one_line_error(neuroflow("maps", "get", local_uri, tsv, str(tmp_path / "t.tsv")), "not read")
+    (folder / tsv).write_bytes(data)
 
     # a re-run finds it published (no copy made, nothing rewritten)
     again = neuroflow("run", str(tmp_path / "local.yaml"), "--cache-dir", str(tmp_path / "cache-local"))
