@@ -26,6 +26,9 @@ def scan_analyses(output_uri: str) -> tuple[list[dict[str, Any]], list[dict[str,
     if is_local_uri(output_uri):
         store: Store = LocalStore(canonical_local_uri(output_uri, "the output URI"))
         base = store.uri + "/"
+        if not store.root.is_dir():
+            raise DatasetError(f"{printable(output_uri)}: no such folder; give the 'output' folder an analysis "
+                               "was published to (or its s3://bucket[/prefix])")
     else:
         bucket, prefix = parse_s3_uri(output_uri, "the output URI")
         store = ResultStore(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}")

@@ -43,30 +43,30 @@ def is_local_uri(uri: str) -> bool:
     return isinstance(uri, str) and (uri.startswith("file://") or "://" not in uri)
 
 
-def canonical_local_uri(value: str, what: str = "output") -> str:
+def canonical_local_uri(value: str, what: str = "'output'") -> str:
     """``/abs/path`` or ``file:///abs/path`` -> ``file:///abs/path`` (normalised, no trailing ``/``).
 
     One canonical form, so the same folder written either way gives the same analysis id. Refused
     (ConfigError naming `what`): a relative path, ``~``, a ``file://`` URI with a host, the root
     folder itself, control or non-ASCII characters.
     """
-    fix = f"give an absolute folder, e.g. '{what}: /home/you/neuroflow-results' or file:///home/you/neuroflow-results"
+    fix = "give an absolute folder, e.g. /home/you/neuroflow-results or file:///home/you/neuroflow-results"
     path = value
     if value.startswith("file://"):
         parts = urlsplit(value)
         if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
-            raise ConfigError(f"'{what}' {value!r}: a file:// URI names a folder on this machine "
+            raise ConfigError(f"{what} {value!r}: a file:// URI names a folder on this machine "
                               f"(file:///abs/path, no host or query); {fix}")
         path = unquote(parts.path)
     if not path.startswith("/"):
-        raise ConfigError(f"'{what}' {value!r} is not an absolute path (or s3://bucket[/prefix]); {fix}")
+        raise ConfigError(f"{what} {value!r} is not an absolute path (or s3://bucket[/prefix]); {fix}")
     if any(ord(c) < 32 for c in path) or not path.isascii():
-        raise ConfigError(f"'{what}' {value!r} contains a control or non-ASCII character; {fix}")
+        raise ConfigError(f"{what} {value!r} contains a control or non-ASCII character; {fix}")
     norm = os.path.normpath(path)
     if norm.startswith("//"):  # POSIX keeps a leading '//' as is: one root only
         norm = "/" + norm.lstrip("/")
     if norm == "/":
-        raise ConfigError(f"'{what}' {value!r} is the root of the file system; {fix}")
+        raise ConfigError(f"{what} {value!r} is the root of the file system; {fix}")
     return "file://" + norm
 
 
