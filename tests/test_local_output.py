@@ -44,7 +44,8 @@ def one_line_error(proc, *fragments) -> str:
 
 def test_a_path_and_a_file_uri_of_one_folder_are_one_analysis(tiny_bert_dir, tmp_path):
     ids = {parse_config(demo_config(tiny_bert_dir, out)).analysis_id
-           for out in (str(tmp_path / "r"), f"{tmp_path}/r/", f"file://{tmp_path}/r", f"file://localhost{tmp_path}//r/.")}
+           for out in (str(tmp_path / "r"), f"{tmp_path}/r/", f"file://{tmp_path}/r",
+                       f"file://localhost{tmp_path}//r/.")}
     assert len(ids) == 1
     cfg = parse_config(demo_config(tiny_bert_dir, str(tmp_path / "r")))
     assert cfg.output == f"file://{tmp_path}/r"
@@ -149,6 +150,19 @@ def test_the_gallery_index_is_built_in_a_local_folder_and_refuses_a_planted_link
     with pytest.raises(IntegrityError, match="symbolic link"):
         update_index(out)
     assert target.read_text() == "{}"
+
+
+def test_the_watch_state_claims_once_in_a_local_folder(tmp_path):
+    from pipelines.watch import WatchState
+
+    state = WatchState(str(tmp_path / "out"), "ds002322")
+    record, etag = state.read()
+    assert record["seen"] == [] and etag is None
+    assert state.write({**record, "seen": ["1.0.4"]}, etag)
+    assert not state.write({**record, "seen": ["other"]}, etag)  # a racing watcher with the old view loses
+    again, etag2 = state.read()
+    assert again["seen"] == ["1.0.4"] and etag2 is not None
+    assert state.uri == f"file://{tmp_path}/out/_state/watch/ds002322.json"
 
 
 # --- whole runs ----------------------------------------------------------------------

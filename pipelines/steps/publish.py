@@ -27,6 +27,8 @@ def publish_from_config(config: dict[str, Any] | AnalysisConfig, prepared: Prepa
     """
     cfg = as_config(config)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    local = Path(local_dir) if local_dir else None if is_local_uri(cfg.output) else cache / "published" / cfg.analysis_id
+    local = Path(local_dir) if local_dir else None  # a local output is on disk already: no default copy
+    if local is None and not is_local_uri(cfg.output):
+        local = cache / "published" / cfg.analysis_id
     return publish(cfg, prepared, features, fits, local_dir=local, started=started, airflow_run_id=airflow_run_id,
                    cache_dir=cache)
