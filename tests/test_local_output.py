@@ -20,6 +20,7 @@ from pipelines.localstore import LocalStore, canonical_local_uri
 from pipelines.resultstore import ResultStore, open_store
 
 from .conftest import demo_config
+from .test_dags import airflow_db, dagbag  # noqa: F401 - the DAG fixtures
 
 
 def neuroflow(*args, env=None, timeout=600):
@@ -326,3 +327,26 @@ def test_a_local_output_inside_the_dataset_or_an_analysis_is_refused(demo_tree, 
     cfg["output"] = str(tmp_path / "r")  # beside published analyses: fine
     check_output_place(parse_config(cfg))
     assert canonical_local_uri(cfg["output"]) == parse_config(cfg).output
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_dags_publish_to_and_index_a_local_folder(airflow_db, dagbag, openneuro_demo, tiny_bert_dir, tmp_path,
+                                                      monkeypatch):
+    from airflow.utils.state import DagRunState
+
+    from pipelines.consume import read_manifest
+
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "results"
+    config = demo_config(tiny_bert_dir, f"file://{out}", subjects=["22"])
+    run = dagbag.dags["neuroflow_encoding"].test(run_conf={"config": config})
+    assert run.state == DagRunState.SUCCESS
+    cfg = parse_config(config)
+    manifest = read_manifest(f"{cfg.publish_prefix}/manifest.json")
+    assert manifest["status"] == "complete" and manifest["provenance"]["airflow_run_id"] == run.run_id
+    (out / "index.json").unlink()  # the consumer rebuilds it, given the folder
+    consumer = dagbag.dags["neuroflow_maps_consumer"].test(run_conf={"output": str(out)})
+    assert consumer.state == DagRunState.SUCCESS
+    index = json.loads((out / "index.json").read_text())
+    assert [a["manifest"] for a in index["analyses"]] == [f"ds002322/1.0.4/{cfg.analysis_id}/manifest.json"]
