@@ -18,7 +18,6 @@ file system:
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import secrets
@@ -34,8 +33,10 @@ from .storage import ObjectInfo, sha256_file
 
 TMP_PREFIX = ".nf-tmp-"
 BLOCK = 16 * 1024 * 1024
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# POSIX only (Linux, macOS): elsewhere these are 0 and LocalStore refuses to start (see _check_platform)
+_NOFOLLOW, _DIRECTORY, _CLOEXEC = (getattr(os, f, 0) for f in ("O_NOFOLLOW", "O_DIRECTORY", "O_CLOEXEC"))
+_DIR_FLAGS = os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC
+_READ_FLAGS = os.O_RDONLY | _NOFOLLOW | _CLOEXEC
 
 
 def is_local_uri(uri: str) -> bool:
@@ -83,6 +84,9 @@ class LocalStore:
     """Writes published results under a local folder, verifying each write (see the module doc)."""
 
     def __init__(self, output_uri: str):
+        if not (_NOFOLLOW and _DIRECTORY and os.open in os.supports_dir_fd and os.scandir in os.supports_fd):
+            raise ConfigError("a local 'output' folder needs a POSIX system (Linux, macOS) to write safely; "
+                              "on this one, publish to s3://bucket[/prefix]")
         self.uri = canonical_local_uri(output_uri)
         self.root = Path(self.uri[len("file://"):])
 
@@ -110,7 +114,7 @@ class LocalStore:
         """A descriptor of ``root/parts``, each folder opened without following links."""
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(self.root, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
         try:
             for i, part in enumerate(parts):
                 try:
@@ -188,8 +192,7 @@ class LocalStore:
         try:
             with self._dir(folders, create=True) as fd:
                 tmp = f"{TMP_PREFIX}{secrets.token_hex(8)}-{name}"[:255]
-                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                              dir_fd=fd)
+                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644, dir_fd=fd)
                 try:
                     with os.fdopen(out, "wb") as fh:
                         fill(fh)
@@ -202,6 +205,8 @@ class LocalStore:
                         except FileExistsError:
                             return False
                     elif expect is not False:
+                        import fcntl  # POSIX only, like the rest of this store
+
                         fcntl.flock(fd, fcntl.LOCK_EX)
                         try:
                             st = self._lstat(fd, name, rel)

@@ -264,6 +264,8 @@ def test_a_kill_before_the_manifest_leaves_no_manifest_in_the_folder(openneuro_d
     assert killed.returncode == -signal.SIGKILL
     folder = out / "ds002322" / "1.0.4" / analysis.analysis_id
     assert (folder / "report.html").is_file() and not (folder / "manifest.json").exists()
+    # the feature and fit caches live in the folder too ({output}/_cache/), for the re-run to reuse
+    assert list((out / "_cache" / "features").rglob("*.npz")) and list((out / "_cache" / "fits").rglob("*.npz"))
     listed = neuroflow("maps", "list", str(out))
     assert listed.returncode == 0 and "manifest.json" not in listed.stdout  # readers see nothing published
     again = neuroflow("run", config, "--cache-dir", str(tmp_path / "cache"))
