@@ -33,7 +33,8 @@ DEFAULT_ARGS = {
     max_active_runs=1,
     tags=["neuroflow", "consumer"],
     default_args=DEFAULT_ARGS,
-    params={"output": Param(None, type=["null", "string"], pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
+    params={"output": Param(None, type=["null", "string"],
+                            pattern=r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file:///.+|/.+)$",
                             description="an output root to index (manual runs; else the triggering events')")},
     doc_md=__doc__,
 )

@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("init", help="write a config for a dataset, detected from its own files")
     i.add_argument("source", help="the dataset: s3://bucket/prefix (OpenNeuro: s3://openneuro.org/dsNNNNNN) or a "
                                   "local folder")
-    i.add_argument("--output", required=True, help="where `neuroflow run` publishes: s3://bucket[/prefix]")
+    i.add_argument("--output", required=True,
+                   help="where `neuroflow run` publishes: s3://bucket[/prefix] or an absolute local folder")
     i.add_argument("--version", default=None, help="the version to pin when the dataset states none")
     i.add_argument("-o", "--file", default=None, metavar="FILE",
                    help="write the config here (never replaces a file); default: print it")

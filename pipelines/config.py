@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .keys import check_relative_key
+from .localstore import canonical_local_uri, is_local_uri
 from .features.registry import KINDS, FeatureSpec, LanguageModelFeature, WordRateFeature  # noqa: F401
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
@@ -421,8 +422,10 @@ class AnalysisConfig(_Strict):
     @field_validator("output")
     @classmethod
     def _output(cls, v: str) -> str:
+        if is_local_uri(v):  # a folder on this machine: one canonical form, file:///abs/path
+            return canonical_local_uri(v)
         if not v.startswith("s3://") or not v[5:].split("/", 1)[0]:
-            raise ValueError(f"'output' must be s3://bucket[/prefix]; got {v!r}")
+            raise ValueError(f"'output' must be s3://bucket[/prefix], file:///abs/path or /abs/path; got {v!r}")
         bucket, _, prefix = v[5:].partition("/")
         if prefix:
             check_relative_key(prefix, "output")

@@ -14,7 +14,8 @@ from typing import Any
 from .errors import ConfigError, DatasetError, IntegrityError, NeuroflowError
 from .keys import check_relative_key
 from .manifest import parse_s3_uri, printable, read_manifest, store_and_key
-from .resultstore import ResultStore
+from .localstore import LocalStore, canonical_local_uri, is_local_uri
+from .resultstore import ResultStore, Store
 
 __all__ = ["PublishedAnalysis", "get_artifact", "list_analyses", "read_manifest", "scan_analyses"]
 
@@ -22,14 +23,22 @@ __all__ = ["PublishedAnalysis", "get_artifact", "list_analyses", "read_manifest"
 def scan_analyses(output_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Every published analysis under `output_uri` (one row per valid manifest) and the problems:
     manifests that could not be read, each with its URI and the reason (they do not hide the others)."""
-    bucket, prefix = parse_s3_uri(output_uri, "the output URI")
-    store = ResultStore(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}")
+    if is_local_uri(output_uri):
+        store: Store = LocalStore(canonical_local_uri(output_uri, "the output URI"))
+        base = store.uri + "/"
+        if not store.root.is_dir():
+            raise DatasetError(f"{printable(output_uri)}: no such folder; give the 'output' folder an analysis "
+                               "was published to (or its s3://bucket[/prefix])")
+    else:
+        bucket, prefix = parse_s3_uri(output_uri, "the output URI")
+        store = ResultStore(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}")
+        base = f"s3://{bucket}/{prefix + '/' if prefix else ''}"
     rows, problems = [], []
     for obj in store.list():
         if not (obj.key == "manifest.json" or obj.key.endswith("/manifest.json")) or \
                 obj.key.startswith(("_work/", "_cache/")):
             continue
-        uri = f"s3://{bucket}/{prefix + '/' if prefix else ''}{obj.key}"
+        uri = base + obj.key
         try:
             m = read_manifest(uri)
         except NeuroflowError as err:

@@ -24,8 +24,9 @@ from typing import Any
 
 from .errors import DatasetError
 from .manifest import read_manifest
-from .s3 import split_s3_uri, translate_s3_error
-from .resultstore import ResultStore
+from .localstore import canonical_local_uri, is_local_uri
+from .s3 import split_s3_uri
+from .resultstore import Store, open_store
 
 log = logging.getLogger("neuroflow")
 
@@ -36,7 +37,14 @@ ATTEMPTS = 8
 
 
 def output_of(manifest_uri: str) -> str:
-    """``s3://bucket/prefix/<ds>/<version>/<analysis>/manifest.json`` -> ``s3://bucket/prefix``."""
+    """``s3://bucket/prefix/<ds>/<version>/<analysis>/manifest.json`` -> ``s3://bucket/prefix``
+    (``file:///folder/<ds>/<version>/<analysis>/manifest.json`` -> ``file:///folder``)."""
+    if is_local_uri(manifest_uri):
+        parts = canonical_local_uri(manifest_uri, "the manifest URI")[len("file://"):].split("/")
+        if len(parts) < 6 or parts[-1] != "manifest.json":
+            raise DatasetError(f"{manifest_uri}: not a published manifest URI "
+                               "({output}/<dataset>/<version>/<analysis>/manifest.json)")
+        return "file://" + "/".join(parts[:-4])
     bucket, key = split_s3_uri(manifest_uri)
     parts = key.split("/")
     if len(parts) < 4 or parts[-1] != "manifest.json":
@@ -45,7 +53,7 @@ def output_of(manifest_uri: str) -> str:
     return f"s3://{bucket}" + ("/" + "/".join(parts[:-4]) if parts[:-4] else "")
 
 
-def _manifest_keys(store: ResultStore) -> dict[str, str]:
+def _manifest_keys(store: Store) -> dict[str, str]:
     """{relative key: ETag} of every published manifest (exactly <ds>/<version>/<analysis>/manifest.json)."""
     out = {}
     for obj in store.list():
@@ -74,7 +82,7 @@ def _entry(rel: str, etag: str, manifest: dict[str, Any]) -> dict[str, Any]:
 def build_index(output_uri: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """The index of every analysis published under `output_uri` (entries of `previous` whose
     manifest ETag is unchanged are reused rather than read again)."""
-    store = ResultStore(output_uri)
+    store = open_store(output_uri)
     known = {e["manifest"]: e for e in (previous or {}).get("analyses", [])}
     analyses, problems = [], []
     for rel, etag in sorted(_manifest_keys(store).items()):
@@ -135,40 +143,23 @@ analysis report; its <code>manifest.json</code> lists every artifact with its sh
 """
 
 
-def _read_index(store: ResultStore) -> tuple[dict[str, Any] | None, str | None]:
-    from botocore.exceptions import ClientError
-
+def _read_index(store: Store) -> tuple[dict[str, Any] | None, str | None]:
+    body, etag = store.get_with_etag(INDEX_JSON)
+    if body is None:
+        return None, None
     try:
-        obj = store.client.get_object(Bucket=store.bucket, Key=store.key(INDEX_JSON))
-        body = obj["Body"].read()
-    except ClientError as err:
-        if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-            return None, None
-        raise translate_s3_error(err, store.uri_of(INDEX_JSON)) from err
-    try:
-        return json.loads(body), obj["ETag"]
+        return json.loads(body), etag
     except ValueError:
-        return None, obj["ETag"]  # unreadable: replaced (conditionally) by a fresh one
+        return None, etag  # unreadable: replaced (conditionally) by a fresh one
 
 
-def _put_conditional(store: ResultStore, rel: str, body: bytes, content_type: str, etag: str | None) -> bool:
-    from botocore.exceptions import ClientError
-
-    cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
-    try:
-        store.client.put_object(Bucket=store.bucket, Key=store.key(rel), Body=body, ContentType=content_type, **cond)
-    except ClientError as err:
-        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        code = err.response.get("Error", {}).get("Code", "")
-        if status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
-            return False
-        raise translate_s3_error(err, store.uri_of(rel)) from err
-    return True
+def _put_conditional(store: Store, rel: str, body: bytes, content_type: str, etag: str | None) -> bool:
+    return store.put_if(rel, body, content_type, etag)
 
 
 def update_index(output_uri: str) -> dict[str, Any]:
     """Rebuild ``index.json`` and ``index.html`` at `output_uri`; returns where and how many."""
-    store = ResultStore(output_uri)
+    store = open_store(output_uri)
     for _ in range(ATTEMPTS):
         previous, etag = _read_index(store)
         index = build_index(output_uri, previous)

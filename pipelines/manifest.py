@@ -1,4 +1,4 @@
-"""Manifests: the schema, validating one, reading one from S3, and the values they record.
+"""Manifests: the schema, validating one, reading one from S3 or a local folder, and the values they record.
 
 The manifest (``{prefix}/manifest.json``, written last) is the only commit point of a published
 analysis. This module is a lower layer: it knows storage and keys, nothing of the steps that
@@ -21,6 +21,7 @@ import jsonschema
 from .errors import ConfigError, IntegrityError
 from .keys import check_relative_key
 from .s3 import split_s3_uri
+from .localstore import LocalStore, canonical_local_uri, is_local_uri
 from .resultstore import ResultStore
 
 SCHEMA_VERSION = "1.0"
@@ -72,8 +73,13 @@ def parse_s3_uri(uri: str, what: str) -> tuple[str, str]:
     return bucket, key
 
 
-def store_and_key(uri: str) -> tuple[ResultStore, str]:
-    """The bucket's store and the object key of an ``s3://`` URI (a ConfigError if it is not one)."""
+def store_and_key(uri: str) -> tuple[ResultStore | LocalStore, str]:
+    """The store and the key of a manifest URI: the bucket's for ``s3://``; for a local file
+    (``file:///abs/...`` or ``/abs/...``) its folder's, the key being the file name (a ConfigError
+    if it is neither)."""
+    if is_local_uri(uri) and isinstance(uri, str):
+        folder, _, name = canonical_local_uri(uri, "the manifest URI").rpartition("/")
+        return LocalStore(folder), name
     bucket, key = parse_s3_uri(uri, "the manifest URI")
     return ResultStore(f"s3://{bucket}"), key
 

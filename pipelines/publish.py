@@ -26,7 +26,8 @@ from .ingest import open_dataset
 from .localdir import check_local_dir, install
 from .manifest import SCHEMA_VERSION, library_versions, utc_now, validate_manifest
 from .report import INDEX_ABOVE_SUBJECTS, render_report, render_report_pages
-from .resultstore import ResultStore
+from .localstore import is_local_uri, local_path
+from .resultstore import ResultStore, Store, open_store
 from .s3 import split_s3_uri
 from .storage import sha256_file
 
@@ -195,12 +196,13 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
 
 
 def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: list[dict], *,
-            local_dir: str | Path, started: str | None = None, airflow_run_id: str | None = None,
+            local_dir: str | Path | None, started: str | None = None, airflow_run_id: str | None = None,
             cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Render, upload and commit one analysis; return the manifest URI and a summary.
 
     Files are rendered in a private staging folder under the cache and copied into `local_dir`
-    only once committed (:mod:`pipelines.localdir`: never among anyone else's files). A complete
+    only once committed (:mod:`pipelines.localdir`: never among anyone else's files); with a local
+    ``output`` and no `local_dir`, no copy is made (the published folder is on disk already). A complete
     published result is never replaced by a re-run with failed subjects, and a partial one never
     by a partial one with fewer subjects: :class:`PublishConflictError`, before any upload.
     ``cache_dir`` is the download cache (staging, locks, and ``maps.pycortex``'s database;
@@ -209,8 +211,9 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     cfg = config
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     local_shown = local_dir
-    check_local_dir(local_dir, cfg.analysis_id, cache_dir=cache_dir, protected=local_sources(cfg))
-    store = ResultStore(cfg.output)
+    if local_dir is not None:
+        check_local_copy(cfg, local_dir, cache_dir)
+    store = open_store(cfg.output)
     prefix_rel = cfg.publish_prefix[len(store.uri) + 1:]
     manifest_rel = f"{prefix_rel}/manifest.json"
     existing = _guard(store, manifest_rel, cfg, fits)
@@ -231,8 +234,8 @@ def _feature_models(features: list[dict]) -> dict[str, dict]:
     return {f["feature"]: f["model_runtime"] for f in features if f.get("model_runtime")}
 
 
-def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], fits: list[dict], store: ResultStore,
-                    prefix_rel: str, manifest_rel: str, out_dir: Path, local_dir: str | Path, cache_dir: Path,
+def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], fits: list[dict], store: Store,
+                    prefix_rel: str, manifest_rel: str, out_dir: Path, local_dir: str | Path | None, cache_dir: Path,
                     started: str | None, airflow_run_id: str | None) -> dict[str, Any]:
     """Render into the staging folder `out_dir`, upload verified, commit the manifest, then copy locally."""
     import nibabel as nib
@@ -346,7 +349,8 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
     failpoint("publish.gallery")
     _update_gallery(cfg.output)
     files = sorted({r["path"] for r in records} | {"manifest.json"})
-    local = install(out_dir, files, local_dir, cfg.analysis_id, cache_dir=cache_dir)
+    local = (_published_folder(cfg) if local_dir is None
+             else install(out_dir, files, local_dir, cfg.analysis_id, cache_dir=cache_dir))
     return _result(store, manifest_rel, manifest, local, reused=False)
 
 
@@ -376,9 +380,13 @@ def check_output_place(cfg: AnalysisConfig) -> None:
     """Refuse an output that would write into the dataset being read or into a published analysis.
 
     Refused: an ``output`` (or the publish prefix under it) equal to or inside the dataset's S3
-    source; an ``output`` equal to or inside a published analysis' folder (a prefix above it holds
-    a ``manifest.json``, or is named like an analysis id and holds its ``config.yaml``).
+    source (or local folder, for a local output); an ``output`` equal to or inside a published
+    analysis' folder (a prefix above it holds a ``manifest.json``, or is named like an analysis id
+    and holds its ``config.yaml``).
     """
+    if is_local_uri(cfg.output):
+        _check_local_output_place(cfg)
+        return
     out_bucket, out_key = split_s3_uri(cfg.output)
     if cfg.dataset.source.startswith("s3://"):
         src_bucket, src_key = split_s3_uri(cfg.dataset.source)
@@ -402,6 +410,47 @@ def check_output_place(cfg: AnalysisConfig) -> None:
                               f"analysis folder, e.g. s3://{out_bucket}{'/' + root if root else ''}")
 
 
+def _check_local_output_place(cfg: AnalysisConfig) -> None:
+    """:func:`check_output_place` for an output folder (links resolved, as the files would land)."""
+    out = local_path(cfg.output).resolve()
+    publish = local_path(cfg.publish_prefix).resolve()
+    if not cfg.dataset.source.startswith("s3://"):
+        src = Path(cfg.dataset.source).expanduser().resolve()
+        if _path_inside(out, src) or _path_inside(publish, src):
+            raise ConfigError(f"'output' {cfg.output} would write results under {cfg.publish_prefix}, inside the "
+                              f"dataset folder {cfg.dataset.source}, which neuroflow only reads; choose an output "
+                              "folder outside the dataset")
+    for folder in [out, *out.parents]:
+        marker = folder / "manifest.json"
+        if marker.is_file() or (_ANALYSIS_ID.fullmatch(folder.name) and (folder / "config.yaml").is_file()):
+            raise ConfigError(f"'output' {cfg.output} lies inside the published analysis {folder} (it holds "
+                              f"{'manifest.json' if marker.is_file() else 'config.yaml'}); neuroflow never writes "
+                              "into another analysis: use an output folder outside every analysis folder, e.g. "
+                              f"{folder.parents[2] if len(folder.parents) > 2 else folder.parent}")
+
+
+def _path_inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _published_folder(cfg: AnalysisConfig) -> Path:
+    """The analysis' folder when the output is local (its files are on disk already)."""
+    return local_path(cfg.publish_prefix)
+
+
+def check_local_copy(cfg: AnalysisConfig, local_dir: str | Path, cache_dir: Path) -> Path:
+    """:func:`pipelines.localdir.check_local_dir`, and, for a local output, refuse a copy inside the
+    output folder or holding it (it would write among published files)."""
+    resolved = check_local_dir(local_dir, cfg.analysis_id, cache_dir=cache_dir, protected=local_sources(cfg))
+    if is_local_uri(cfg.output):
+        out = local_path(cfg.output).resolve()
+        if _path_inside(resolved, out) or _path_inside(out, resolved):
+            raise ConfigError(f"--local-dir {local_dir}: is inside the output folder {out} or holds it; with a "
+                              "local 'output' the published files are already on disk there: leave --local-dir "
+                              "out, or pass a folder outside the output for a second copy")
+    return resolved
+
+
 def local_sources(cfg: AnalysisConfig) -> tuple[str, ...]:
     """The dataset folder when the source is local (a local copy is never written into it)."""
     return () if cfg.dataset.source.startswith("s3://") else (cfg.dataset.source,)
@@ -416,7 +465,7 @@ def _ok_subjects(fits: list[dict]) -> set[str]:
     return {f["subject"] for f in fits if f.get("status") == "ok"}
 
 
-def _guard(store: ResultStore, manifest_rel: str, cfg: AnalysisConfig, fits: list[dict]) -> dict | None:
+def _guard(store: Store, manifest_rel: str, cfg: AnalysisConfig, fits: list[dict]) -> dict | None:
     """The valid manifest of this analysis already published (None: none, or one not worth keeping).
 
     Raises :class:`PublishConflictError` when this run's result (`fits`) would downgrade it: a
@@ -444,7 +493,7 @@ def _guard(store: ResultStore, manifest_rel: str, cfg: AnalysisConfig, fits: lis
     return existing
 
 
-def _withdraw_changed(store: ResultStore, manifest_rel: str, existing: dict, new_digests: dict[str, str]) -> None:
+def _withdraw_changed(store: Store, manifest_rel: str, existing: dict, new_digests: dict[str, str]) -> None:
     """Before artifacts of a published partial result are overwritten with different bytes, drop
     them from its manifest, so a reader never sees a manifest whose listed sha256 is wrong."""
     changing = [a for a in existing["artifacts"] if a["path"] in new_digests and new_digests[a["path"]] != a["sha256"]]
@@ -487,7 +536,7 @@ def _update_gallery(output: str) -> None:
         log.warning("the index at %s was not updated (%s); neuroflow_maps_consumer will refresh it", output, err)
 
 
-def _published_manifest(store: ResultStore, manifest_rel: str, config_hash: str) -> dict | None:
+def _published_manifest(store: Store, manifest_rel: str, config_hash: str) -> dict | None:
     """The manifest at `manifest_rel` if it is valid and of this config (any status); else None."""
     if not store.exists(manifest_rel):
         return None
@@ -502,14 +551,17 @@ def _published_manifest(store: ResultStore, manifest_rel: str, config_hash: str)
     return manifest
 
 
-def _complete_manifest(store: ResultStore, manifest_rel: str, config_hash: str) -> dict | None:
+def _complete_manifest(store: Store, manifest_rel: str, config_hash: str) -> dict | None:
     """The manifest at `manifest_rel` if it is complete, valid and of this config; else None."""
     manifest = _published_manifest(store, manifest_rel, config_hash)
     return manifest if manifest is not None and manifest["status"] == "complete" else None
 
 
-def _reused(store: ResultStore, manifest_rel: str, manifest: dict, local_dir: str | Path, cache_dir: Path) -> dict:
-    """The result of an analysis already committed: its manifest and report copied to `local_dir`."""
+def _reused(store: Store, manifest_rel: str, manifest: dict, local_dir: str | Path | None, cache_dir: Path) -> dict:
+    """The result of an analysis already committed: its manifest and report copied to `local_dir`
+    (None: a local output's own folder, nothing copied)."""
+    if local_dir is None:
+        return _result(store, manifest_rel, manifest, local_path(store.uri_of(manifest_rel)).parent, reused=True)
     staging_root = cache_dir / "staging"
     staging_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="reused-", dir=staging_root) as staging:
@@ -523,7 +575,7 @@ def _reused(store: ResultStore, manifest_rel: str, manifest: dict, local_dir: st
     return _result(store, manifest_rel, manifest, local, reused=True)
 
 
-def _result(store: ResultStore, manifest_rel: str, manifest: dict, local_dir: str | Path, *, reused: bool) -> dict:
+def _result(store: Store, manifest_rel: str, manifest: dict, local_dir: str | Path, *, reused: bool) -> dict:
     local_dir = Path(local_dir)
     return {"manifest_uri": store.uri_of(manifest_rel), "report_path": str(local_dir / "report.html"),
             "local_dir": str(local_dir), "status": manifest["status"], "metrics": manifest["metrics"],

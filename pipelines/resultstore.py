@@ -1,13 +1,18 @@
 """Published results: an ``s3://bucket/prefix`` written object by object, each upload read back
-and verified, with conditional creates so that of two racing writers exactly one wins."""
+and verified, with conditional creates so that of two racing writers exactly one wins.
+
+:func:`open_store` picks the store of an output: this one for S3, :class:`pipelines.localstore.LocalStore`
+(same interface and guarantees) for a local folder."""
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
+from typing import Union
 
-from .errors import DatasetError, IntegrityError
+from .errors import ConfigError, DatasetError, IntegrityError
 from .keys import check_relative_key
+from .localstore import LocalStore, is_local_uri
 from .s3 import client_for, endpoint_url, s3_client, split_s3_uri, translate_s3_error
 from .storage import ObjectInfo, sha256_file
 
@@ -147,6 +152,35 @@ class ResultStore:
             raise translate_s3_error(err, f"s3://{self.bucket}/{prefix}") from err
         return out
 
+    def get_with_etag(self, rel: str) -> tuple[bytes | None, str | None]:
+        """(bytes, ETag) of `rel`, or (None, None) when there is no object."""
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self.key(rel))
+            return obj["Body"].read(), obj["ETag"]
+        except ClientError as err:
+            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None, None
+            raise translate_s3_error(err, self.uri_of(rel)) from err
+
+    def put_if(self, rel: str, body: bytes, content_type: str, etag: str | None) -> bool:
+        """Put `rel` only if its ETag is still `etag` (None: only if there is no object); False otherwise."""
+        from botocore.exceptions import ClientError
+
+        cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=body, ContentType=content_type,
+                                   **cond)
+        except ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = err.response.get("Error", {}).get("Code", "")
+            if status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict",
+                                                     "NoSuchKey"):
+                return False
+            raise translate_s3_error(err, self.uri_of(rel)) from err
+        return True
+
     def _blocks(self, rel: str):
         """The object's bytes in blocks of 16 MiB (memory stays at one block)."""
         try:
@@ -175,6 +209,19 @@ class ResultStore:
                 fh.write(block)
         os.replace(part, dest)
         return dest
+
+
+Store = Union[ResultStore, LocalStore]
+
+
+def open_store(output_uri: str) -> Store:
+    """The store of an output: :class:`ResultStore` for ``s3://``, :class:`LocalStore` for a folder
+    (``file:///abs/path`` or ``/abs/path``)."""
+    if output_uri.startswith("s3://"):
+        return ResultStore(output_uri)
+    if is_local_uri(output_uri):
+        return LocalStore(output_uri)
+    raise ConfigError(f"{output_uri!r}: an output is s3://bucket[/prefix], file:///abs/path or /abs/path")
 
 
 def copy_tree_to_s3(local_root: str | Path, uri: str) -> int:

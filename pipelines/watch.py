@@ -33,9 +33,10 @@ import yaml
 
 from .config import apply_overrides, parse_config
 from .demo import packaged_model_dir
-from .errors import ConfigError, DatasetError
+from .errors import ConfigError, DatasetError, NeuroflowError
 from .ingest import dataset_version
-from .resultstore import ResultStore
+from .localstore import LocalStore
+from .resultstore import open_store
 from .s3 import s3_client
 from .storage import DatasetSource
 
@@ -224,7 +225,7 @@ class WatchState:
     """The seen record of one watched dataset, read and written with conditional puts."""
 
     def __init__(self, output: str, name: str):
-        self.store = ResultStore(output)
+        self.store = open_store(output)
         self.rel = f"{STATE_DIR}/{name}.json"
         self.uri = self.store.uri_of(self.rel)
 
@@ -235,8 +236,16 @@ class WatchState:
         from .s3 import translate_s3_error
 
         try:
-            obj = self.store.client.get_object(Bucket=self.store.bucket, Key=self.store.key(self.rel))
-            body = obj["Body"].read()
+            if isinstance(self.store, LocalStore):  # a local output: the same read, from the folder
+                body, etag = self.store.get_with_etag(self.rel)
+                if body is None:
+                    return {"schema_version": STATE_SCHEMA_VERSION, "seen": []}, None
+                obj = {"ETag": etag}
+            else:
+                obj = self.store.client.get_object(Bucket=self.store.bucket, Key=self.store.key(self.rel))
+                body = obj["Body"].read()
+        except NeuroflowError:
+            raise
         except ClientError as err:
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return {"schema_version": STATE_SCHEMA_VERSION, "seen": []}, None
@@ -259,6 +268,8 @@ class WatchState:
         from .s3 import translate_s3_error
 
         body = json.dumps(record, indent=2, sort_keys=True).encode()
+        if isinstance(self.store, LocalStore):
+            return self.store.put_if(self.rel, body, "application/json", etag)
         cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
         try:
             self.store.client.put_object(Bucket=self.store.bucket, Key=self.store.key(self.rel), Body=body,

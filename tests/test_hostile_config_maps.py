@@ -277,8 +277,9 @@ def test_maps_list_names_a_bad_manifest_and_lists_the_others(results_bucket, san
         assert len(warnings) == 1 and bad in warnings[0] and "not valid JSON" in warnings[0]
 
 
-@pytest.mark.parametrize("uri", ["/tmp/results", "s3://Not_A_Bucket", "http://127.0.0.1:1/x"])
-def test_maps_list_refuses_a_uri_that_is_not_s3(uri, sandbox, ledger):
+@pytest.mark.parametrize("uri", ["results/relative", "/no/such/results/folder", "s3://Not_A_Bucket",
+                                 "http://127.0.0.1:1/x"])
+def test_maps_list_refuses_a_uri_that_is_not_s3_nor_a_folder(uri, sandbox, ledger):
     with ledger.bad_input(f"maps list {uri}") as scope:
         assert_one_clear_error(run_cli(scope, sandbox, "maps", "list", uri), uri)
 

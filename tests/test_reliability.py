@@ -257,7 +257,7 @@ BAD_CONFIGS = {
                                             "compute.dask"),
     "model URL to a link-local address": (lambda c: c["features"][1].update(
         model="http://169.254.169.254/latest/meta-data"), "URLs are refused"),
-    "output outside s3": (lambda c: c.update(output="/tmp/out"), "'output' must be s3://"),
+    "output neither s3 nor an absolute folder": (lambda c: c.update(output="results/out"), "not an absolute path"),
     "delays beyond 50 TRs": (lambda c: c["model"].update(delays=[60]), "within ±50"),
     "folds shorter than the delays": (lambda c: c["model"].update(delays=[1, 2, 3, 4], n_folds=60),
                                       "too short for delays up to 4"),

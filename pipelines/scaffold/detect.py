@@ -305,7 +305,7 @@ def detect(source: str, output: str, *, version: str | None = None, cache_dir: s
     Parameters
     ----------
     source : ``s3://bucket/prefix`` or a local folder (a BIDS dataset's root).
-    output : where ``neuroflow run`` publishes (``s3://bucket[/prefix]``).
+    output : where ``neuroflow run`` publishes (``s3://bucket[/prefix]`` or an absolute local folder).
     version : the version to pin when the dataset states none (else it must agree with the dataset's).
     cache_dir : the download cache (metadata files only are fetched).
 

@@ -22,7 +22,7 @@ from ..features.registry import (KINDS, FeatureResult, ModelCache, Stimulus, cac
                                  model_runtime, stream_feature)
 from ..ingest import Ingest, Run, check_subjects, load_run_words, open_dataset, plan_runs, word_timing_key
 from ..progress import Progress
-from ..resultstore import ResultStore
+from ..resultstore import ResultStore, open_store
 from .policy import as_subject_error
 from .results import FeatureSet
 
@@ -239,7 +239,7 @@ def extract_features(config: dict | AnalysisConfig, feature_name: str, *,
     needs = KINDS[spec.kind].needs
     cache_dir = Path(cache_dir or default_cache_dir())
     ingest = open_dataset(cfg, cache_dir)
-    store = ResultStore(cfg.output)
+    store = open_store(cfg.output)
     models = ModelCache()
     runtime = model_runtime(spec)  # the model's dtype and device on this worker: cache key and provenance
     entries: dict[str, str] = {}

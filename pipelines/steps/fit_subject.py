@@ -31,7 +31,7 @@ from ..limits import memory_budget
 from ..ingest import Ingest, Run, check_run_timing, load_run_words, load_subject, open_dataset
 from ..progress import Progress
 from ..stats import auto_block_length, choose_permutation_method, fdr_bh, normalise_by_ceiling, permutation_test
-from ..resultstore import ResultStore
+from ..resultstore import ResultStore, open_store
 from ..fit.chunks import columns
 from .features import feature_spec, read_feature_cache
 from .response_matrix import ResponseMatrix
@@ -200,7 +200,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
     cfg = as_config(config)
     cache_root = Path(cache_dir or default_cache_dir())
     ingest = open_dataset(cfg, cache_root)
-    store = ResultStore(cfg.output)
+    store = open_store(cfg.output)
     # the runs stay in memory while they fit half the memory budget, else they go to disk one by one
     with ResponseMatrix(cache_root / "staging") as matrix:
         responses = load_subject(ingest, subject, on_run=matrix.add)

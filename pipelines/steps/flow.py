@@ -12,9 +12,9 @@ from typing import Callable
 
 from ..cache import default_cache_dir
 from ..config import AnalysisConfig
-from ..localdir import check_local_dir
+from ..localstore import is_local_uri
 from ..manifest import utc_now
-from ..publish import local_sources
+from ..publish import check_local_copy
 from .features import extract_features
 from .fit_subject import fit_subject
 from .policy import check_publishable, fit_or_fail
@@ -36,9 +36,10 @@ def run_analysis(cfg: AnalysisConfig, *, cache_dir: str | Path | None = None,
     """
     started = utc_now()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    local_dir = Path(local_dir) if local_dir else cache_dir / "published" / cfg.analysis_id
-    # before any work: a local folder holding anyone else's files is refused, never emptied
-    check_local_dir(local_dir, cfg.analysis_id, cache_dir=cache_dir, protected=local_sources(cfg))
+    if local_dir or not is_local_uri(cfg.output):  # a local output is on disk already: no default copy
+        local_dir = Path(local_dir) if local_dir else cache_dir / "published" / cfg.analysis_id
+        # before any work: a local folder holding anyone else's files is refused, never emptied
+        check_local_copy(cfg, local_dir, cache_dir)
     step = progress or (lambda *a: None)
     prepared = prepare(cfg, cache_dir=cache_dir)  # errors here are the user's: one line, no progress before it
     total = len(cfg.features) + len(prepared["subjects"]) + 1

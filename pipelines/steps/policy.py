@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from ..config import AnalysisConfig, as_config
 from ..errors import DatasetError, FitError, IntegrityError, NeuroflowError
-from ..resultstore import ResultStore
+from ..resultstore import open_store
 from .results import SubjectFit
 
 log = logging.getLogger("neuroflow")
@@ -57,9 +57,9 @@ def record_failed_fit(config: dict | AnalysisConfig, subject: str, error: Except
     """Store a subject's failure under the analysis' work prefix, for publish to put in the manifest."""
     cfg = as_config(config)
     record = failed_fit(subject, error)
-    ResultStore(cfg.output).put_bytes(json.dumps(record, sort_keys=True).encode(),
-                                      f"_work/{cfg.analysis_id}/sub-{subject}/failed.json",
-                                      content_type="application/json")
+    open_store(cfg.output).put_bytes(json.dumps(record, sort_keys=True).encode(),
+                                     f"_work/{cfg.analysis_id}/sub-{subject}/failed.json",
+                                     content_type="application/json")
     return record
 
 
@@ -70,7 +70,7 @@ def collect_fits(config: dict | AnalysisConfig, subjects: list[str], fits: list[
     (e.g. retries exhausted): a subject is never silently left out of the manifest.
     """
     cfg = as_config(config)
-    store = ResultStore(cfg.output)
+    store = open_store(cfg.output)
     done = {f["subject"]: f for f in fits if f}
     out = []
     for subject in subjects:

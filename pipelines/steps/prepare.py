@@ -14,7 +14,7 @@ from ..config import AnalysisConfig, as_config
 from ..errors import DatasetError
 from ..ingest import Ingest, check_subjects, find_runs, load_run_words, open_dataset, plan_runs
 from ..publish import check_output_place
-from ..resultstore import ResultStore
+from ..resultstore import open_store
 from .policy import as_subject_error
 from .results import Prepared
 
@@ -45,7 +45,7 @@ def prepare(config: dict | AnalysisConfig, *, cache_dir: str | Path | None = Non
             problems[subject] = str(as_subject_error(subject, err))
     if problems and len(problems) == len(subjects):
         raise DatasetError(next(iter(problems.values())))
-    ResultStore(cfg.output).ensure_bucket()
+    open_store(cfg.output).ensure_bucket()
     return {
         "analysis_id": cfg.analysis_id,
         "config_hash": cfg.config_hash,
