@@ -12,11 +12,15 @@ design and builds one ``(n_features, n_train)`` matrix per alpha, for every draw
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from himalaya.backend import get_backend
 from himalaya.kernel_ridge import MultipleKernelRidgeCV, generate_dirichlet_samples
 from himalaya.ridge import BandedRidgeCV
 from himalaya.scoring import r2_score_split
+from scipy.linalg import cho_factor, cho_solve
+from scipy.linalg.blas import dsyrk
 
 from ..backend import blas_threads, use_backend
 from .scores import combine_folds, fold_scores
@@ -37,27 +41,79 @@ def band_weight_draws(n_bands: int, n_iter: int, random_state: int) -> np.ndarra
     return np.asarray(gammas, dtype=np.float32)
 
 
-def _centred(X: np.ndarray, Y: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                       np.ndarray]:
-    """Centred float64 Gram, centred ``X^T Y`` (float32) and the means of ``rows``."""
-    Xr, Yr = X[rows], Y[rows]
-    mu = Xr.mean(0, dtype=np.float64)
-    nu = Yr.mean(0, dtype=np.float64)
-    n = rows.size
-    Xr64 = Xr.astype(np.float64)
-    C = Xr64.T @ Xr64 - n * np.outer(mu, mu)
-    H = (Xr.T @ Yr).astype(np.float64) - n * np.outer(mu, nu)
-    return C, H.astype(np.float32), mu, nu
+class _Decomposition(NamedTuple):
+    """One draw's eigendecomposition of an outer training set.
+
+    The centred hat matrix of the training rows is ``P diag(1 / (lam + alpha)) P^T`` (plus
+    ``1 / n`` for the intercept) and their centred fitted values ``P diag(1 / (lam + alpha)) Z``.
+    """
+
+    lam: np.ndarray  # (m,) float64, clipped at 0
+    P: np.ndarray  # (n_train, m) float32
+    Z: np.ndarray  # (m, n_targets) float32: P^T Y_c
+    Q: np.ndarray  # (m, m) primal: V (eigenvectors); (n_train, m) kernel: U
+    W: np.ndarray  # (m, n_targets) float32: primal Z; kernel U^T Y_c
 
 
-def _eig(C: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (clipped at 0, float64) and float32 eigenvectors of ``diag(s) C diag(s)``."""
-    lam, V = np.linalg.eigh(C * s[:, None] * s[None, :])
-    return np.maximum(lam, 0.0), V.astype(np.float32)
+class _Training:
+    """An outer training set, centred by its own means: what every draw of it shares.
+
+    Primal (``m = n_features``): the float64 Gram ``C`` of the centred features; a draw
+    decomposes ``S C S`` (``S = diag(sqrt(gamma))`` per feature) as ``V diag(lam) V^T`` and
+    ``P = X_c S V``. Kernel (``m = n_train``, for fewer samples than features): the centred
+    linear kernel of each band; a draw decomposes ``sum_b gamma_b K_b = U diag(lam) U^T``
+    and ``P = U diag(sqrt(lam))``.
+    """
+
+    def __init__(self, Xs: list[np.ndarray], Y: np.ndarray, rows: np.ndarray, kernel: bool):
+        self.kernel, self.n = kernel, rows.size
+        self.mus = [X[rows].mean(0, dtype=np.float64).astype(np.float32) for X in Xs]
+        self.Xc = [X[rows] - mu for X, mu in zip(Xs, self.mus)]
+        nu = Y[rows].mean(0, dtype=np.float64)
+        self.nu = nu.astype(np.float32)
+        self.Yc = (Y[rows] - nu).astype(np.float32)
+        self.band_of = np.repeat(np.arange(len(Xs)), [X.shape[1] for X in Xs])
+        if kernel:
+            self.grams = [A.astype(np.float64) @ A.T.astype(np.float64) for A in self.Xc]
+        else:
+            self.X = np.concatenate(self.Xc, 1)
+            X64 = self.X.astype(np.float64)
+            self.C = X64.T @ X64
+            self.H = self.X.T @ self.Yc
+
+    def decompose(self, gamma: np.ndarray) -> _Decomposition:
+        """The decomposition for band weights ``gamma`` (n_bands,)."""
+        g = gamma.astype(np.float64)
+        if self.kernel:
+            lam, U = np.linalg.eigh(sum(w * K for w, K in zip(g, self.grams)))
+            lam = np.maximum(lam, 0.0)
+            U32 = U.astype(np.float32)
+            W = U32.T @ self.Yc
+            root = np.sqrt(lam).astype(np.float32)
+            return _Decomposition(lam, U32 * root[None, :], W * root[:, None], U32, W)
+        s = np.sqrt(g)[self.band_of]
+        lam, V = np.linalg.eigh(self.C * s[:, None] * s[None, :])
+        V = V.astype(np.float32)
+        s32 = s.astype(np.float32)
+        Z = V.T @ (self.H * s32[:, None])
+        return _Decomposition(np.maximum(lam, 0.0), (self.X * s32[None, :]) @ V, Z, V, Z)
+
+    def parts(self, dec: _Decomposition, gamma: np.ndarray, Xte: list[np.ndarray], shrink: np.ndarray,
+              cols: np.ndarray) -> np.ndarray:
+        """Held-out predictions of targets ``cols`` per band, (n_bands, n_test, n_cols), centred
+        by the training means; ``shrink`` (m, n_cols) is ``1 / (lam + alpha)`` of each target's alpha."""
+        w = dec.W[:, cols] * shrink
+        if self.kernel:
+            dual = dec.Q @ w
+            return np.stack([np.float32(g) * ((X - mu) @ (A.T @ dual))
+                             for g, X, mu, A in zip(gamma, Xte, self.mus, self.Xc)])
+        s = np.sqrt(gamma.astype(np.float64))[self.band_of].astype(np.float32)
+        coef = (dec.Q @ w) * s[:, None]  # weights of the unscaled features
+        return np.stack([(X - mu) @ coef[self.band_of == b] for b, (X, mu) in enumerate(zip(Xte, self.mus))])
 
 
 def _split_r2(y_test: np.ndarray, parts: np.ndarray) -> np.ndarray:
-    """himalaya's R² split (product measure) of fold-centred predictions, per band."""
+    """himalaya's R² split (product measure) of fold-centred predictions, per band: (n_bands, n_targets)."""
     yc = y_test.astype(np.float64) - y_test.mean(0, dtype=np.float64)
     pc = parts.astype(np.float64) - parts.mean(1, keepdims=True, dtype=np.float64)
     bk = get_backend()  # whichever is set: switching the process-global backend could upset other threads
@@ -66,75 +122,82 @@ def _split_r2(y_test: np.ndarray, parts: np.ndarray) -> np.ndarray:
                           dtype=np.float64)
 
 
-def _search(X: np.ndarray, Y: np.ndarray, split: OuterSplit, scales: np.ndarray, alphas: np.ndarray,
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Best draw and alpha per target over the inner splits: two (n_targets,) int arrays."""
-    n_draws, n_alphas, n_targets = scales.shape[0], alphas.size, Y.shape[1]
-    alphas64 = alphas.astype(np.float64)
-    scores = np.zeros((n_draws, n_alphas, n_targets), dtype=np.float64)
+def _deleted_blocks(split: OuterSplit) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per inner split, the rows its training set leaves out (validation and gap, positions in
+    the outer training set) and the validation rows' positions among them."""
+    blocks = []
     for tr, va in split.inner:
-        train, val = split.train[tr], split.train[va]
-        C, H, mu, nu = _centred(X, Y, train)
-        Xv = X[val] - mu.astype(np.float32)
-        Yv = Y[val] - nu.astype(np.float32)
-        rotate = n_targets < n_alphas * val.size  # rotating H costs less than one operator per alpha
-        for i, s in enumerate(scales):
-            lam, V = _eig(C, s)
-            d = (1.0 / (lam[None, :] + alphas64[:, None])).astype(np.float32)
-            s32 = s.astype(np.float32)
-            B = (Xv * s32[None, :]) @ V
-            if rotate:
-                Z = V.T @ (H * s32[:, None])
-            for a in range(n_alphas):
-                if rotate:
-                    R = Yv - (B * d[a][None, :]) @ Z
-                else:
-                    R = Yv - (((B * d[a][None, :]) @ V.T) * s32[None, :]) @ H
-                # himalaya's l2_neg_loss: float32 mean squared error per split, float64 mean over splits
-                scores[i, a] -= np.einsum("ij,ij->j", R, R) / np.float32(val.size)
-    scores /= len(split.inner)
-    scores += 1e-10 * np.log(alphas64)[None, :, None]  # ties -> the larger alpha
-    best_alpha = scores.argmax(1)  # (n_draws, n_targets)
-    best = np.take_along_axis(scores, best_alpha[:, None, :], 1)[:, 0, :]
-    # a later draw replaces the current one only when it beats it by float32's epsilon
-    eps = np.finfo(np.float32).eps
-    chosen = np.zeros(n_targets, dtype=np.int64)
-    current = np.full(n_targets, -np.inf)
-    for i in range(n_draws):
-        score = best[i].astype(np.float32)  # himalaya keeps the scores per draw in float32
-        better = score > current + eps
-        current[better] = score[better]
-        chosen[better] = i
-    return chosen, best_alpha[chosen, np.arange(n_targets)]
+        left_out = np.setdiff1d(np.arange(split.train.size), tr, assume_unique=True)
+        blocks.append((left_out, np.searchsorted(left_out, va)))
+    return blocks
+
+
+def _identity_minus_hat(L: np.ndarray, offset: float) -> np.ndarray:
+    """``I - offset - L L^T`` (float64; upper triangle only, by BLAS ``dsyrk``)."""
+    A = dsyrk(-1.0, L, beta=1.0, c=np.full((L.shape[0], L.shape[0]), -offset), lower=0, trans=0)
+    A[np.diag_indices_from(A)] += 1.0
+    return A
+
+
+def _solve_spd(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``A^-1 B`` for ``A`` symmetric positive definite as its upper triangle holds it (Cholesky),
+    by LU of the symmetrised matrix where rounding made it indefinite."""
+    try:
+        return cho_solve(cho_factor(A, lower=False, check_finite=False), B, check_finite=False)
+    except np.linalg.LinAlgError:
+        full = np.triu(A) + np.triu(A, 1).T
+        return np.linalg.lstsq(full, B, rcond=None)[0]
+
+
+def _inner_losses(train: _Training, dec: _Decomposition, blocks: list[tuple[np.ndarray, np.ndarray]],
+                  alphas: np.ndarray) -> np.ndarray:
+    """Mean squared error of every alpha and target on every inner validation set, averaged
+    over splits: (n_alphas, n_targets) float64.
+
+    Each inner split's fit (intercept included) is the outer training fit with its left-out
+    rows ``E`` deleted, so its residuals on ``E`` are ``(I - H_EE)^-1 (y_E - yhat_E)`` with
+    ``H`` the outer fit's hat matrix: no decomposition per inner split.
+    """
+    losses = np.zeros((alphas.size, train.Yc.shape[1]), dtype=np.float64)
+    shrink = 1.0 / (dec.lam[None, :] + alphas.astype(np.float64)[:, None])
+    for E, val in blocks:
+        PE, YE = dec.P[E], train.Yc[E]
+        PE64 = PE.astype(np.float64)
+        for a in range(alphas.size):
+            resid = YE - (PE * shrink[a].astype(np.float32)[None, :]) @ dec.Z
+            # I - H_EE = I - 1/n - (PE sqrt(d)) (PE sqrt(d))^T, a symmetric rank-m update (upper triangle)
+            A = _identity_minus_hat(PE64 * np.sqrt(shrink[a])[None, :], 1.0 / train.n)
+            R = _solve_spd(A, resid.astype(np.float64))[val].astype(np.float32)
+            # himalaya's l2_neg_loss: float32 mean squared error per split, float64 mean over splits
+            losses[a] += np.einsum("ij,ij->j", R, R) / np.float32(val.size)
+    return losses / len(blocks)
 
 
 def fit_banded_chunk(Xs: list[np.ndarray], Y: np.ndarray, splits: list[OuterSplit], alphas: np.ndarray,
                      backend_name: str, return_predictions: bool, n_iter: int, random_state: int,
-                     n_threads: int | None = None) -> dict[str, np.ndarray | None]:
-    """Banded ridge per outer fold for one chunk of targets: himalaya's search, shared decompositions. Pure.
+                     n_threads: int | None = None, kernel: bool | None = None) -> dict[str, np.ndarray | None]:
+    """Banded ridge per outer fold for one chunk of targets: himalaya's search, one eigendecomposition
+    per draw and outer training set. Pure.
 
-    Each outer training set is centred by its own means; for each of the ``n_iter`` band
-    weight draws (:func:`band_weight_draws`), each inner split's training Gram is
-    scaled and decomposed once and every alpha scores every target (mean squared error
-    on the validation run, averaged over splits). Each target keeps the first draw whose
-    best alpha beats the earlier ones by float32's epsilon (himalaya's rule), is refitted
-    on the whole training set with it and predicts the held-out group; the prediction
-    is split per band (himalaya's ``r2_score_split``). When the training sets have fewer
-    samples than features, himalaya's kernel search (:func:`fit_banded_chunk_himalaya`)
-    runs instead. Arguments and result as in :func:`fit_banded_chunk_himalaya`.
+    Each outer training set is centred by its own means. For each of the ``n_iter`` band
+    weight draws (:func:`band_weight_draws`) its scaled Gram (or, with fewer samples than
+    features, its weighted kernel) is decomposed once; every alpha and target is scored on
+    every inner split from it (the inner fits, intercept included, by deletion of the
+    split's left-out rows: see :func:`_inner_losses`), by the mean squared error on the
+    validation run averaged over splits. Each target keeps the first draw whose best alpha
+    beats the earlier draws' by float32's epsilon (himalaya's rule) and is refitted on the
+    whole training set with it; the held-out prediction is split per band (himalaya's
+    ``r2_score_split``). Computed in numpy whatever ``backend_name``. Arguments and result
+    as in :func:`fit_banded_chunk_himalaya`; ``kernel`` forces the kernel (True) or primal
+    (False) form, None takes the kernel one where a training set has fewer samples than features.
     """
     Xs = [np.asarray(X, dtype=np.float32) for X in Xs]
+    Y = np.asarray(Y, dtype=np.float32)
     n_bands, n_targets = len(Xs), Y.shape[1]
-    widths = [X.shape[1] for X in Xs]
-    if sum(widths) > min(split.train.size for split in splits):
-        return fit_banded_chunk_himalaya(Xs, Y, splits, alphas, backend_name, return_predictions, n_iter,
-                                         random_state, n_threads)
-    X = np.concatenate(Xs, 1)
-    band_of = np.repeat(np.arange(n_bands), widths)
     gammas = band_weight_draws(n_bands, n_iter, random_state)
-    scales = np.sqrt(gammas.astype(np.float64))[:, band_of]  # (n_iter, n_features)
     alphas = np.asarray(alphas, dtype=np.float32)
-    alphas64 = alphas.astype(np.float64)
+    log_alphas = np.log(alphas.astype(np.float64))
+    eps = np.finfo(np.float32).eps
     predictions = np.full(Y.shape, np.nan, dtype=np.float32) if return_predictions else None
     fold_alphas = np.empty((len(splits), n_targets), dtype=np.float32)
     fold_r = np.empty((len(splits), n_targets), dtype=np.float64)
@@ -142,26 +205,31 @@ def fit_banded_chunk(Xs: list[np.ndarray], Y: np.ndarray, splits: list[OuterSpli
     fold_split = np.empty((len(splits), n_bands, n_targets), dtype=np.float64)
     fold_gamma = np.empty((len(splits), n_bands, n_targets), dtype=np.float64)
     with blas_threads(n_threads):
-        Y = np.asarray(Y, dtype=np.float32)
         for k, split in enumerate(splits):
-            chosen, alpha_idx = _search(X, Y, split, scales, alphas)
-            # refit on the whole outer training set, once per draw some target chose
-            C, H, mu, nu = _centred(X, Y, split.train)
-            Xte = X[split.test] - mu.astype(np.float32)
-            parts = np.empty((n_bands, split.test.size, n_targets), dtype=np.float32)
-            for i in np.unique(chosen):
-                cols = np.flatnonzero(chosen == i)
-                lam, V = _eig(C, scales[i])
-                s32 = scales[i].astype(np.float32)
-                d = (1.0 / (lam[None, :] + alphas64[:, None])).astype(np.float32)
-                Z = V.T @ (H[:, cols] * s32[:, None])
-                coef = (V @ (Z * d[alpha_idx[cols]].T)) * s32[:, None]  # weights of the unscaled features
-                for b in range(n_bands):
-                    parts[b][:, cols] = Xte[:, band_of == b] @ coef[band_of == b]
+            wide = sum(X.shape[1] for X in Xs) > split.train.size if kernel is None else kernel
+            train = _Training(Xs, Y, split.train, kernel=wide)
+            blocks = _deleted_blocks(split)
+            Xte = [X[split.test] for X in Xs]
+            parts = np.zeros((n_bands, split.test.size, n_targets), dtype=np.float32)
+            current = np.full(n_targets, -np.inf, dtype=np.float32)
+            chosen = np.zeros(n_targets, dtype=np.int64)
+            alpha_idx = np.zeros(n_targets, dtype=np.int64)
+            for i, gamma in enumerate(gammas):
+                dec = train.decompose(gamma)
+                scores = -_inner_losses(train, dec, blocks, alphas) + 1e-10 * log_alphas[:, None]  # ties: larger alpha
+                best = scores.argmax(0)
+                score = scores[best, np.arange(n_targets)].astype(np.float32)
+                better = score > current + eps  # a later draw must beat the current one by float32's epsilon
+                if not better.any():
+                    continue
+                cols = np.flatnonzero(better)
+                current[cols], chosen[cols], alpha_idx[cols] = score[cols], i, best[cols]
+                shrink = (1.0 / (dec.lam[:, None] + alphas.astype(np.float64)[best[cols]][None, :])).astype(np.float32)
+                parts[:, :, cols] = train.parts(dec, gamma, Xte, shrink, cols)
             gamma = gammas[chosen].T.astype(np.float64)
             fold_gamma[k] = gamma / gamma.sum(0)
             fold_alphas[k] = alphas[alpha_idx]
-            pred = (parts.sum(0) + nu.astype(np.float32)).astype(np.float32)
+            pred = parts.sum(0) + train.nu
             y_te = Y[split.test]
             fold_r[k], fold_r2[k] = fold_scores(y_te, pred)
             fold_split[k] = _split_r2(y_te, parts)
