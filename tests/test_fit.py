@@ -494,10 +494,10 @@ def test_scores_do_not_depend_on_keeping_the_predictions(rng):
 
 @pytest.mark.parametrize("gap", [0, 7])
 def test_banded_chunk_searches_as_himalaya_does(rng, gap):
-    """One decomposition per draw and outer training set (inner fits by deletion) picks what
-    himalaya's BandedRidgeCV picks with one SVD per draw and inner split (same draws, alphas and
-    inner splits, gaps included), with the same scores and R² split to float32 precision; the
-    kernel form gives the same fit."""
+    """Both strategies (one decomposition per draw and inner split; one per draw and outer training
+    set, inner fits by deletion) pick what himalaya's BandedRidgeCV picks with one SVD per draw and
+    inner split (same draws, alphas and inner splits, gaps included), with the same scores and R²
+    split to float32 precision; the kernel form gives the same fit."""
     from pipelines.fit.banded import fit_banded_chunk, fit_banded_chunk_himalaya
     from pipelines.fit.splits import nested_group_splits
 
@@ -512,7 +512,9 @@ def test_banded_chunk_searches_as_himalaya_does(rng, gap):
     fast = fit_banded_chunk([A, B], Y, splits, alphas, "numpy", True, 12, 3)
     ref = fit_banded_chunk_himalaya([A, B], Y, splits, alphas, "numpy", True, 12, 3)
     kernel = fit_banded_chunk([A, B], Y, splits, alphas, "numpy", True, 12, 3, kernel=True)
-    for other in (ref, kernel):
+    direct = fit_banded_chunk([A, B], Y, splits, alphas, "numpy", True, 12, 3, strategy="direct")
+    deleted = fit_banded_chunk([A, B], Y, splits, alphas, "numpy", True, 12, 3, strategy="delete")
+    for other in (ref, kernel, direct, deleted):
         same = np.abs(np.log(fast["fold_alphas"]) - np.log(other["fold_alphas"])) < 1e-3
         assert same.mean() >= 0.95, same.mean()  # near-ties between alphas may fall either way
         targets = same.all(0)

@@ -26,7 +26,7 @@ from ..backend import blas_threads, use_backend
 from .scores import combine_folds, fold_scores
 from .splits import OuterSplit
 
-__all__ = ["band_weight_draws", "fit_banded_chunk", "fit_banded_chunk_himalaya"]
+__all__ = ["EIGH_COST", "band_weight_draws", "choose_strategy", "fit_banded_chunk", "fit_banded_chunk_himalaya"]
 
 
 def band_weight_draws(n_bands: int, n_iter: int, random_state: int) -> np.ndarray:
@@ -49,7 +49,7 @@ class _Decomposition(NamedTuple):
     """
 
     lam: np.ndarray  # (m,) float64, clipped at 0
-    P: np.ndarray  # (n_train, m) float32
+    P: np.ndarray | None  # (n_train, m) float32
     Z: np.ndarray  # (m, n_targets) float32: P^T Y_c
     Q: np.ndarray  # (m, m) primal: V (eigenvectors); (n_train, m) kernel: U
     W: np.ndarray  # (m, n_targets) float32: primal Z; kernel U^T Y_c
@@ -81,8 +81,9 @@ class _Training:
             self.C = X64.T @ X64
             self.H = self.X.T @ self.Yc
 
-    def decompose(self, gamma: np.ndarray) -> _Decomposition:
-        """The decomposition for band weights ``gamma`` (n_bands,)."""
+    def decompose(self, gamma: np.ndarray, hat: bool = True) -> _Decomposition:
+        """The decomposition for band weights ``gamma`` (n_bands,); ``P`` None unless ``hat``
+        (primal form: the refit does not need it)."""
         g = gamma.astype(np.float64)
         if self.kernel:
             lam, U = np.linalg.eigh(sum(w * K for w, K in zip(g, self.grams)))
@@ -96,7 +97,8 @@ class _Training:
         V = V.astype(np.float32)
         s32 = s.astype(np.float32)
         Z = V.T @ (self.H * s32[:, None])
-        return _Decomposition(np.maximum(lam, 0.0), (self.X * s32[None, :]) @ V, Z, V, Z)
+        P = (self.X * s32[None, :]) @ V if hat else None
+        return _Decomposition(np.maximum(lam, 0.0), P, Z, V, Z)
 
     def parts(self, dec: _Decomposition, gamma: np.ndarray, Xte: list[np.ndarray], shrink: np.ndarray,
               cols: np.ndarray) -> np.ndarray:
@@ -139,14 +141,14 @@ def _identity_minus_hat(L: np.ndarray, offset: float) -> np.ndarray:
     return A
 
 
-def _solve_spd(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """``A^-1 B`` for ``A`` symmetric positive definite as its upper triangle holds it (Cholesky),
-    by LU of the symmetrised matrix where rounding made it indefinite."""
+def _inverse_spd(A: np.ndarray) -> np.ndarray:
+    """The inverse of ``A``, symmetric positive definite as its upper triangle holds it (Cholesky),
+    by least squares on the symmetrised matrix where rounding made it indefinite."""
+    eye = np.eye(A.shape[0])
     try:
-        return cho_solve(cho_factor(A, lower=False, check_finite=False), B, check_finite=False)
+        return cho_solve(cho_factor(A, lower=False, check_finite=False), eye, check_finite=False)
     except np.linalg.LinAlgError:
-        full = np.triu(A) + np.triu(A, 1).T
-        return np.linalg.lstsq(full, B, rcond=None)[0]
+        return np.linalg.lstsq(np.triu(A) + np.triu(A, 1).T, eye, rcond=None)[0]
 
 
 def _inner_losses(train: _Training, dec: _Decomposition, blocks: list[tuple[np.ndarray, np.ndarray]],
@@ -165,17 +167,72 @@ def _inner_losses(train: _Training, dec: _Decomposition, blocks: list[tuple[np.n
         PE64 = PE.astype(np.float64)
         for a in range(alphas.size):
             resid = YE - (PE * shrink[a].astype(np.float32)[None, :]) @ dec.Z
-            # I - H_EE = I - 1/n - (PE sqrt(d)) (PE sqrt(d))^T, a symmetric rank-m update (upper triangle)
-            A = _identity_minus_hat(PE64 * np.sqrt(shrink[a])[None, :], 1.0 / train.n)
-            R = _solve_spd(A, resid.astype(np.float64))[val].astype(np.float32)
+            # I - H_EE = I - 1/n - (PE sqrt(d)) (PE sqrt(d))^T, inverted in float64, applied in float32
+            M = _inverse_spd(_identity_minus_hat(PE64 * np.sqrt(shrink[a])[None, :], 1.0 / train.n))
+            R = M[val].astype(np.float32) @ resid
             # himalaya's l2_neg_loss: float32 mean squared error per split, float64 mean over splits
             losses[a] += np.einsum("ij,ij->j", R, R) / np.float32(val.size)
     return losses / len(blocks)
 
 
+class _InnerSplit:
+    """One inner split of an outer training set, centred by its own training rows' means, for the
+    direct strategy: a decomposition of its own scaled Gram per draw (positions ``tr``, ``va`` within
+    the outer training set, whose centred ``X`` and ``Y_c`` ``train`` holds)."""
+
+    def __init__(self, train: _Training, tr: np.ndarray, va: np.ndarray):
+        X, Yc = train.X[tr], train.Yc[tr]
+        mu = X.mean(0, dtype=np.float64)
+        nu = Yc.mean(0, dtype=np.float64)
+        X64 = X.astype(np.float64)
+        self.C = X64.T @ X64 - tr.size * np.outer(mu, mu)
+        self.H = (X.T @ Yc - (tr.size * np.outer(mu, nu))).astype(np.float32)
+        self.Xv = train.X[va] - mu.astype(np.float32)
+        self.Yv = train.Yc[va] - nu.astype(np.float32)
+
+    def losses(self, s: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+        """Mean squared error of every alpha and target on the validation rows: (n_alphas, n_targets)."""
+        lam, V = np.linalg.eigh(self.C * s[:, None] * s[None, :])
+        V = V.astype(np.float32)
+        s32 = s.astype(np.float32)
+        shrink = (1.0 / (np.maximum(lam, 0.0)[None, :] + alphas.astype(np.float64)[:, None])).astype(np.float32)
+        B = (self.Xv * s32[None, :]) @ V
+        Z = V.T @ (self.H * s32[:, None])
+        out = np.empty((alphas.size, self.Yv.shape[1]), dtype=np.float64)
+        for a in range(alphas.size):
+            R = self.Yv - (B * shrink[a][None, :]) @ Z
+            out[a] = np.einsum("ij,ij->j", R, R) / np.float32(self.Yv.shape[0])
+        return out
+
+
+#: Cost of a symmetric eigendecomposition of order m, in float32 multiply-adds per m³
+#: (measured against a matrix product on this project's machine: numpy's eigh in float64).
+EIGH_COST = 23.0
+
+
+def choose_strategy(n_features: int, split: OuterSplit, n_alphas: int, n_targets: int) -> str:
+    """``"delete"`` (one decomposition per draw, inner fits by deletion) or ``"direct"`` (one
+    per draw and inner split), whichever costs fewer float32 multiply-adds for this outer fold.
+
+    Per draw, the direct strategy pays an eigendecomposition, a rotation of ``X^T Y`` and one
+    ``(n_val, m)`` product per alpha for each inner split; deletion one eigendecomposition,
+    ``X S V``, then per inner split and alpha the inverse of ``I - H_EE`` (float64) and two
+    products of ``(n_E, m)`` and ``(n_E, n_E)`` with the targets.
+    """
+    m, n_train = n_features, split.train.size
+    direct = delete = EIGH_COST * m ** 3 + n_train * m ** 2 + m ** 2 * n_targets
+    direct -= n_train * m ** 2  # the direct strategy decomposes the outer set only to refit
+    for tr, va in split.inner:
+        n_e = n_train - tr.size
+        direct += EIGH_COST * m ** 3 + m ** 2 * (va.size + n_targets) + n_alphas * va.size * m * n_targets
+        delete += n_alphas * (2 * n_e ** 2 * m + 5 * n_e ** 3 + n_e * (m + va.size) * n_targets)  # float64: x2
+    return "direct" if direct < delete else "delete"
+
+
 def fit_banded_chunk(Xs: list[np.ndarray], Y: np.ndarray, splits: list[OuterSplit], alphas: np.ndarray,
                      backend_name: str, return_predictions: bool, n_iter: int, random_state: int,
-                     n_threads: int | None = None, kernel: bool | None = None) -> dict[str, np.ndarray | None]:
+                     n_threads: int | None = None, kernel: bool | None = None, strategy: str | None = None,
+                     ) -> dict[str, np.ndarray | None]:
     """Banded ridge per outer fold for one chunk of targets: himalaya's search, one eigendecomposition
     per draw and outer training set. Pure.
 
@@ -189,7 +246,8 @@ def fit_banded_chunk(Xs: list[np.ndarray], Y: np.ndarray, splits: list[OuterSpli
     whole training set with it; the held-out prediction is split per band (himalaya's
     ``r2_score_split``). Computed in numpy whatever ``backend_name``. Arguments and result
     as in :func:`fit_banded_chunk_himalaya`; ``kernel`` forces the kernel (True) or primal
-    (False) form, None takes the kernel one where a training set has fewer samples than features.
+    (False) form, None takes the kernel one where a training set has fewer samples than features;
+    ``strategy`` forces ``"direct"`` or ``"delete"`` in the primal form (None: :func:`choose_strategy`).
     """
     Xs = [np.asarray(X, dtype=np.float32) for X in Xs]
     Y = np.asarray(Y, dtype=np.float32)
@@ -214,15 +272,25 @@ def fit_banded_chunk(Xs: list[np.ndarray], Y: np.ndarray, splits: list[OuterSpli
             current = np.full(n_targets, -np.inf, dtype=np.float32)
             chosen = np.zeros(n_targets, dtype=np.int64)
             alpha_idx = np.zeros(n_targets, dtype=np.int64)
+            plan = strategy or ("delete" if wide else choose_strategy(train.X.shape[1], split, alphas.size, n_targets))
+            direct = plan == "direct" and not wide
+            inner = [_InnerSplit(train, tr, va) for tr, va in split.inner] if direct else []
             for i, gamma in enumerate(gammas):
-                dec = train.decompose(gamma)
-                scores = -_inner_losses(train, dec, blocks, alphas) + 1e-10 * log_alphas[:, None]  # ties: larger alpha
+                if direct:
+                    s = np.sqrt(gamma.astype(np.float64))[train.band_of]
+                    losses = sum(part.losses(s, alphas) for part in inner) / len(inner)
+                else:
+                    dec = train.decompose(gamma)
+                    losses = _inner_losses(train, dec, blocks, alphas)
+                scores = -losses + 1e-10 * log_alphas[:, None]  # ties: the larger alpha
                 best = scores.argmax(0)
                 score = scores[best, np.arange(n_targets)].astype(np.float32)
                 better = score > current + eps  # a later draw must beat the current one by float32's epsilon
                 if not better.any():
                     continue
                 cols = np.flatnonzero(better)
+                if direct:
+                    dec = train.decompose(gamma, hat=False)
                 current[cols], chosen[cols], alpha_idx[cols] = score[cols], i, best[cols]
                 shrink = (1.0 / (dec.lam[:, None] + alphas.astype(np.float64)[best[cols]][None, :])).astype(np.float32)
                 parts[:, :, cols] = train.parts(dec, gamma, Xte, shrink, cols)

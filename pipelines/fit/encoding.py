@@ -301,8 +301,10 @@ def fit_banded_encoding(
     """Banded ridge over several feature spaces, with the held-out R² split per space.
 
     Same folds, validity rules, chunking and scores as :func:`fit_encoding`; each
-    feature space (band) gets its own regularization, searched by himalaya inside the
-    training groups (see :func:`pipelines.fit.solvers.fit_banded_chunk`).
+    feature space (band) gets its own regularization, chosen inside the training groups
+    by himalaya's random search (its draws of band weights and its selection rules), with
+    one eigendecomposition per draw and outer training set (see
+    :func:`pipelines.fit.banded.fit_banded_chunk`).
 
     Parameters
     ----------
