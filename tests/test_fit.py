@@ -538,5 +538,5 @@ def test_bench_banded_quick_writes_every_row(tmp_path):
     table = out.read_text()
     for row in ("neuroflow fit_banded_encoding", "minimal numpy solver", "himalaya BandedRidgeCV", "load average"):
         assert row in table, row
-    diffs = [float(line.split("|")[6]) for line in table.splitlines() if line.startswith("| quick")]
+    diffs = [float(line.split("|")[7]) for line in table.splitlines() if line.startswith("| quick")]
     assert len(diffs) == 3 and max(diffs) < 1e-4, table
