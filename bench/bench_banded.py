@@ -145,7 +145,8 @@ def himalaya_banded(bands, Y, splits, alphas, n_iter, seed):
         model.fit([b[t] - m for b, m in zip(bands, mus)], Y[t] - nu)
         # predict(split=True) refuses fit_intercept=True: split the product with coef_ by band
         coef, edges = np.asarray(model.coef_), np.cumsum([0] + [b.shape[1] for b in bands])
-        parts = np.stack([(b[split.test] - m) @ coef[edges[i]:edges[i + 1]] for i, (b, m) in enumerate(zip(bands, mus))])
+        parts = np.stack([(b[split.test] - m) @ coef[edges[i]:edges[i + 1]]
+                          for i, (b, m) in enumerate(zip(bands, mus))])
         out.append(_split(Y[split.test], parts))
     return np.mean(out, 0)
 

@@ -4,11 +4,14 @@ per band-weight draw and training set, shared by every alpha and every target.
 :func:`fit_banded_chunk` searches the same candidates as himalaya's ``BandedRidgeCV``
 (``n_iter`` Dirichlet draws of the band weights ``gamma``, the first uniform, the same
 seed; every alpha; the inner splits; the mean squared error of each split averaged over
-splits; the same tie rules) but, for each training set, centres its Gram ``C`` once and
-for each draw decomposes ``S C S`` (``S = diag(sqrt(gamma))`` per feature): every alpha
-and every target is then a matrix product. himalaya instead takes an SVD of the scaled
-design and builds one ``(n_features, n_train)`` matrix per alpha, for every draw and split.
-:func:`fit_banded_chunk_himalaya` (himalaya itself) is the reference the tests compare to.
+splits; the same tie rules). For each draw it decomposes the scaled centred Gram
+``S C S`` (``S = diag(sqrt(gamma))`` per feature) once, and every alpha and target is a
+matrix product: either of each inner split's own Gram (the direct strategy), or of the
+outer training set's alone, the inner fits then following by deletion of their left-out
+rows (:func:`_inner_losses`); :func:`choose_strategy` takes the cheaper. himalaya instead
+takes an SVD of the scaled design and builds one ``(n_features, n_train)`` matrix per alpha,
+for every draw and inner split. :func:`fit_banded_chunk_himalaya` (himalaya itself) is the
+reference the tests compare to.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from ..backend import blas_threads, use_backend
 from .scores import combine_folds, fold_scores
 from .splits import OuterSplit
 
-__all__ = ["EIGH_COST", "band_weight_draws", "banded_bytes_per_target", "choose_strategy", "fit_banded_chunk", "fit_banded_chunk_himalaya"]
+__all__ = ["EIGH_COST", "band_weight_draws", "banded_bytes_per_target", "choose_strategy", "fit_banded_chunk",
+           "fit_banded_chunk_himalaya"]
 
 
 def band_weight_draws(n_bands: int, n_iter: int, random_state: int) -> np.ndarray:
@@ -255,15 +259,16 @@ def fit_banded_chunk(Xs: list[np.ndarray], Y: np.ndarray, splits: list[OuterSpli
                      backend_name: str, return_predictions: bool, n_iter: int, random_state: int,
                      n_threads: int | None = None, kernel: bool | None = None, strategy: str | None = None,
                      ) -> dict[str, np.ndarray | None]:
-    """Banded ridge per outer fold for one chunk of targets: himalaya's search, one eigendecomposition
-    per draw and outer training set. Pure.
+    """Banded ridge per outer fold for one chunk of targets: himalaya's search, shared
+    eigendecompositions. Pure.
 
     Each outer training set is centred by its own means. For each of the ``n_iter`` band
-    weight draws (:func:`band_weight_draws`) its scaled Gram (or, with fewer samples than
-    features, its weighted kernel) is decomposed once; every alpha and target is scored on
-    every inner split from it (the inner fits, intercept included, by deletion of the
-    split's left-out rows: see :func:`_inner_losses`), by the mean squared error on the
-    validation run averaged over splits. Each target keeps the first draw whose best alpha
+    weight draws (:func:`band_weight_draws`) either its scaled Gram (or, with fewer samples
+    than features, its weighted kernel) is decomposed once and every alpha and target is
+    scored on every inner split from it (the inner fits, intercept included, by deletion of
+    the split's left-out rows: see :func:`_inner_losses`), or, where :func:`choose_strategy`
+    finds it cheaper, each inner split's own Gram is; the score is the mean squared error on
+    the validation run averaged over splits. Each target keeps the first draw whose best alpha
     beats the earlier draws' by float32's epsilon (himalaya's rule) and is refitted on the
     whole training set with it; the held-out prediction is split per band (himalaya's
     ``r2_score_split``). Computed in numpy whatever ``backend_name``. Arguments and result
