@@ -39,6 +39,7 @@ reliability: $(STAMP)
 # Speed and memory, measured on this machine: tables in bench/results/ (about 2 hours on 2 cores).
 bench: $(STAMP)
 	$(BIN)/python bench/bench_fit.py --out bench/results/fit.md
+	$(BIN)/python bench/bench_banded.py --out bench/results/banded.md
 	$(BIN)/python bench/bench_features.py --out bench/results/features.md
 	$(BIN)/python bench/bench_responses.py --targets 80000 --out bench/results/responses.md
 	$(BIN)/python bench/bench_scale.py --out bench/results/scale.md

@@ -48,3 +48,15 @@ def test_bench_sweep_measures_both_ways(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [ln.split("|")[1].strip() for ln in out.read_text().splitlines() if ln.startswith("| ") and "MB" not in ln]
     assert rows == ["in memory", "streamed"]
+
+
+def test_bench_banded_writes_every_row(tmp_path):
+    out = tmp_path / "banded.md"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_banded.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = out.read_text()
+    for row in ("neuroflow fit_banded_encoding", "minimal numpy solver", "himalaya BandedRidgeCV", "load average"):
+        assert row in table, row
+    diffs = [float(line.split("|")[7]) for line in table.splitlines() if line.startswith("| quick")]
+    assert len(diffs) == 3 and max(diffs) < 1e-4, table

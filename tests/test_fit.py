@@ -490,3 +490,53 @@ def test_scores_do_not_depend_on_keeping_the_predictions(rng):
     assert dropped.predictions is None and kept.predictions.shape == Y.shape
     for name in ("r", "r2", "alpha", "valid"):
         np.testing.assert_array_equal(getattr(dropped, name), getattr(kept, name))
+
+
+@pytest.mark.parametrize("gap", [0, 7])
+def test_banded_chunk_searches_as_himalaya_does(rng, gap):
+    """Both strategies (one decomposition per draw and inner split; one per draw and outer training
+    set, inner fits by deletion) pick what himalaya's BandedRidgeCV picks with one SVD per draw and
+    inner split (same draws, alphas and inner splits, gaps included), with the same scores and R²
+    split to float32 precision; the kernel form gives the same fit."""
+    from pipelines.fit.banded import fit_banded_chunk, fit_banded_chunk_himalaya
+    from pipelines.fit.splits import nested_group_splits
+
+    groups = np.repeat(np.arange(5), 120)
+    A = zscore_by_group(rng.standard_normal((600, 10)), groups).astype(np.float32)
+    B = zscore_by_group(rng.standard_normal((600, 30)), groups).astype(np.float32)
+    signal = np.hstack([A @ rng.standard_normal((10, 10)), B @ rng.standard_normal((30, 10)) * 0.4,
+                        np.zeros((600, 10))])
+    Y = (signal + 1.5 * rng.standard_normal(signal.shape)).astype(np.float32)
+    splits = nested_group_splits(groups, gap=gap)
+    alphas = np.logspace(-2, 4, 7).astype(np.float32)
+    fast = fit_banded_chunk([A, B], Y, splits, alphas, "numpy", True, 12, 3)
+    ref = fit_banded_chunk_himalaya([A, B], Y, splits, alphas, "numpy", True, 12, 3)
+    kernel = fit_banded_chunk([A, B], Y, splits, alphas, "numpy", True, 12, 3, kernel=True)
+    direct = fit_banded_chunk([A, B], Y, splits, alphas, "numpy", True, 12, 3, strategy="direct")
+    deleted = fit_banded_chunk([A, B], Y, splits, alphas, "numpy", True, 12, 3, strategy="delete")
+    for other in (ref, kernel, direct, deleted):
+        same = np.abs(np.log(fast["fold_alphas"]) - np.log(other["fold_alphas"])) < 1e-3
+        assert same.mean() >= 0.95, same.mean()  # near-ties between alphas may fall either way
+        targets = same.all(0)
+        np.testing.assert_allclose(fast["band_weights"][:, targets], other["band_weights"][:, targets], atol=1e-4)
+        for key in ("r", "r2", "r2_split"):
+            np.testing.assert_allclose(fast[key][..., targets], other[key][..., targets], atol=2e-4, err_msg=key)
+            np.testing.assert_allclose(fast[key], other[key], atol=0.02, err_msg=key)
+        scale = np.abs(other["predictions"][:, targets]).max()
+        np.testing.assert_allclose(fast["predictions"][:, targets], other["predictions"][:, targets], atol=5e-3 * scale)
+    # the planted band takes the larger share
+    assert (fast["r2_split"][0, :10] > fast["r2_split"][1, :10]).all()
+    assert (fast["r2_split"][1, 10:20] > fast["r2_split"][0, 10:20]).all()
+
+
+def test_banded_ridge_with_more_features_than_samples_takes_the_kernel_form(rng):
+    """120 features, 90 training samples: the kernel form fits, and the planted band takes the split."""
+    groups = np.repeat(np.arange(4), 30)
+    A = zscore_by_group(rng.standard_normal((120, 20)), groups)
+    B = zscore_by_group(rng.standard_normal((120, 100)), groups)
+    Y = zscore_by_group(np.hstack([A @ rng.standard_normal((20, 6)), B @ rng.standard_normal((100, 6)) * 0.3])
+                        + 0.5 * rng.standard_normal((120, 12)), groups)
+    res = fit_banded_encoding({"A": A, "B": B}, Y, groups, np.logspace(-1, 4, 6), n_iter=8)
+    assert res.valid.all() and np.isfinite(res.r2_split).all()
+    assert (res.r2_split[0, :6] > res.r2_split[1, :6]).all() and (res.r2_split[0, :6] > 0.3).all()
+    assert (res.r2_split[1, 6:] > res.r2_split[0, 6:]).all()

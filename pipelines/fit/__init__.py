@@ -40,7 +40,8 @@ Layout, one concern per module: :mod:`~pipelines.fit.splits` (folds, gap, per-gr
 z-scoring), :mod:`~pipelines.fit.scores` (r, R², averages over folds),
 :mod:`~pipelines.fit.checks` (inputs), :mod:`~pipelines.fit.designs` (the primal and
 kernel eigendecompositions), :mod:`~pipelines.fit.solvers` (one chunk of targets, the
-registry :data:`RIDGE_SOLVERS`, banded ridge, the choice of solver and mode),
+registry :data:`RIDGE_SOLVERS`, the choice of solver and mode), :mod:`~pipelines.fit.banded`
+(banded ridge: one chunk of targets, and himalaya's ``BandedRidgeCV`` as its reference),
 :mod:`~pipelines.fit.chunks` (chunk sizes, GPU cap, running chunks in process or on
 dask) and :mod:`~pipelines.fit.encoding` (the public fits and their results).
 """

@@ -17,6 +17,7 @@ from ..backend import choose_backend, use_backend
 from ..errors import ConfigError, FitError
 from .checks import check_alphas, check_inputs, check_int, valid_targets
 from .chunks import broadcast, bytes_per_target, plan_chunks, run_chunks, set_columns
+from .banded import banded_bytes_per_target
 from .designs import SHARED_DECOMPOSITIONS_MAX, decompose_folds
 from .solvers import ChunkInputs, choose_mode, choose_solver, fit_banded_chunk, fit_chunk
 from .splits import nested_group_splits, sample_fold
@@ -301,8 +302,10 @@ def fit_banded_encoding(
     """Banded ridge over several feature spaces, with the held-out R² split per space.
 
     Same folds, validity rules, chunking and scores as :func:`fit_encoding`; each
-    feature space (band) gets its own regularization, searched by himalaya inside the
-    training groups (see :func:`pipelines.fit.solvers.fit_banded_chunk`).
+    feature space (band) gets its own regularization, chosen inside the training groups
+    by himalaya's random search (its draws of band weights and its selection rules), with
+    one eigendecomposition per draw and outer training set (see
+    :func:`pipelines.fit.banded.fit_banded_chunk`).
 
     Parameters
     ----------
@@ -343,11 +346,7 @@ def fit_banded_encoding(
         raise FitError(f"All {n_targets} targets in Y are constant or contain NaN/Inf; nothing to fit.")
     valid_idx = np.flatnonzero(valid)
     n_features = sum(A.shape[1] for A in arrays)
-    max_train = max(s.train.size for s in splits)
-    per_target = bytes_per_target(n_samples, n_features, max_train,
-                                  max(va.size for s in splits for _, va in s.inner),
-                                  max(s.test.size for s in splits), "himalaya", "operator",
-                                  return_predictions) + 4 * len(arrays) * max(s.test.size for s in splits)
+    per_target = banded_bytes_per_target(n_samples, n_features, len(arrays), splits, return_predictions)
     chunks, n_threads = plan_chunks(valid_idx, n_targets_chunk, per_target, backend_name, client, _held_bytes(Y))
     parts = run_chunks(fit_banded_chunk, broadcast(client, arrays), Y, chunks, client, n_threads, splits,
                        alphas_arr, backend_name, return_predictions, n_iter, random_state)

@@ -2,8 +2,8 @@
 
 Each solver is a pure function of the same signature (see :func:`fit_chunk`), collected
 in :data:`RIDGE_SOLVERS`; :func:`fit_chunk` runs the one named. The banded ridge chunk
-(:func:`fit_banded_chunk`, himalaya's random search over band weights) lives here too,
-with the cost model that picks a solver and a mode once for all chunks.
+(:func:`fit_banded_chunk`) lives in :mod:`pipelines.fit.banded` (re-exported here); the
+cost model that picks a solver and a mode once for all chunks lives here.
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
-from himalaya.kernel_ridge import MultipleKernelRidgeCV
-from himalaya.ridge import BandedRidgeCV, RidgeCV
+from himalaya.ridge import RidgeCV
 
 from ..backend import blas_threads, column_sq_norms, gemm, take_columns, take_rows, use_backend
 from ..errors import ConfigError
+from .banded import fit_banded_chunk
 from .designs import KernelDesign, PrimalDesign, shrinkage
 from .scores import combine_folds, fold_scores
 from .splits import OuterSplit
@@ -256,74 +256,6 @@ def choose_mode(solver: str, n_features: int, splits: list[OuterSplit], n_alphas
     """
     max_val = max(va.size for split in splits for _, va in split.inner)
     return "operator" if n_targets >= n_alphas * max_val else "rotation"
-
-
-def fit_banded_chunk(Xs: list[np.ndarray], Y: np.ndarray, splits: list[OuterSplit], alphas: np.ndarray,
-                     backend_name: str, return_predictions: bool, n_iter: int, random_state: int,
-                     n_threads: int | None = None) -> dict[str, np.ndarray | None]:
-    """Banded ridge (himalaya) per outer fold for one chunk of targets. Pure.
-
-    Each outer training set is centred (features and targets, by its own means); the
-    bands' relative weights and the alpha are searched by himalaya (random search over
-    the simplex, ``n_iter`` draws, fixed seed) with the inner splits: ``BandedRidgeCV``
-    (primal, intercept refit in every inner fold) when the training set has at least as
-    many samples as features, else ``MultipleKernelRidgeCV`` on precomputed linear
-    kernels of the centred bands. The held-out prediction is split per band.
-    """
-    n_bands, n_targets = len(Xs), Y.shape[1]
-    predictions = np.full(Y.shape, np.nan, dtype=np.float32) if return_predictions else None
-    fold_alphas = np.empty((len(splits), n_targets), dtype=np.float32)
-    fold_r = np.empty((len(splits), n_targets), dtype=np.float64)
-    fold_r2 = np.empty((len(splits), n_targets), dtype=np.float64)
-    fold_split = np.empty((len(splits), n_bands, n_targets), dtype=np.float64)
-    fold_gamma = np.empty((len(splits), n_bands, n_targets), dtype=np.float64)
-    params = dict(alphas=np.asarray(alphas, dtype=np.float32), n_iter=n_iter, progress_bar=False)
-    with blas_threads(n_threads), use_backend(backend_name) as bk:
-        for k, split in enumerate(splits):
-            tr, te = split.train, split.test
-            means = [X[tr].mean(axis=0, dtype=np.float64).astype(np.float32) for X in Xs]
-            Xtr = [X[tr] - mu for X, mu in zip(Xs, means)]
-            Xte = [X[te] - mu for X, mu in zip(Xs, means)]
-            nu = Y[tr].mean(axis=0, dtype=np.float64).astype(np.float32)
-            Ytr = Y[tr] - nu
-            if sum(X.shape[1] for X in Xs) <= tr.size:
-                model = BandedRidgeCV(groups="input", solver_params=params, cv=split.inner,
-                                      fit_intercept=True, random_state=random_state)
-                model.fit(Xtr, Ytr)
-                coef = bk.to_numpy(model.coef_)
-                edges = np.cumsum([0] + [X.shape[1] for X in Xs])
-                parts = np.stack([Xte[b] @ coef[edges[b]:edges[b + 1]] for b in range(n_bands)])
-                offset = bk.to_numpy(model.intercept_)
-            else:
-                model = MultipleKernelRidgeCV(kernels="precomputed", solver_params=params, cv=split.inner,
-                                              fit_intercept=False, random_state=random_state)
-                model.fit(np.stack([A @ A.T for A in Xtr]), Ytr)
-                dual = bk.to_numpy(model.dual_coef_)
-                weights = np.exp(bk.to_numpy(model.deltas_))
-                parts = np.stack([(Xte[b] @ Xtr[b].T @ dual) * weights[b] for b in range(n_bands)])
-                offset = np.zeros(n_targets, dtype=np.float32)
-            deltas = bk.to_numpy(model.deltas_).astype(np.float64)
-            gamma = np.exp(deltas - deltas.max(0))
-            fold_gamma[k] = gamma / gamma.sum(0)
-            fold_alphas[k] = 1.0 / np.exp(deltas).sum(0)
-            pred = (parts.sum(0) + offset + nu).astype(np.float32)
-            y_te = Y[te]
-            fold_r[k], fold_r2[k] = fold_scores(y_te, pred)
-            yc = y_te - y_te.mean(0)
-            pc = parts - parts.mean(1, keepdims=True)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                sst = (yc.astype(np.float64) ** 2).sum(0)
-                total = pc.sum(0)
-                for b in range(n_bands):  # product measure (himalaya's r2_score_split)
-                    fold_split[k, b] = ((2 * yc * pc[b] - pc[b] * total).sum(0, dtype=np.float64)) / sst
-            if predictions is not None:
-                predictions[te] = pred
-    out = combine_folds(splits, fold_r, fold_r2, fold_alphas, predictions)
-    weights = np.array([len(split.test) for split in splits], dtype=np.float64)
-    weights /= weights.sum()
-    out["r2_split"] = np.tensordot(weights, fold_split, axes=1).astype(np.float32)
-    out["band_weights"] = np.tensordot(weights, fold_gamma, axes=1).astype(np.float32)
-    return out
 
 
 def get_solver(name: str) -> RidgeSolver:
