@@ -230,8 +230,9 @@ def analysis_config(ds: Path, variant: str, feature: str, stories: list[str], ou
     }
 
 
-def run_row(name: str, workdir: Path, n_voxels: int, env: dict) -> dict:
+def run_row(name: str, workdir: Path, n_voxels: int, env: dict, stories_override: int | None = None) -> dict:
     n_stories, variant, feature = ROWS[name]
+    n_stories = stories_override or n_stories
     ds = workdir / f"ds-{variant}-{n_stories}"
     t0 = time.perf_counter()
     if not ds.exists():
@@ -310,6 +311,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {list(ROWS)}")
     parser.add_argument("--voxels", type=int, default=80000)
+    parser.add_argument("--stories", type=int, default=None, help="stories of every row (a quick look; default: the row's)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.md"))
     parser.add_argument("--workdir", default=None, help="where the datasets are built (default: a temporary folder)")
     args = parser.parse_args()
@@ -328,7 +330,7 @@ def main() -> None:
     try:
         os.environ.update(aws_env(url))
         for name in rows:
-            results.append(run_row(name, workdir, args.voxels, env))
+            results.append(run_row(name, workdir, args.voxels, env, args.stories))
             print("\n".join(table(results, args.voxels)), flush=True)
             for built in workdir.glob("cache-*"):  # the caches of a finished row are not needed again
                 shutil.rmtree(built, ignore_errors=True)

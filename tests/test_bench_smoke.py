@@ -1,6 +1,7 @@
 """The end-to-end benchmarks run (tiny sizes): their tables come out whole."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -23,13 +24,15 @@ def test_bench_responses_writes_its_table(tmp_path):
 def test_bench_scale_runs_neuroflow_and_the_minimal_script(tmp_path):
     realdata("ds003020_lebel_meta")  # skips when shared/ is not beside the repository
     out = tmp_path / "scale.md"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_scale.py"), "--stories", "3", "--voxels", "300",
-                           "--out", str(out), "--workdir", str(tmp_path / "work")], capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_scale.py"), "--rows", "a-hf5", "--stories", "4",
+                           "--voxels", "300", "--out", str(out), "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    assert "| `neuroflow run` |" in text and "| minimal script" in text
-    planted = float(text.split("planted voxels: ")[1].split(" ")[0])
+    for run in ("`neuroflow run`", "DAG task `prepare`", "DAG task `extract_features`", "DAG task `fit_subject`",
+                "DAG task `publish`", "minimal script"):
+        assert f"| {run} |" in text, run
+    planted = float(re.search(r"\(minimal script\): a-hf5 (-?\d+\.\d+)", text).group(1))
     assert planted > 0.2  # the minimal script finds the planted voxels: it does the same fit
 
 
