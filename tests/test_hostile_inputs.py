@@ -163,7 +163,7 @@ EVENTS = "onset\tduration\tstim_file\n{onset}\t{duration}\tDownTheRabbitHoleFina
     ("abc", "748", "onset 'abc'"), ("NaN", "748", "onset"), ("0.28", "-5", "duration '-5'"),
     ("1e308", "748", "onset '1e308'"), ("0.28", "inf", "duration 'inf'"),
 ])
-def test_bad_event_times_fail_the_subject_and_prepare_goes_on(onset, duration, fragment, demo_tree, tmp_path,
+def test_bad_event_times_fail_the_subject_and_prepare_goes_on(onset, duration, fragment, demo_tree, tmp_path, s3_url,
                                                               ledger):
     with ledger.bad_input(f"events.tsv onset {onset} duration {duration}"):
         tree = tree_copy(demo_tree, tmp_path)
@@ -185,7 +185,7 @@ def _prepare_without_bucket(cfg: dict, tmp_path: Path) -> dict:
     """prepare() up to the output bucket (not needed here)."""
     from unittest import mock
 
-    with mock.patch("pipelines.steps.prepare.ResultStore"):
+    with mock.patch("pipelines.steps.prepare.open_store"):
         return prepare(cfg, cache_dir=tmp_path / "cache")
 
 
