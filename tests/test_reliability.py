@@ -174,8 +174,10 @@ def test_throttling_and_a_short_outage_are_retried(openneuro_demo, tiny_bert_dir
         cfg = parse_config(demo_config(tiny_bert_dir, results_bucket, subjects=["22"]))
         proxied.slowdown = 3
 
-        def outage():
-            time.sleep(2.0)
+        def outage():  # mid-run: once the run has made a few requests past the throttled ones
+            deadline = time.monotonic() + 120
+            while proxied.counts["requests"] < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
             proxied.down_until = time.monotonic() + 3.0
 
         threading.Thread(target=outage, daemon=True).start()
