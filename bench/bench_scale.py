@@ -161,9 +161,9 @@ def build_dataset(dest: Path, n_stories: int, n_voxels: int, variant: str, seed:
         func.mkdir(parents=True, exist_ok=True)
         (dest / "dataset_description.json").write_text(json.dumps({"Name": "LeBel-shaped", "BIDSVersion": "1.8.0"}))
         flat = np.zeros(int(np.prod(GRID)), dtype=np.uint8)
-        flat[:n_voxels] = 1  # the first voxels in the file's (Fortran) order: the mask's order
+        flat[:n_voxels] = 1  # the first voxels in numpy's (C) order: the order of vol[mask], as both readers take it
         in_mask = np.flatnonzero(flat)
-        mask = flat.reshape(GRID, order="F")
+        mask = flat.reshape(GRID)
         nib.save(nib.Nifti1Image(mask, np.diag([3.0, 3.0, 3.0, 1.0])), func / "sub-UTS01_desc-brain_mask.nii.gz")
     import h5py
 
@@ -182,8 +182,8 @@ def build_dataset(dest: Path, n_stories: int, n_voxels: int, variant: str, seed:
                 h5.create_dataset("data", data=data)  # float64, as ds003020's files
         else:
             vol = np.zeros((int(np.prod(GRID)), n), dtype=np.float32)
-            vol[in_mask] = data.T
-            img = nib.Nifti1Image(vol.reshape(*GRID, n, order="F"), np.diag([3.0, 3.0, 3.0, 1.0]))
+            vol[in_mask] = data.T  # column j of the data is the j-th voxel of vol[mask]
+            img = nib.Nifti1Image(vol.reshape(*GRID, n), np.diag([3.0, 3.0, 3.0, 1.0]))
             img.header.set_xyzt_units("mm", "sec")
             img.header["pixdim"][4] = TR
             nib.save(img, func / f"sub-UTS01_task-{story}_bold.nii.gz")
