@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
+from .blockread import BlockReads
 from .errors import ConfigError, DatasetError, IntegrityError
 from .keys import check_relative_key
 from .storage import ObjectInfo, sha256_file
@@ -80,7 +81,7 @@ def _etag(st: os.stat_result) -> str:
     return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
 
 
-class LocalStore:
+class LocalStore(BlockReads):
     """Writes published results under a local folder, verifying each write (see the module doc)."""
 
     def __init__(self, output_uri: str):
@@ -341,24 +342,3 @@ class LocalStore:
         with os.fdopen(fh, "rb") as f:
             while block := f.read(BLOCK):
                 yield block
-
-    def verify(self, rel: str, sha256: str, size: int) -> None:
-        """Read the file back (in blocks); raise IntegrityError unless size and sha256 match."""
-        digest, n = hashlib.sha256(), 0
-        for block in self._blocks(rel):
-            digest.update(block)
-            n += len(block)
-        if n != size or digest.hexdigest() != sha256:
-            raise IntegrityError(f"{self.uri_of(rel)}: verification after writing failed "
-                                 f"({n} bytes, expected {size}); the file was not stored intact")
-
-    def download(self, rel: str, dest: str | Path) -> Path:
-        """The file copied to ``dest`` in blocks, then renamed into place."""
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(dest.name + ".part")
-        with open(part, "wb") as fh:
-            for block in self._blocks(rel):
-                fh.write(block)
-        os.replace(part, dest)
-        return dest

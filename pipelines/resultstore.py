@@ -6,10 +6,10 @@ and verified, with conditional creates so that of two racing writers exactly one
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Union
 
+from .blockread import BlockReads
 from .errors import ConfigError, DatasetError, IntegrityError
 from .keys import check_relative_key
 from .localstore import LocalStore, is_local_uri
@@ -17,7 +17,7 @@ from .s3 import client_for, endpoint_url, s3_client, split_s3_uri, translate_s3_
 from .storage import ObjectInfo, sha256_file
 
 
-class ResultStore:
+class ResultStore(BlockReads):
     """Writes published results under an ``s3://bucket/prefix``, verifying each upload."""
 
     def __init__(self, output_uri: str):
@@ -188,27 +188,6 @@ class ResultStore:
             yield from body.iter_chunks(16 * 1024 * 1024)
         except Exception as err:  # noqa: BLE001
             raise translate_s3_error(err, self.uri_of(rel)) from err
-
-    def verify(self, rel: str, sha256: str, size: int) -> None:
-        """Read the object back (in blocks); raise IntegrityError unless size and sha256 match."""
-        digest, n = hashlib.sha256(), 0
-        for block in self._blocks(rel):
-            digest.update(block)
-            n += len(block)
-        if n != size or digest.hexdigest() != sha256:
-            raise IntegrityError(f"{self.uri_of(rel)}: verification after upload failed "
-                                 f"({n} bytes, expected {size}); the upload was not stored intact")
-
-    def download(self, rel: str, dest: str | Path) -> Path:
-        """The object as the file ``dest``, written in blocks (never whole in memory), then renamed."""
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(dest.name + ".part")
-        with open(part, "wb") as fh:
-            for block in self._blocks(rel):
-                fh.write(block)
-        os.replace(part, dest)
-        return dest
 
 
 Store = Union[ResultStore, LocalStore]

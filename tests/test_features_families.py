@@ -17,7 +17,8 @@ from pipelines.features.language_model import (
     load_language_model,
 )
 from pipelines.features.model_runtime import approx_parameters, resolve_runtime
-from pipelines.features.registry import cache_key, model_runtime, parse_feature
+from pipelines.features.cache_keys import cache_key
+from pipelines.features.registry import model_runtime, parse_feature
 
 STORY = (
     "alice was beginning to get very tired of sitting by her sister on the bank and of having "

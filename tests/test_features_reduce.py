@@ -7,7 +7,8 @@ import pytest
 from pipelines.cache import load_npz, save_npz, write_entry
 from pipelines.errors import ConfigError
 from pipelines.features.reduce import apply_pca, fit_pca
-from pipelines.features.registry import FeatureResult, cache_key, parse_feature
+from pipelines.features.cache_keys import cache_key
+from pipelines.features.registry import FeatureResult, parse_feature
 from pipelines.resultstore import ResultStore
 from pipelines.steps.features import reduce_features
 

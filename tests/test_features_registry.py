@@ -12,13 +12,13 @@ from pipelines.errors import ConfigError, DatasetError
 from pipelines.features.align import average_within_tr, lanczos_resample
 from pipelines.features.lags import lag_samples, make_lags, to_sample_times, trf_design
 from pipelines.features.language_model import extract_word_features
+from pipelines.features.cache_keys import cache_key
 from pipelines.features.registry import (
     KINDS,
     FeatureResult,
     ModelCache,
     Stimulus,
     align_to_samples,
-    cache_key,
     compute_feature,
     parse_feature,
     space_names,

@@ -22,7 +22,7 @@ output, or ``"layer{k}"`` for each layer of a layer sweep (``layer: [3, 6, 9]`` 
 ``"events"`` (one per word or phone, at its midpoint; Lanczos sums them) or ``"regular"``
 samples at ``sfreq`` (frame centres).
 
-:func:`cache_key` hashes (stimulus content, the spec minus its name and batch sizes, model
+:func:`pipelines.features.cache_keys.cache_key` hashes (stimulus content, the spec minus its name and batch sizes, model
 folder contents, the kind's code version): runs of one story recorded twice (LeBel's repeated
 test story) have the same stimulus hash and so share one extraction.
 
@@ -31,8 +31,6 @@ Importing this module imports neither torch nor transformers (DAG parsing stays 
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, Union
@@ -41,7 +39,6 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from pipelines.errors import ConfigError, DatasetError
-from pipelines.features.model_runtime import cache_fields
 
 __all__ = [
     "Stimulus",
@@ -54,9 +51,6 @@ __all__ = [
     "compute_feature",
     "stream_feature",
     "align_to_samples",
-    "cache_params",
-    "cache_key",
-    "model_fingerprint",
     "model_runtime",
     "space_names",
 ]
@@ -400,7 +394,7 @@ def _placement(spec: BaseModel) -> tuple:
 def model_runtime(params: Mapping[str, Any] | BaseModel, device: str = "auto") -> dict[str, Any] | None:
     """How this machine would hold the feature's model (dtype, quantization, device), without
     loading it (:func:`pipelines.features.model_runtime.runtime_of`); None for a kind that runs
-    no model. Goes into the feature cache key (:func:`cache_key`) and the manifest."""
+    no model. Goes into the feature cache key (:func:`pipelines.features.cache_keys.cache_key`) and the manifest."""
     from pipelines.features.model_runtime import runtime_of
 
     spec = parse_feature(params)
@@ -683,51 +677,3 @@ def align_to_samples(result: FeatureResult, sample_times: np.ndarray, *, method:
     if method == "samples":
         return to_sample_times(values, result.times, t, sampling=result.sampling)
     raise ValueError(f"method = {method!r} is unknown: use 'lanczos', 'average' or 'samples'")
-
-
-def model_fingerprint(model: str, revision: str | None) -> str:
-    """Content hash of a local model folder (configs, tokenizer, weights), or ``hub:id@revision``."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(path.glob("*")):
-            if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".model"):
-                h.update(f.name.encode())
-                d = hashlib.sha256()
-                with open(f, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        d.update(block)
-                h.update(d.hexdigest().encode())
-        return "dir:" + h.hexdigest()
-    return f"hub:{model}@{revision or 'main'}"
-
-
-def cache_params(params: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
-    """What the cache key covers: the spec without its name and batch sizes, the model's content."""
-    spec = parse_feature(params)
-    entry = KINDS[spec.kind]
-    out = spec.model_dump(mode="json")
-    out.pop("name")
-    out.pop("pca", None)  # applied after extraction (pipelines.features.reduce), keyed there
-    for key in entry.batch_fields:
-        out.pop(key, None)
-    if entry.model_field:
-        out[entry.model_field] = model_fingerprint(getattr(spec, entry.model_field), getattr(spec, "revision", None))
-    out["code"] = entry.version
-    return out
-
-
-def cache_key(params: Mapping[str, Any] | BaseModel, stimulus_sha256: str, *, extra: Mapping[str, Any] | None = None,
-              runtime: Mapping[str, Any] | None = None) -> str:
-    """Hash of (stimulus content, :func:`cache_params`, ``extra``, the model's runtime): 24 hex digits.
-
-    The run a stimulus was heard in is not part of the key, so a story heard in several runs
-    (or by several subjects) is extracted once. ``runtime`` (:func:`model_runtime`) adds the
-    resolved dtype, quantization and kind of device, so ``dtype: auto`` resolved to bfloat16
-    on a GPU and to float32 on a CPU gives two entries.
-    """
-    blob = {"stimulus": stimulus_sha256, "params": cache_params(params), "extra": dict(extra or {})}
-    if runtime is not None:
-        blob["runtime"] = cache_fields(runtime)
-    blob = json.dumps(blob, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -18,7 +18,8 @@ from ..config import AnalysisConfig, as_config
 from ..errors import DatasetError, IntegrityError
 from ..features.reduce import PcaFit, apply_pca, fit_pca
 from ..features.layer_files import write_npz
-from ..features.registry import (KINDS, FeatureResult, ModelCache, Stimulus, cache_key, compute_feature,
+from ..features.cache_keys import cache_key
+from ..features.registry import (KINDS, FeatureResult, ModelCache, Stimulus, compute_feature,
                                  model_runtime, stream_feature)
 from ..ingest import Ingest, Run, check_subjects, load_run_words, open_dataset, plan_runs, word_timing_key
 from ..progress import Progress
