@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,9 @@ sys.path.insert(0, str(REPO))
 
 from tests.datasets import metadata_files, planted, synthetic_words, textgrid_bytes, word_rate  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from measure import measure  # noqa: E402
+
 START, TR, TRIM, DELAYS = 10.0, 2.0, 20, [1, 2, 3, 4]
 ALPHAS = [1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0]
 META = "ds003020_lebel_meta"
@@ -47,21 +49,6 @@ ROWS = {"a-hf5": (26, "hf5", "wordrate"), "a-nifti": (26, "nifti", "wordrate"), 
         "b-hf5": (82, "hf5", "wordrate")}
 STEP_ROWS = ("a-hf5", "b-hf5")
 GRID = (50, 50, 40)  # NIfTI runs: 100,000 voxels, the first n_voxels of them in the brain mask
-
-# Each measured command reports its own peak resident memory: VmHWM restarts at exec (a child's
-# ru_maxrss would start at the RSS of the process it was forked from).
-PEAK = """
-import os, runpy, sys
-sys.argv = [sys.argv[1], *sys.argv[2:]]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__") if sys.argv[0].endswith(".py") else \\
-        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-finally:
-    with open("/proc/self/status") as status:
-        peak_kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
-    with open(os.environ["BENCH_PEAK_FILE"], "w") as fh:
-        fh.write(peak_kb)
-"""
 
 # One step of the DAG, as its Airflow task calls it, reading and writing its inputs and outputs as
 # JSON (Airflow's XComs): prepare | features NAME | fit SUBJECT | publish.
@@ -191,19 +178,6 @@ def build_dataset(dest: Path, n_stories: int, n_voxels: int, variant: str, seed:
             del vol, img
         del data
     return stories
-
-
-def measure(cmd: list[str], env: dict, workdir: Path) -> dict:
-    """Wall seconds and peak resident memory (GB) of one command, run in its own process."""
-    peak_file = workdir / "peak"
-    peak_file.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PEAK, *cmd], capture_output=True, text=True,
-                          env={**env, "BENCH_PEAK_FILE": str(peak_file)}, cwd=workdir)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {"wall": wall, "peak_gb": int(peak_file.read_text()) * 1024 / 1e9, "stdout": proc.stdout}
 
 
 def analysis_config(ds: Path, variant: str, feature: str, stories: list[str], output: str) -> dict:
