@@ -62,6 +62,22 @@ pre { background: #f7f7f7; border: 1px solid #ddd; padding: 0.8em; overflow-x: a
 </head>
 """
 
+#: The end of every page with a config: the config as resolved and the provenance table.
+_FOOT = """<h2>Configuration</h2>
+<pre>{{ config_yaml }}</pre>
+
+<h2>Provenance</h2>
+<table>
+<tbody>
+{% for key, value in provenance %}
+<tr><th>{{ key }}</th><td>{{ value }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+</body>
+</html>
+"""
+
 _TEMPLATE = _HEAD + """<body>
 <h1>{{ title }}</h1>
 <p class="meta">
@@ -101,20 +117,7 @@ Dataset <strong>{{ dataset.id }}</strong> version <strong>{{ dataset.version }}<
 {% endfor %}
 {% endfor %}
 
-<h2>Configuration</h2>
-<pre>{{ config_yaml }}</pre>
-
-<h2>Provenance</h2>
-<table>
-<tbody>
-{% for key, value in provenance %}
-<tr><th>{{ key }}</th><td>{{ value }}</td></tr>
-{% endfor %}
-</tbody>
-</table>
-</body>
-</html>
-"""
+""" + _FOOT
 
 _META = """<p class="meta">
 Dataset <strong>{{ dataset.id }}</strong> version <strong>{{ dataset.version }}</strong>
@@ -163,20 +166,7 @@ Each subject's scores and pictures are on its own page (linked below).</p>
 </tbody>
 </table>
 
-<h2>Configuration</h2>
-<pre>{{ config_yaml }}</pre>
-
-<h2>Provenance</h2>
-<table>
-<tbody>
-{% for key, value in provenance %}
-<tr><th>{{ key }}</th><td>{{ value }}</td></tr>
-{% endfor %}
-</tbody>
-</table>
-</body>
-</html>
-"""
+""" + _FOOT
 
 _SUBJECT_TEMPLATE = _HEAD + """<body>
 <p><a href="{{ index }}">&larr; all subjects</a> &middot; <a href="{{ config }}">configuration</a></p>
