@@ -34,12 +34,13 @@ about a thousand tokens run fastest (larger ones spill out of the caches).
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from pipelines.errors import ModelError
 from pipelines.features.layer_files import LayerFiles
+from pipelines.features.lm_batches import run_windows, story_word_tokens, tokenize_windows
 from pipelines.features.model_source import first_line as _first_line, safe_model_config
 from pipelines.features.model_runtime import input_device, load_kwargs, place, resolve_runtime
 from pipelines.features.lm_windows import (
@@ -47,11 +48,8 @@ from pipelines.features.lm_windows import (
     Window,
     check_extraction_args,
     check_words,
-    forward_batch,
     layer_indices,
-    length_batches,
     strided_plan,
-    tokenize_window,
     tokens_per_batch,
 )
 
@@ -225,67 +223,9 @@ def _resolve_model(model: str | LoadedModel, revision: str | None) -> LoadedMode
     return load_language_model(model, revision=revision)
 
 
-def _run_windows(
-    lm: LoadedModel,
-    windows: list[Window],
-    tokenized: list[tuple[list[int], list[int | None]]],
-    hs_index: list[int],
-    write: Callable[[np.ndarray, list[int]], None],
-    batch_size: int,
-    pooling: str,
-    batch_tokens: int,
-) -> None:
-    """Run the model on windows (right-padded batches) and hand on the pooled features.
-
-    ``write(values, dests)`` receives each batch's float32 features, shape
-    (len(hs_index), len(dests), hidden_size), for the word rows ``dests``. Only the target
-    words' tokens are gathered (and mean-pooled) on the model's device and copied to the
-    host, in one transfer per batch: context tokens never leave the GPU.
-    """
-    import torch  # heavy and optional: imported only when a model runs
-
-    for chunk in length_batches([len(t[0]) for t in tokenized], batch_size, batch_tokens):
-        result = forward_batch(lm, [tokenized[k][0] for k in chunk])
-        rows: list[np.ndarray] = []
-        pos: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
-        dests: list[int] = []
-        for row, k in enumerate(chunk):
-            wids = np.array([-1 if w is None else w for w in tokenized[k][1]])
-            win = windows[k]
-            for local, dest in zip(win.targets, win.dest):
-                where = np.flatnonzero(wids == local)
-                if where.size == 0:
-                    raise ModelError(f"word {win.words[local]!r} has no tokens in model {lm.name!r}: "
-                                     "check the word list for empty entries")
-                if pooling == "last":
-                    where = where[-1:]
-                rows.append(np.full(where.size, row))
-                pos.append(where)
-                slots.append(np.full(where.size, len(dests)))
-                dests.append(dest)
-        device = result.hidden_states[0].device
-        r_np, p_np = np.concatenate(rows), np.concatenate(pos)
-        idx = {}  # per device: a sharded model (device_map) leaves its layers on several GPUs
-        for h in hs_index:
-            dev = result.hidden_states[h].device
-            if dev not in idx:
-                idx[dev] = (torch.from_numpy(r_np).to(dev), torch.from_numpy(p_np).to(dev))
-        with torch.inference_mode():
-            # (L, n_tok, H), float32 whatever the model computes in
-            picked = torch.stack([hs[idx[hs.device]].to(device).float()
-                                  for hs in (result.hidden_states[h] for h in hs_index)])
-            if pooling == "mean":
-                s_idx = torch.from_numpy(np.concatenate(slots)).to(device)
-                counts = torch.bincount(s_idx, minlength=len(dests)).to(picked.dtype)
-                summed = picked.new_zeros((picked.shape[0], len(dests), picked.shape[2])).index_add_(1, s_idx, picked)
-                picked = summed / counts[None, :, None]
-            write(picked.cpu().numpy(), dests)
-        del result
-
-
 def _per_word_windows(words: list[str], starts: np.ndarray, indices: Sequence[int]) -> list[Window]:
-    return [Window(words=words[int(starts[i]) : i + 1], targets=[i - int(starts[i])], dest=[i]) for i in indices]
+    return [Window(words=words[int(starts[i]) : i + 1], targets=[i - int(starts[i])], dest=[i], start=int(starts[i]))
+            for i in indices]
 
 
 def _tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window],
@@ -294,8 +234,7 @@ def _tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window],
     tokenized: list[tuple[list[int], list[int | None]]] = []
     kept: list[Window] = []
     fallback: list[int] = []
-    for win in windows:
-        ids, wids, truncated = tokenize_window(lm, win.words)
+    for win, (ids, wids, truncated) in zip(windows, tokenize_windows(lm, words, windows)):
         if truncated and starts_for_fallback is not None and len(win.targets) > 1:
             fallback.extend(win.dest)  # strided window too long: do its words one by one
             continue
@@ -305,8 +244,8 @@ def _tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window],
         kept.append(win)
         tokenized.append((ids, wids))
     if fallback:
-        for win in _per_word_windows(words, starts_for_fallback, fallback):
-            ids, wids, _ = tokenize_window(lm, win.words)
+        singles = _per_word_windows(words, starts_for_fallback, fallback)
+        for win, (ids, wids, _) in zip(singles, tokenize_windows(lm, words, singles)):
             if win.targets[0] not in wids:
                 raise ModelError(f"word {win.words[-1]!r} alone exceeds the {lm.max_tokens} tokens "
                                  f"model {lm.name!r} accepts: split it")
@@ -341,14 +280,14 @@ def _extract(
                 for name in names:
                     files.write(name, np.asarray(dests), values[i])
 
-        _run_windows(lm, kept, tokenized, uniq, to_files, batch_size, pooling, budget)
+        run_windows(lm, kept, tokenized, uniq, to_files, batch_size, pooling, budget)
         return {}
     out = np.zeros((len(uniq), len(words) if n_rows is None else n_rows, lm.hidden_size), dtype=np.float32)
 
     def to_memory(values: np.ndarray, dests: list[int]) -> None:
         out[:, dests, :] = values
 
-    _run_windows(lm, kept, tokenized, uniq, to_memory, batch_size, pooling, budget)
+    run_windows(lm, kept, tokenized, uniq, to_memory, batch_size, pooling, budget)
     return {layer: out[uniq.index(h)].copy() for layer, h in zip(layers, hs_index)}
 
 
@@ -368,19 +307,14 @@ def word_token_counts(words: Sequence[str], lm: LoadedModel) -> tuple[np.ndarray
         Tokens the tokenizer adds around every window ([CLS]/[SEP], BOS...).
     """
     words = check_words(words)
-    counts = np.zeros(len(words), dtype=np.int64)
-    chunk = 256  # keep each call under the tokenizer's length warning
-    for lo in range(0, len(words), chunk):
-        enc = lm.tokenizer(words[lo : lo + chunk], is_split_into_words=True, add_special_tokens=False)
-        wids = np.array([w for w in enc.word_ids() if w is not None], dtype=np.int64)
-        counts[lo : lo + chunk] = np.bincount(wids, minlength=min(chunk, len(words) - lo))
+    counts = np.array([len(t) for t in story_word_tokens(lm, words)], dtype=np.int64)
     probe = lm.tokenizer(words[:1], is_split_into_words=True, add_special_tokens=True)
     n_special = len(probe["input_ids"]) - int(counts[0])
     return counts, max(n_special, 0)
 
 
 def strided_window_starts(n_words: int, context_words: int, *, word_tokens: Sequence[int] | None = None,
-                          max_tokens: int | None = None) -> np.ndarray:
+                          max_tokens: int | None = None, stride_words: int | str | None = None) -> np.ndarray:
     """Index of the first word each word sees in the strided (causal) extractor.
 
     Parameters
@@ -394,6 +328,9 @@ def strided_window_starts(n_words: int, context_words: int, *, word_tokens: Sequ
         to fit the model as the extractor does.
     max_tokens : int, optional
         Word tokens one window may hold (the model's limit minus its special tokens).
+    stride_words : int or "fill", optional
+        New words per window (default ``max(context_words, 1)``); ``"fill"``: as many as fit in
+        ``max_tokens`` (:func:`extract_word_features`).
 
     Returns
     -------
@@ -412,13 +349,14 @@ def strided_window_starts(n_words: int, context_words: int, *, word_tokens: Sequ
     if wt is not None and wt.shape != (n_words,):
         raise ValueError(f"word_tokens must hold {n_words} counts (one per word), got shape {wt.shape}")
     starts = np.zeros(n_words, dtype=np.int64)
-    for start, first, end in strided_plan(n_words, context_words, wt, max_tokens):
+    for start, first, end in strided_plan(n_words, context_words, wt, max_tokens,
+                                          _stride(stride_words, n_words)):
         starts[first:end] = start
     return starts
 
 
 def causal_window_starts(words: Sequence[str], model: str | LoadedModel, context_words: int, *,
-                         revision: str | None = None) -> np.ndarray:
+                         revision: str | None = None, stride_words: int | str | None = None) -> np.ndarray:
     """The exact first visible word of every word in :func:`extract_word_features` for a causal model.
 
     Takes the model's token limit into account (see :func:`strided_window_starts`). Pass the
@@ -433,11 +371,12 @@ def causal_window_starts(words: Sequence[str], model: str | LoadedModel, context
     lm = _resolve_model(model, revision)
     counts, n_special = word_token_counts(words, lm)
     return strided_window_starts(len(words), int(context_words), word_tokens=counts,
-                                 max_tokens=lm.max_tokens - n_special)
+                                 max_tokens=lm.max_tokens - n_special, stride_words=stride_words)
 
 
 def _strided_windows(words: list[str], plan: list[tuple[int, int, int]]) -> list[Window]:
-    return [Window(words=words[s:e], targets=list(range(f - s, e - s)), dest=list(range(f, e))) for s, f, e in plan]
+    return [Window(words=words[s:e], targets=list(range(f - s, e - s)), dest=list(range(f, e)), start=s)
+            for s, f, e in plan]
 
 
 # ---------------------------------------------------------------------------- public API
@@ -518,7 +457,7 @@ def extract_word_features_per_word(
     idx = [int(i) for i in indices]
     if not idx or any(not 0 <= i < n for i in idx):
         raise ValueError(f"indices must be a non-empty list of word positions in 0..{n - 1}")
-    windows = [Window(words=w.words, targets=w.targets, dest=[k]) for k, w in
+    windows = [Window(words=w.words, targets=w.targets, dest=[k], start=w.start) for k, w in
                enumerate(_per_word_windows(words, starts, idx))]
     return _extract(lm, words, layers, windows, None, batch_size, pooling, batch_tokens, n_rows=len(idx))
 
@@ -533,6 +472,7 @@ def extract_word_features(
     batch_size: int = 32,
     pooling: str = "last",
     batch_tokens: int | None = None,
+    stride_words: int | str | None = None,
 ) -> dict[int, np.ndarray]:
     """Hidden-state features of each word given its preceding words, all layers in one pass.
 
@@ -561,6 +501,12 @@ def extract_word_features(
     batch_tokens : int, optional
         Most (padded) tokens per forward pass; default 1024 on a CPU, 16384 on a GPU.
         Does not change the features.
+    stride_words : int or "fill", optional
+        Causal models: new words per window, default ``max(context_words, 1)`` (each token
+        through the model about twice). ``"fill"``: as many as fit in the model's token limit,
+        so each token goes through the model about ``1 + context / limit`` times; word ``i``
+        then sees at least ``context_words`` preceding words, and up to the limit. A larger
+        stride gives more context to some words: the features change, not their minimum context.
 
     Returns
     -------
@@ -577,7 +523,7 @@ def extract_word_features(
     words = check_words(words)
     check_extraction_args(context_words, batch_size, pooling)
     lm = _resolve_model(model, revision)
-    windows, starts = _windows(lm, words, int(context_words))
+    windows, starts = _windows(lm, words, int(context_words), stride_words)
     return _extract(lm, words, layers, windows, starts, batch_size, pooling, batch_tokens)
 
 
@@ -593,6 +539,7 @@ def stream_word_features(
     batch_size: int = 32,
     pooling: str = "last",
     batch_tokens: int | None = None,
+    stride_words: int | str | None = None,
 ) -> None:
     """:func:`extract_word_features`, each layer written to its file as the batches are computed.
 
@@ -612,18 +559,31 @@ def stream_word_features(
     if (files.n_rows, files.n_dims) != (len(words), lm.hidden_size):
         raise ValueError(f"files hold ({files.n_rows}, {files.n_dims}) rows, the story needs "
                          f"({len(words)}, {lm.hidden_size})")
-    windows, starts = _windows(lm, words, int(context_words))
+    windows, starts = _windows(lm, words, int(context_words), stride_words)
     _extract(lm, words, layers, windows, starts, batch_size, pooling, batch_tokens, sink=(files, spaces))
 
 
-def _windows(lm: LoadedModel, words: list[str], context_words: int) -> tuple[list[Window], np.ndarray | None]:
+def _stride(stride_words: int | str | None, n_words: int) -> int | None:
+    """``stride_words`` as ``strided_plan`` takes it: None (default), a count, or every word ("fill")."""
+    if stride_words is None:
+        return None
+    if stride_words == "fill":
+        return max(n_words, 1)
+    if isinstance(stride_words, bool) or not isinstance(stride_words, (int, np.integer)) or stride_words < 1:
+        raise ValueError(f"stride_words = {stride_words!r} must be an integer >= 1 or 'fill'")
+    return int(stride_words)
+
+
+def _windows(lm: LoadedModel, words: list[str], context_words: int,
+             stride_words: int | str | None = None) -> tuple[list[Window], np.ndarray | None]:
     """The windows of a story: per word for a masked model, strided for a causal one (with the
     first visible word of each word, for the per-word fallback of windows too long to fit)."""
     if not lm.is_causal:
         starts = np.maximum(np.arange(len(words)) - context_words, 0)
         return _per_word_windows(words, starts, range(len(words))), None
     counts, n_special = word_token_counts(words, lm)
-    plan = strided_plan(len(words), context_words, counts, lm.max_tokens - n_special)
+    plan = strided_plan(len(words), context_words, counts, lm.max_tokens - n_special,
+                        _stride(stride_words, len(words)))
     starts = np.zeros(len(words), dtype=np.int64)
     for s, f, e in plan:
         starts[f:e] = s

@@ -144,6 +144,7 @@ class Window:
     words: list[str]
     targets: list[int]  # local indices into ``words``
     dest: list[int]  # global word indices the targets fill
+    start: int | None = None  # global index of ``words[0]`` (lets the story be tokenized once)
 
 
 def tokenize_window(lm: LoadedModel, words: list[str]) -> tuple[list[int], list[int | None], bool]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, Union
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer, model_validator
 
 from pipelines.errors import ConfigError, DatasetError
 
@@ -113,6 +113,16 @@ class LanguageModelFeature(_ModelSpec):
     pooling: Literal["last", "mean"] = "last"
     batch_size: int = Field(32, ge=1, le=4096)
     batch_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    #: causal models: new words per strided window (default ``context_words``); "fill": up to the model's limit
+    stride_words: Union[Annotated[int, Field(ge=1, le=100_000)], Literal["fill"], None] = None
+
+    @model_serializer(mode="wrap")
+    def _without_default_stride(self, handler: Any) -> dict[str, Any]:
+        # the default stride is left out, so the ids and cache keys of earlier analyses stay as they were
+        out = handler(self)
+        if self.stride_words is None:
+            out.pop("stride_words", None)
+        return out
 
 
 class SpeechModelFeature(_Spec):
@@ -431,10 +441,12 @@ def compute_language_model(spec: LanguageModelFeature, stimulus: Stimulus, *, de
         spaces = _space_of_layer(layers, sweep)
         with LayerFiles(stream_to, list(dict.fromkeys(spaces.values())), len(words), lm.hidden_size) as files:
             stream_word_features(words, lm, layers, spec.context_words, files, spaces, batch_size=spec.batch_size,
-                                 pooling=spec.pooling, batch_tokens=spec.batch_tokens)
+                                 pooling=spec.pooling, batch_tokens=spec.batch_tokens,
+                                 stride_words=spec.stride_words)
         return FeatureResult({}, times, "events")
     feats = extract_word_features(words, lm, layers, spec.context_words, batch_size=spec.batch_size,
-                                  pooling=spec.pooling, batch_tokens=spec.batch_tokens)
+                                  pooling=spec.pooling, batch_tokens=spec.batch_tokens,
+                                  stride_words=spec.stride_words)
     return FeatureResult(_spaces(feats, layers, sweep), times, "events")
 
 

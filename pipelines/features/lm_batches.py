@@ -1,0 +1,234 @@
+"""Windows to features with little work between forward passes: tokens, target positions, pipelined copies.
+
+The strided extractor runs many windows whose words overlap. Three things used to cost more
+than the model itself on a GPU (``bench/results/features-gpu.md``: strided 4-7x one pass for
+GPT-2-small, where the windows hold each token about twice):
+
+* **Tokens.** Each window was tokenized on its own, so every word was tokenized twice.
+  :func:`tokenize_windows` tokenizes the story's words once and assembles each window from
+  them (with the tokenizer's own special tokens), after checking on sample windows that the
+  result is exactly what the tokenizer gives; where it is not (a tokenizer whose tokens of a
+  word depend on its place in the window), every window is tokenized as before.
+* **Target positions.** The tokens of each target word were found with one array scan per
+  word; :func:`target_positions` finds all of a window's at once.
+* **Copies.** Each batch's features were copied to the host before the next batch started,
+  so the GPU waited for the copy and for Python. :func:`run_windows` copies a batch's
+  features into pinned memory without blocking and writes them only after the next batch has
+  been queued, so the GPU always has work.
+
+The features are the same numbers as before (``tests/test_lm_batches.py`` compares them).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from pipelines.errors import ModelError
+from pipelines.features.lm_windows import LoadedModel, Window, forward_batch, length_batches, tokenize_window
+
+__all__ = ["story_word_tokens", "tokenize_windows", "target_positions", "run_windows"]
+
+#: Words per tokenizer call (keeps each call under the tokenizer's length warning).
+_CHUNK = 256
+
+
+#: The last story tokenized, (tokenizer, words, tokens): planning the windows and building
+#: them read the same tokens, so a story is tokenized once.
+_LAST: list[Any] = [None, (), []]
+
+
+def story_word_tokens(lm: LoadedModel, words: Sequence[str]) -> list[list[int]]:
+    """Token ids of each word, as the extractor's pre-split tokenization gives them (no special tokens).
+
+    Returns
+    -------
+    list of list of int, length n_words
+    """
+    key = tuple(words)
+    if _LAST[0] is lm.tokenizer and _LAST[1] == key:
+        return _LAST[2]
+    out: list[list[int]] = [[] for _ in words]
+    for lo in range(0, len(words), _CHUNK):
+        enc = lm.tokenizer(list(words[lo : lo + _CHUNK]), is_split_into_words=True, add_special_tokens=False)
+        for tok, wid in zip(enc["input_ids"], enc.word_ids()):
+            if wid is not None:
+                out[lo + wid].append(int(tok))
+    _LAST[:] = [lm.tokenizer, key, out]
+    return out
+
+
+def _template(lm: LoadedModel, words: list[str]) -> tuple[list[int], list[int]] | None:
+    """The special tokens before and after a window's words, from the tokenizer itself."""
+    ids, wids, _ = tokenize_window(lm, words[:2])
+    pos = [k for k, w in enumerate(wids) if w is not None]
+    if not pos:
+        return None
+    return ids[: pos[0]], ids[pos[-1] + 1 :]
+
+
+def _assemble(win: Window, start: int, word_tokens: list[list[int]], head: list[int], tail: list[int]
+              ) -> tuple[list[int], list[int | None]]:
+    ids: list[int] = list(head)
+    wids: list[int | None] = [None] * len(head)
+    for local in range(len(win.words)):
+        toks = word_tokens[start + local]
+        ids.extend(toks)
+        wids.extend([local] * len(toks))
+    ids.extend(tail)
+    wids.extend([None] * len(tail))
+    return ids, wids
+
+
+def tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window]
+                     ) -> list[tuple[list[int], list[int | None], bool]]:
+    """``tokenize_window`` of every window, assembled from the story's words tokenized once.
+
+    Parameters
+    ----------
+    windows : list of Window
+        Each window's words are ``words[win.start : win.start + len(win.words)]`` (a window
+        without ``start`` sends every window to the tokenizer).
+
+    Returns
+    -------
+    list of (ids, word_ids, truncated), one per window
+        Identical to :func:`~pipelines.features.lm_windows.tokenize_window` on each window:
+        checked on the first, second and last window (and any window that would be truncated
+        is tokenized by the tokenizer); if the check fails, every window is.
+    """
+    if not windows:
+        return []
+    template = _template(lm, words)
+    if template is not None and all(win.start is not None for win in windows):
+        word_tokens = story_word_tokens(lm, words)
+        head, tail = template
+        fast = []
+        for win in windows:
+            ids, wids = _assemble(win, int(win.start), word_tokens, head, tail)
+            fast.append(None if len(ids) > lm.max_tokens else (ids, wids, False))
+        probe = sorted({0, min(1, len(windows) - 1), len(windows) - 1})
+        if all(fast[k] is None or fast[k] == tokenize_window(lm, windows[k].words) for k in probe):
+            return [tokenize_window(lm, win.words) if got is None else got for got, win in zip(fast, windows)]
+    return [tokenize_window(lm, win.words) for win in windows]
+
+
+def target_positions(wids: Sequence[int | None], targets: Sequence[int], pooling: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Token positions of a window's target words, and which target each belongs to.
+
+    Parameters
+    ----------
+    wids : sequence of int or None, length n_tokens
+        The window's word of each token (None for special tokens).
+    targets : sequence of int, length n_targets
+        Local word indices whose features the window gives.
+    pooling : {"last", "mean"}
+        ``last``: one position per target (its last token); ``mean``: all its tokens.
+
+    Returns
+    -------
+    positions, slots : np.ndarray of int
+        ``slots[k]`` is the index into ``targets`` of the word at token ``positions[k]``.
+        ValueError (a word without tokens) names the first target with none.
+    """
+    w = np.fromiter((-1 if x is None else x for x in wids), dtype=np.int64, count=len(wids))
+    tg = np.asarray(targets, dtype=np.int64)
+    slot_of = np.full(int(max(w.max(initial=-1), tg.max(initial=-1))) + 2, -1, dtype=np.int64)
+    slot_of[tg] = np.arange(tg.size)
+    slots_all = slot_of[w]  # -1 (index -1 of slot_of) for special tokens and non-targets
+    keep = slots_all >= 0
+    if pooling == "last":
+        nxt = np.append(w[1:], -2)
+        keep &= w != nxt
+    positions = np.flatnonzero(keep)
+    slots = slots_all[positions]
+    order = np.argsort(slots, kind="stable")  # targets in the order given, each word's tokens in order
+    positions, slots = positions[order], slots[order]
+    if np.unique(slots).size != tg.size:
+        missing = np.setdiff1d(np.arange(tg.size), slots)[0]
+        raise ValueError(int(missing))
+    return positions, slots
+
+
+def run_windows(
+    lm: LoadedModel,
+    windows: list[Window],
+    tokenized: list[tuple[list[int], list[int | None]]],
+    hs_index: list[int],
+    write: Callable[[np.ndarray, list[int]], None],
+    batch_size: int,
+    pooling: str,
+    batch_tokens: int,
+) -> None:
+    """Run the model on windows (right-padded batches) and hand on the pooled features.
+
+    ``write(values, dests)`` receives each batch's float32 features, shape
+    (len(hs_index), len(dests), hidden_size), for the word rows ``dests``. Only the target
+    words' tokens are gathered (and mean-pooled) on the model's device and copied to the
+    host, in one transfer per batch: context tokens never leave the GPU. On a GPU the copy
+    of a batch runs while the next batch is computed.
+    """
+    import torch  # heavy and optional: imported only when a model runs
+
+    plans = []
+    for win, (ids, wids) in zip(windows, tokenized):
+        try:
+            pos, slots = target_positions(wids, win.targets, pooling)
+        except ValueError as err:
+            word = win.words[win.targets[int(err.args[0])]]
+            raise ModelError(f"word {word!r} has no tokens in model {lm.name!r}: "
+                             "check the word list for empty entries") from None
+        plans.append((pos, slots))
+    pending: tuple[Any, Any, list[int]] | None = None
+    for chunk in length_batches([len(t[0]) for t in tokenized], batch_size, batch_tokens):
+        result = forward_batch(lm, [tokenized[k][0] for k in chunk])
+        rows, pos, slots, dests = [], [], [], []
+        for row, k in enumerate(chunk):
+            p, s = plans[k]
+            rows.append(np.full(p.size, row))
+            pos.append(p)
+            slots.append(s + len(dests))
+            dests.extend(windows[k].dest)
+        host, event = _gather(torch, result, hs_index, np.concatenate(rows), np.concatenate(pos),
+                              np.concatenate(slots), len(dests), pooling)
+        del result
+        if pending is not None:
+            _deliver(pending, write)
+        pending = (host, event, dests)
+    if pending is not None:
+        _deliver(pending, write)
+
+
+def _gather(torch: Any, result: Any, hs_index: list[int], r_np: np.ndarray, p_np: np.ndarray,
+            s_np: np.ndarray, n_dest: int, pooling: str) -> tuple[Any, Any]:
+    """The batch's target features as float32 on the host (a pinned buffer filling asynchronously on a GPU)."""
+    device = result.hidden_states[0].device
+    idx = {}  # per device: a sharded model (device_map) leaves its layers on several GPUs
+    for h in hs_index:
+        dev = result.hidden_states[h].device
+        if dev not in idx:
+            idx[dev] = (torch.from_numpy(r_np).to(dev), torch.from_numpy(p_np).to(dev))
+    with torch.inference_mode():
+        # (L, n_tok, H), float32 whatever the model computes in
+        picked = torch.stack([hs[idx[hs.device]].to(device).float()
+                              for hs in (result.hidden_states[h] for h in hs_index)])
+        if pooling == "mean":
+            s_idx = torch.from_numpy(s_np).to(device)
+            counts = torch.bincount(s_idx, minlength=n_dest).to(picked.dtype)
+            summed = picked.new_zeros((picked.shape[0], n_dest, picked.shape[2])).index_add_(1, s_idx, picked)
+            picked = summed / counts[None, :, None]
+        if device.type != "cuda":
+            return picked, None
+        host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
+        host.copy_(picked, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+
+def _deliver(pending: tuple[Any, Any, list[int]], write: Callable[[np.ndarray, list[int]], None]) -> None:
+    host, event, dests = pending
+    if event is not None:
+        event.synchronize()
+    write(host.numpy(), dests)
