@@ -115,14 +115,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def one_pass(lm: LoadedModel, ids: "object", device: str) -> float:
-    """Seconds to run every token through the model once (all hidden states)."""
+def one_pass(lm: LoadedModel, ids: "object", device: str, to_host: bool = False) -> float:
+    """Seconds to run every token through the model once (all hidden states); ``to_host``: and
+    copy every hidden state to the host as float32 (what a layer sweep must hand on)."""
     import torch
 
     t0 = time.perf_counter()
     with torch.inference_mode():
         for lo in range(0, ids.numel(), lm.max_tokens):
             out = lm.model(input_ids=ids[None, lo: lo + lm.max_tokens].to(lm.device), output_hidden_states=True)
+            if to_host:
+                torch.stack([h[0].float() for h in out.hidden_states]).cpu()
             del out
     sync(device)
     return time.perf_counter() - t0
@@ -164,24 +167,33 @@ def bench_loaded(rows: list[list[str]], label: str, lm: LoadedModel, words: list
     rows.append([label, "whole story", "one pass", f"{n / t_pass:,.0f}", "1.00", "1.00x", "", "",
                  f"{ids.numel() / n:.2f} tokens/word, chunks of {lm.max_tokens} tokens"])
     print(rows[-1], flush=True)
-    for c in contexts:
-        for stride in (None, "fill"):
-            passes = token_passes(lm, words, c, None if stride is None else n)
-            t_local = t_run = float("inf")
-            if device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            for _ in range(3):
-                t_local = min(t_local, one_pass(lm, ids, device))
-                t0 = time.perf_counter()
-                extract_word_features(words, lm, layers, c, stride_words=stride)
-                sync(device)
-                t_run = min(t_run, time.perf_counter() - t0)
-            ratio = t_run / t_local
-            rows.append([label, str(c), f"strided, stride {'fill' if stride else 'default'}", f"{n / t_run:,.0f}",
-                         f"{passes:.2f}", f"{ratio:.2f}x", f"{ratio / passes:.2f}x",
-                         f"{gpu_gb():.1f}" if device.startswith("cuda") else "",
-                         f"one pass alongside {t_local:.2f} s, strided {t_run:.2f} s"])
-            print(rows[-1], flush=True)
+    t_copy = min(one_pass(lm, ids, device, to_host=True) for _ in range(3))
+    rows.append([label, "whole story", "one pass, every hidden state to the host", f"{n / t_copy:,.0f}", "1.00",
+                 f"{t_copy / t_pass:.2f}x", "", "", f"{len(layers)} x {n} tokens x {lm.hidden_size} float32 "
+                 f"({len(layers) * ids.numel() * lm.hidden_size * 4 / 1e9:.2f} GB) copied: the floor of a full sweep"])
+    print(rows[-1], flush=True)
+    middle = [lm.n_layers // 2]
+    plan = [(c, stride, layers, "sweep") for c in contexts for stride in (None, "fill")]
+    plan += [(c, stride, middle, f"layer {middle[0]}") for c in contexts for stride in (None, "fill")]
+    for c, stride, which, what in plan:
+        passes = token_passes(lm, words, c, None if stride is None else n)
+        t_local = t_run = float("inf")
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            t_local = min(t_local, one_pass(lm, ids, device))
+            t0 = time.perf_counter()
+            extract_word_features(words, lm, which, c, stride_words=stride)
+            sync(device)
+            t_run = min(t_run, time.perf_counter() - t0)
+        ratio = t_run / t_local
+        note = f"one pass alongside {t_local:.2f} s, strided {t_run:.2f} s"
+        if what == "sweep":
+            note += f"; {t_run / t_copy:.2f}x one pass with every hidden state copied"
+        rows.append([label, str(c), f"strided {what}, stride {'fill' if stride else 'default'}", f"{n / t_run:,.0f}",
+                     f"{passes:.2f}", f"{ratio:.2f}x", f"{ratio / passes:.2f}x",
+                     f"{gpu_gb():.1f}" if device.startswith("cuda") else "", note])
+        print(rows[-1], flush=True)
     if sweep:
         spaces = {k: f"layer{k}" for k in layers}
         if device.startswith("cuda"):

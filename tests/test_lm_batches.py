@@ -228,3 +228,22 @@ def test_stride_words_key_is_checked_and_left_out_of_ids_by_default(tiny_gpt2):
     lm = load_language_model(tiny_gpt2, device="cpu")
     with pytest.raises(ValueError, match="stride_words"):
         extract_word_features(STORY, lm, [1], 2, stride_words=0)
+
+
+def test_length_batches_bound_rows_tokens_and_padding():
+    from pipelines.features.lm_windows import length_batches
+
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        lengths = rng.integers(1, 400, int(rng.integers(1, 60))).tolist()
+        batches = length_batches(lengths, 8, 1000)
+        assert sorted(k for b in batches for k in b) == list(range(len(lengths)))
+        for b in batches:
+            width = max(lengths[k] for k in b)
+            assert len(b) <= 8
+            if len(b) > 1:
+                assert len(b) * width <= 1000
+                assert len(b) * width - sum(lengths[k] for k in b) <= 0.25 * len(b) * width
+    # a long window and a short one are not padded to the same width
+    assert length_batches([4096, 1300], 32, 16384) == [[1], [0]]
+    assert length_batches([4096, 4000], 32, 16384) == [[1, 0]]

@@ -282,13 +282,25 @@ def _extract(
 
         run_windows(lm, kept, tokenized, uniq, to_files, batch_size, pooling, budget)
         return {}
-    out = np.zeros((len(uniq), len(words) if n_rows is None else n_rows, lm.hidden_size), dtype=np.float32)
+    n = len(words) if n_rows is None else n_rows
+    outs = [np.zeros((n, lm.hidden_size), dtype=np.float32) for _ in uniq]  # pages are touched as rows arrive
 
     def to_memory(values: np.ndarray, dests: list[int]) -> None:
-        out[:, dests, :] = values
+        lo = dests[0]
+        contiguous = dests[-1] - lo == len(dests) - 1 and all(b - a == 1 for a, b in zip(dests, dests[1:]))
+        for out, rows in zip(outs, values):
+            if contiguous:  # the strided windows' targets: one block copy, no scatter
+                out[lo : lo + len(dests)] = rows
+            else:
+                out[dests] = rows
 
     run_windows(lm, kept, tokenized, uniq, to_memory, batch_size, pooling, budget)
-    return {layer: out[uniq.index(h)].copy() for layer, h in zip(layers, hs_index)}
+    feats: dict[int, np.ndarray] = {}
+    handed: set[int] = set()
+    for layer, h in zip(layers, hs_index):  # a layer asked for twice (e.g. 12 and -1) gets its own copy
+        feats[layer] = outs[uniq.index(h)].copy() if h in handed else outs[uniq.index(h)]
+        handed.add(h)
+    return feats
 
 
 # ---------------------------------------------------------------------------- window plans

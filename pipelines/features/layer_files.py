@@ -60,12 +60,15 @@ class LayerFiles:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.shape != (dests.size, self.n_dims):
             raise ValueError(f"rows must have shape ({dests.size}, {self.n_dims}), got {rows.shape}")
-        order = np.argsort(dests, kind="stable")
-        dests, rows = dests[order], rows[order]
+        if dests.size > 1 and np.any(np.diff(dests) < 0):
+            order = np.argsort(dests, kind="stable")
+            dests, rows = dests[order], rows[order]
         breaks = np.flatnonzero(np.diff(dests) != 1) + 1
         row_bytes = self.n_dims * 4
         for lo, hi in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [dests.size]])):
-            os.pwrite(self._fds[space], rows[lo:hi].tobytes(), self._offset[space] + int(dests[lo]) * row_bytes)
+            # a view of the rows, not a copy (a layer sweep of a 7B model writes gigabytes)
+            os.pwrite(self._fds[space], memoryview(rows[lo:hi]).cast("B"),
+                      self._offset[space] + int(dests[lo]) * row_bytes)
 
     def close(self) -> None:
         """Flush and close the files (they stay on disk)."""

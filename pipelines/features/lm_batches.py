@@ -12,9 +12,9 @@ GPT-2-small, where the windows hold each token about twice):
 * **Target positions.** The tokens of each target word were found with one array scan per
   word; :func:`target_positions` finds all of a window's at once.
 * **Copies.** Each batch's features were copied to the host before the next batch started,
-  so the GPU waited for the copy and for Python. :func:`run_windows` copies a batch's
-  features into pinned memory without blocking and writes them only after the next batch has
-  been queued, so the GPU always has work.
+  so the GPU waited for the copy and for Python. :func:`run_windows` queues the next batch
+  first, then copies the previous one's features on a stream of their own and writes them
+  while the GPU computes.
 
 The features are the same numbers as before (``tests/test_lm_batches.py`` compares them).
 """
@@ -180,6 +180,7 @@ def run_windows(
             raise ModelError(f"word {word!r} has no tokens in model {lm.name!r}: "
                              "check the word list for empty entries") from None
         plans.append((pos, slots))
+    copier = torch.cuda.Stream() if str(lm.device).startswith("cuda") else None
     pending: tuple[Any, Any, list[int]] | None = None
     for chunk in length_batches([len(t[0]) for t in tokenized], batch_size, batch_tokens):
         result = forward_batch(lm, [tokenized[k][0] for k in chunk])
@@ -190,19 +191,23 @@ def run_windows(
             pos.append(p)
             slots.append(s + len(dests))
             dests.extend(windows[k].dest)
-        host, event = _gather(torch, result, hs_index, np.concatenate(rows), np.concatenate(pos),
-                              np.concatenate(slots), len(dests), pooling)
+        picked = _gather(torch, result, hs_index, np.concatenate(rows), np.concatenate(pos),
+                         np.concatenate(slots), len(dests), pooling)
         del result
-        if pending is not None:
-            _deliver(pending, write)
-        pending = (host, event, dests)
+        event = None
+        if copier is not None:
+            event = torch.cuda.Event()
+            event.record()
+        if pending is not None:  # the previous batch leaves the GPU while this one is computed
+            _deliver(torch, pending, copier, write)
+        pending = (picked, event, dests)
     if pending is not None:
-        _deliver(pending, write)
+        _deliver(torch, pending, copier, write)
 
 
 def _gather(torch: Any, result: Any, hs_index: list[int], r_np: np.ndarray, p_np: np.ndarray,
-            s_np: np.ndarray, n_dest: int, pooling: str) -> tuple[Any, Any]:
-    """The batch's target features as float32 on the host (a pinned buffer filling asynchronously on a GPU)."""
+            s_np: np.ndarray, n_dest: int, pooling: str) -> Any:
+    """The batch's target features, float32 on the model's device, shape (len(hs_index), n_dest, hidden)."""
     device = result.hidden_states[0].device
     idx = {}  # per device: a sharded model (device_map) leaves its layers on several GPUs
     for h in hs_index:
@@ -218,17 +223,18 @@ def _gather(torch: Any, result: Any, hs_index: list[int], r_np: np.ndarray, p_np
             counts = torch.bincount(s_idx, minlength=n_dest).to(picked.dtype)
             summed = picked.new_zeros((picked.shape[0], n_dest, picked.shape[2])).index_add_(1, s_idx, picked)
             picked = summed / counts[None, :, None]
-        if device.type != "cuda":
-            return picked, None
-        host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
-        host.copy_(picked, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
+        return picked
 
 
-def _deliver(pending: tuple[Any, Any, list[int]], write: Callable[[np.ndarray, list[int]], None]) -> None:
-    host, event, dests = pending
-    if event is not None:
-        event.synchronize()
+def _deliver(torch: Any, pending: tuple[Any, Any, list[int]], copier: Any,
+             write: Callable[[np.ndarray, list[int]], None]) -> None:
+    """Copy a batch's features to the host (on the copy stream, after its gather) and write them."""
+    picked, event, dests = pending
+    if copier is None:
+        write(picked.numpy(), dests)
+        return
+    with torch.cuda.stream(copier):
+        copier.wait_event(event)
+        host = picked.to("cpu")  # blocks this thread only: the compute stream runs the next batch
+    picked.record_stream(copier)
     write(host.numpy(), dests)

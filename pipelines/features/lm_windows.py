@@ -188,10 +188,14 @@ def tokens_per_batch(lm: LoadedModel, batch_tokens: int | None) -> int:
     return int(batch_tokens)
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int,
+                   max_padding: float = 0.25) -> list[list[int]]:
     """Group sequences of similar length: at most ``batch_size`` rows and ``batch_tokens`` padded tokens.
 
-    A sequence longer than ``batch_tokens`` gets a batch of its own.
+    A sequence longer than ``batch_tokens`` gets a batch of its own. A row that would make
+    more than ``max_padding`` of the batch's padded tokens padding starts a new batch: a
+    large model is compute-bound, and padding is computed like any token (two windows of
+    4,096 and 1,300 tokens batched together cost 8,192).
 
     Parameters
     ----------
@@ -205,11 +209,15 @@ def length_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int) -
     order = sorted(range(len(lengths)), key=lambda k: lengths[k])
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for k in order:  # ascending length: the new row is the widest of its batch
-        if current and (len(current) >= batch_size or (len(current) + 1) * lengths[k] > batch_tokens):
+        padded = (len(current) + 1) * lengths[k]
+        if current and (len(current) >= batch_size or padded > batch_tokens
+                        or padded - real - lengths[k] > max_padding * padded):
             batches.append(current)
-            current = []
+            current, real = [], 0
         current.append(k)
+        real += lengths[k]
     if current:
         batches.append(current)
     return batches
