@@ -154,7 +154,7 @@ def rss_gb() -> float:
 
 
 def bench_loaded(rows: list[list[str]], label: str, lm: LoadedModel, words: list[str], contexts: list[int],
-                 device: str, tmp: Path, sweep: bool) -> None:
+                 device: str, tmp: Path, sweep: bool, layer_only: bool = False) -> None:
     import torch
 
     layers = list(range(lm.n_layers + 1))
@@ -167,13 +167,16 @@ def bench_loaded(rows: list[list[str]], label: str, lm: LoadedModel, words: list
     rows.append([label, "whole story", "one pass", f"{n / t_pass:,.0f}", "1.00", "1.00x", "", "",
                  f"{ids.numel() / n:.2f} tokens/word, chunks of {lm.max_tokens} tokens"])
     print(rows[-1], flush=True)
-    t_copy = min(one_pass(lm, ids, device, to_host=True) for _ in range(3))
-    rows.append([label, "whole story", "one pass, every hidden state to the host", f"{n / t_copy:,.0f}", "1.00",
-                 f"{t_copy / t_pass:.2f}x", "", "", f"{len(layers)} x {n} tokens x {lm.hidden_size} float32 "
-                 f"({len(layers) * ids.numel() * lm.hidden_size * 4 / 1e9:.2f} GB) copied: the floor of a full sweep"])
-    print(rows[-1], flush=True)
+    t_copy = float("nan")
+    if not layer_only:
+        t_copy = min(one_pass(lm, ids, device, to_host=True) for _ in range(3))
+        rows.append([label, "whole story", "one pass, every hidden state to the host", f"{n / t_copy:,.0f}", "1.00",
+                     f"{t_copy / t_pass:.2f}x", "", "", f"{len(layers)} x {n} tokens x {lm.hidden_size} float32 "
+                     f"({len(layers) * ids.numel() * lm.hidden_size * 4 / 1e9:.2f} GB) copied: the floor of a full "
+                     "sweep"])
+        print(rows[-1], flush=True)
     middle = [lm.n_layers // 2]
-    plan = [(c, stride, layers, "sweep") for c in contexts for stride in (None, "fill")]
+    plan = [] if layer_only else [(c, stride, layers, "sweep") for c in contexts for stride in (None, "fill")]
     plan += [(c, stride, middle, f"layer {middle[0]}") for c in contexts for stride in (None, "fill")]
     for c, stride, which, what in plan:
         passes = token_passes(lm, words, c, None if stride is None else n)
@@ -194,7 +197,7 @@ def bench_loaded(rows: list[list[str]], label: str, lm: LoadedModel, words: list
                      f"{passes:.2f}", f"{ratio:.2f}x", f"{ratio / passes:.2f}x",
                      f"{gpu_gb():.1f}" if device.startswith("cuda") else "", note])
         print(rows[-1], flush=True)
-    if sweep:
+    if sweep and not layer_only:
         spaces = {k: f"layer{k}" for k in layers}
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -252,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantization", choices=["8bit", "4bit"], default=None,
                         help="also load the largest model this way (bitsandbytes, CUDA only)")
     parser.add_argument("--workdir", default=None, help="where model folders are written (default: a temp dir)")
+    parser.add_argument("--layer-only", action="store_true", help="only the single-layer rows (no sweep)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(memory[-1], flush=True)
                 with tempfile.TemporaryDirectory(dir=work) as tmp:
                     bench_loaded(rows, label, lm, words, args.contexts if quant is None else args.contexts[-1:],
-                                 args.device, Path(tmp), sweep=quant is None)
+                                 args.device, Path(tmp), sweep=quant is None, layer_only=args.layer_only)
                 del lm
             except Exception as err:  # noqa: BLE001  one variant failing (e.g. bitsandbytes) keeps the others
                 memory.append(f"- {name} ({quant or dt}): FAILED: {type(err).__name__}: {str(err)[:300]}")

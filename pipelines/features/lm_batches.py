@@ -31,6 +31,8 @@ __all__ = ["story_word_tokens", "tokenize_windows", "target_positions", "run_win
 
 #: Words per tokenizer call (keeps each call under the tokenizer's length warning).
 _CHUNK = 256
+#: Words of a window compared with the tokenizer's own tokens before the story's tokens are trusted.
+_PROBE = 64
 
 
 #: The last story tokenized, (tokenizer, words, tokens): planning the windows and building
@@ -94,8 +96,8 @@ def tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window]
     -------
     list of (ids, word_ids, truncated), one per window
         Identical to :func:`~pipelines.features.lm_windows.tokenize_window` on each window:
-        checked on the first, second and last window (and any window that would be truncated
-        is tokenized by the tokenizer); if the check fails, every window is.
+        checked on the first words of the first, second and last window (any window that
+        would be truncated is tokenized by the tokenizer); if the check fails, every window is.
     """
     if not windows:
         return []
@@ -107,8 +109,13 @@ def tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window]
         for win in windows:
             ids, wids = _assemble(win, int(win.start), word_tokens, head, tail)
             fast.append(None if len(ids) > lm.max_tokens else (ids, wids, False))
-        probe = sorted({0, min(1, len(windows) - 1), len(windows) - 1})
-        if all(fast[k] is None or fast[k] == tokenize_window(lm, windows[k].words) for k in probe):
+        # checked on the first words of three windows (where a word's place in the window could matter)
+        for k in sorted({0, min(1, len(windows) - 1), len(windows) - 1}):
+            win = windows[k]
+            part = Window(words=win.words[:_PROBE], targets=[], dest=[], start=win.start)
+            if _assemble(part, int(win.start), word_tokens, head, tail) != tokenize_window(lm, part.words)[:2]:
+                break
+        else:
             return [tokenize_window(lm, win.words) if got is None else got for got, win in zip(fast, windows)]
     return [tokenize_window(lm, win.words) for win in windows]
 

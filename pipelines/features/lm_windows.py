@@ -247,8 +247,11 @@ def forward_batch(lm: LoadedModel, seqs: list[list[int]]) -> Any:
     for row, seq in enumerate(seqs):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
+    # no padding, no mask: the model then takes its plain (flash) attention path, as one pass does
+    unpadded = all(len(seq) == width for seq in seqs)
     with torch.inference_mode():
-        return lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), output_hidden_states=True)
+        return lm.model(input_ids=ids.to(lm.device), attention_mask=None if unpadded else mask.to(lm.device),
+                        output_hidden_states=True)
 
 
 def strided_plan(n_words: int, context_words: int, word_tokens: np.ndarray | None = None,
