@@ -13,6 +13,7 @@ from pipelines.consume import read_manifest
 from pipelines.resultstore import ResultStore
 
 from .datasets.cohort import build_cohort, cohort_config
+from .test_dags import airflow_db, dagbag  # noqa: F401 - the fixtures of the DAG tests
 
 pytestmark = pytest.mark.integration
 
@@ -88,3 +89,23 @@ def test_too_few_subjects_publish_no_group_map_and_say_why(s3_url, results_bucke
     store = ResultStore(cfg.publish_prefix)
     assert "No group map" in store.get_bytes("sub-group/report.html").decode()
     assert "no group map: 2 subject(s)" in store.get_bytes("report.html").decode()
+
+
+def test_the_dag_runs_the_group_level_after_the_fits(airflow_db, dagbag, s3_url, results_bucket,  # noqa: F811
+                                                     tmp_path, monkeypatch):
+    from airflow.utils.state import DagRunState
+
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
+    labels = build_cohort(tmp_path / "ds002322", 4)
+    config = cohort_config(str(tmp_path / "ds002322"), results_bucket, labels)
+    config["group"] = {"permutations": 100}
+    dag = dagbag.dags["neuroflow_encoding"]
+    assert dag.task_dict["group_level"].upstream_task_ids >= {"fit_subject", "prepare"}
+    assert "group_level" in dag.task_dict["publish"].upstream_task_ids
+    run = dag.test(run_conf={"config": config})
+    assert run.state == DagRunState.SUCCESS
+    assert [ti.state for ti in run.get_task_instances() if ti.task_id == "group_level"] == ["success"]
+    manifest = read_manifest(f"{parse_config(config).publish_prefix}/manifest.json")
+    assert manifest["group"]["status"] == "ok" and manifest["group"]["n_subjects"] == 4
+    assert manifest["group"]["metrics"]["wordrate"]["exact"]  # 2**4 = 16 patterns <= 100: all of them
+    assert any(a["path"] == "sub-group/report.html" for a in manifest["artifacts"])

@@ -111,7 +111,7 @@ def manifest_record(group: dict) -> dict:
     if "isc" in group:
         out["isc"] = {k: v for k, v in group["isc"].items()}
     if "roi" in group:
-        out["roi"] = {k: v for k, v in group["roi"].items() if k != "table"}
+        out["roi"] = {k: v for k, v in group["roi"].items() if k != "table_rel"}
     return out
 
 
@@ -197,11 +197,12 @@ def render_group(cfg: AnalysisConfig, group: dict, store, out_dir: Path) -> tupl
             mask_img = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
         artifacts, images = _maps(cfg, group, arrays, mask_img, sub_dir, fig_dir)
         if group["roi"]["status"] == "ok":
-            table = pd.DataFrame(group["roi"]["table"], columns=ROI_COLUMNS)
+            rows = json.loads(store.get_bytes(group["roi"]["table_rel"]))
+            table = pd.DataFrame(rows, columns=ROI_COLUMNS)
             stem = sub_dir / f"sub-{GROUP}_task-{cfg.dataset.task}_desc-roi_summary"
             table.to_csv(f"{stem}.tsv", sep="\t", index=False, na_rep="n/a", float_format="%.6g")
             Path(f"{stem}.json").write_text(json.dumps({"atlas": group["roi"]["source"], "columns": ROI_COLUMNS,
-                                                        "rows": group["roi"]["table"]}, indent=1, sort_keys=True))
+                                                        "rows": rows}, indent=1, sort_keys=True))
             artifacts += [{"file": Path(f"{stem}.tsv"), "kind": "roi_tsv", "subject": GROUP},
                           {"file": Path(f"{stem}.json"), "kind": "roi_json", "subject": GROUP}]
             roi_rows = [[_fmt(v) for v in row] for row in table.itertuples(index=False)]

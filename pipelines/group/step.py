@@ -228,8 +228,9 @@ def group_level(config: dict[str, Any] | AnalysisConfig, prepared: dict, fits: l
         roi: dict[str, Any] = {"status": "none", "reason": "no 'group.atlas' named"}
         if atlas is not None:
             table = roi_table(common, atlas, n_permutations=g.permutations, q=g.q)
-            roi = {"status": "ok", "source": atlas.source, "n_regions": len(atlas.names),
-                   "table": json.loads(table.to_json(orient="records"))}
+            table_rel = f"{base}/group-{key}-roi.json"  # the table stays in the store: XCom carries its key
+            store.put_bytes(table.to_json(orient="records").encode(), table_rel, content_type="application/json")
+            roi = {"status": "ok", "source": atlas.source, "n_regions": len(atlas.names), "table_rel": table_rel}
         mask_rel = None
         if common.mask_img is not None:
             import nibabel as nib
