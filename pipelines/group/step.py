@@ -30,7 +30,7 @@ from .roi import Atlas, atlas_from_surfaces, atlas_from_table, atlas_from_volume
 from .space import CommonSpace, SubjectMaps, common_space
 from .stats import sign_flip_test
 
-__all__ = ["group_level", "read_group_file"]
+__all__ = ["group_level", "read_group_file", "read_transform"]
 
 log = logging.getLogger("neuroflow")
 FIT_STATS = ("mean_r", "t", "p", "q", "p_max", "significant")
@@ -59,7 +59,7 @@ def read_group_file(cfg: AnalysisConfig, spec: str, ingest, cache_dir: Path, wha
                            "dataset, an s3:// URI or an absolute path to an existing file") from err
 
 
-def _transform(path: Path, spec: str) -> np.ndarray | str:
+def read_transform(path: Path, spec: str) -> np.ndarray | str:
     """A 4x4 world-to-template affine from a text file; a reason string for formats not read."""
     if path.name.endswith(".h5") or path.name.endswith(".mat"):
         return (f"{spec}: ANTs/ITK transforms ({path.suffix}: fMRIPrep's *_xfm.h5 composite warps, ITK .mat "
@@ -192,7 +192,7 @@ def group_level(config: dict[str, Any] | AnalysisConfig, prepared: dict, fits: l
                 if s.kind != "bold" or str(s.space or "").startswith("MNI"):
                     continue
                 spec = g.transform.replace("{subject}", s.subject)
-                found = _transform(read_group_file(cfg, spec, ingest, cache, "group.transform"), spec)
+                found = read_transform(read_group_file(cfg, spec, ingest, cache, "group.transform"), spec)
                 if isinstance(found, str):
                     return {"status": "none", "reason": found, "subjects": [f["subject"] for f in ok]}
                 s.transform = found
