@@ -93,3 +93,24 @@ def test_intersubject_ceiling_recovers_the_planted_one(rng):
 def test_intersubject_ceiling_needs_three_subjects(rng):
     with pytest.raises(ConfigError, match="n_subjects >= 3"):
         intersubject_ceiling(rng.standard_normal((2, 100, 3)))
+
+
+def test_group_config_keys_are_checked_and_leave_other_analyses_ids_alone():
+    import yaml
+
+    from pipelines.config import parse_config
+
+    from .conftest import REPO
+
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    plain = parse_config(raw)
+    assert "group" not in plain.to_dict()  # no group level: the analysis id is what it was
+    with_group = parse_config({**raw, "group": {"atlas": "derivatives/atlas_dseg.nii.gz"}})
+    assert with_group.config_hash != plain.config_hash and with_group.group.permutations == 10_000
+    with pytest.raises(ConfigError) as err:
+        parse_config({**raw, "group": {"atlass": "x.nii.gz"}}, "demo.yaml")
+    assert "atlass" in str(err.value) and "Did you mean 'atlas'" in str(err.value)
+    with pytest.raises(ConfigError, match="group"):
+        parse_config({**raw, "group": {"transform": "../xfm/{subject}.txt"}})
+    with pytest.raises(ConfigError, match="correction"):
+        parse_config({**raw, "group": {"correction": "bonferroni"}})
