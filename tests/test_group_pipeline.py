@@ -73,6 +73,9 @@ def test_run_analysis_publishes_group_maps_roi_tables_and_ceilings(s3_url, resul
     assert "Regions" in page and "planted" in page and "Inter-subject ceilings" in page
     assert 'href="sub-group/report.html"' in store.get_bytes("report.html").decode()
 
+    again = run_analysis(cfg)  # a re-run recomputes nothing: the group result is reused by its content key
+    assert again["reused"] and again["group"] == result["group"]
+
 
 def test_too_few_subjects_publish_no_group_map_and_say_why(s3_url, results_bucket, tmp_path, monkeypatch):
     from pipelines.steps import run_analysis
@@ -109,3 +112,27 @@ def test_the_dag_runs_the_group_level_after_the_fits(airflow_db, dagbag, s3_url,
     assert manifest["group"]["status"] == "ok" and manifest["group"]["n_subjects"] == 4
     assert manifest["group"]["metrics"]["wordrate"]["exact"]  # 2**4 = 16 patterns <= 100: all of them
     assert any(a["path"] == "sub-group/report.html" for a in manifest["artifacts"])
+
+
+@pytest.mark.parametrize("atlas, table, message", [
+    ("derivatives/no-such-atlas.tsv", None, "'group.atlas' derivatives/no-such-atlas.tsv: "),
+    ("derivatives/bad-atlas.tsv", "name\tregion\nROI1\tx\n", "needs columns 'target' and 'roi'"),
+    ("derivatives/bad-atlas.nii.gz", b"not a nifti", "'group.atlas' derivatives/bad-atlas.nii.gz: not a readable"),
+])
+def test_a_bad_atlas_is_one_error_naming_it_and_nothing_is_published(s3_url, results_bucket, tmp_path, monkeypatch,
+                                                                    atlas, table, message):
+    from pipelines.errors import NeuroflowError
+    from pipelines.steps import run_analysis
+
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "ds002322"
+    labels = build_cohort(source, 3)
+    if table is not None:
+        (source / atlas).write_bytes(table if isinstance(table, bytes) else table.encode())
+    raw = cohort_config(str(source), results_bucket, labels)
+    raw["group"] = {"atlas": atlas}
+    cfg = parse_config(raw)
+    with pytest.raises(NeuroflowError) as err:
+        run_analysis(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not ResultStore(cfg.publish_prefix).exists("manifest.json")

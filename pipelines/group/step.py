@@ -25,12 +25,13 @@ from ..cache import default_cache_dir, load_npz, save_npz, write_entry
 from ..config import AnalysisConfig, as_config
 from ..errors import DatasetError
 from ..resultstore import open_store
+from ..storage import sha256_file
 from .isc import intersubject_ceiling
 from .roi import Atlas, atlas_from_surfaces, atlas_from_table, atlas_from_volume, read_label_names, roi_table
 from .space import CommonSpace, SubjectMaps, common_space
 from .stats import sign_flip_test
 
-__all__ = ["group_level", "read_group_file", "read_transform"]
+__all__ = ["group_files", "group_level", "read_group_file", "read_transform"]
 
 log = logging.getLogger("neuroflow")
 FIT_STATS = ("mean_r", "t", "p", "q", "p_max", "significant")
@@ -52,8 +53,8 @@ def read_group_file(cfg: AnalysisConfig, spec: str, ingest, cache_dir: Path, wha
                 raise FileNotFoundError(spec)
             return path
         return ingest.fetch(spec)
-    except DatasetError:
-        raise
+    except DatasetError as err:
+        raise DatasetError(f"'{what}' {spec}: {err}") from err
     except Exception as err:  # noqa: BLE001 - one line naming the file and the key, whatever the store said
         raise DatasetError(f"'{what}' {spec}: cannot be read ({type(err).__name__}: {err}); give a key inside the "
                            "dataset, an s3:// URI or an absolute path to an existing file") from err
@@ -91,26 +92,51 @@ def _subject_maps(cfg: AnalysisConfig, store, ok: list[dict], tmp: Path) -> list
     return out
 
 
-def _atlas(cfg: AnalysisConfig, common: CommonSpace, ingest, cache_dir: Path) -> Atlas | None:
+def group_files(cfg: AnalysisConfig, ok: list[dict], ingest, cache_dir: Path) -> dict[str, Path]:
+    """Every ``group.*`` file the group level reads (spec -> local path), read before anything is computed."""
     g = cfg.group
-    names = read_label_names(read_group_file(cfg, g.atlas_labels, ingest, cache_dir, "group.atlas_labels"),
-                             g.atlas_labels) if g.atlas_labels else None
+    specs: dict[str, str] = {}
+    if g.atlas:
+        for h in (("L", "R") if "{hemi}" in g.atlas else ("",)):
+            specs[g.atlas.replace("{hemi}", h)] = "group.atlas"
+    if g.atlas_labels:
+        specs[g.atlas_labels] = "group.atlas_labels"
+    if g.reference:
+        specs[g.reference] = "group.reference"
+    if g.transform:
+        for f in ok:
+            if f.get("kind") == "bold" and not str(f.get("space") or "").startswith("MNI"):
+                specs[g.transform.replace("{subject}", f["subject"])] = "group.transform"
+    return {spec: read_group_file(cfg, spec, ingest, cache_dir, what) for spec, what in specs.items()}
+
+
+def _image(path: Path, spec: str, what: str):
+    """A NIfTI or GIFTI image, or one DatasetError naming the file and the key."""
+    import nibabel as nib  # heavy: only when an image is named
+
+    try:
+        return nib.load(str(path))
+    except Exception as err:  # noqa: BLE001 - whatever nibabel says, one line naming the file
+        raise DatasetError(f"'{what}' {spec}: not a readable NIfTI/GIFTI image ({err}); give a label image") from err
+
+
+def _atlas(cfg: AnalysisConfig, common: CommonSpace, files: dict[str, Path]) -> Atlas | None:
+    g = cfg.group
+    names = read_label_names(files[g.atlas_labels], g.atlas_labels) if g.atlas_labels else None
     if g.atlas is None:
         return atlas_from_table(common, None, "targets") if common.kind == "targets" else None
     if g.atlas.endswith(".tsv"):
-        path = read_group_file(cfg, g.atlas, ingest, cache_dir, "group.atlas")
+        path = files[g.atlas]
         return atlas_from_table(common, pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False), g.atlas)
-    import nibabel as nib  # heavy: only when an atlas image is named
-
     if ".gii" in g.atlas:
         by_hemi, gifti_names = {}, {}
         for h in sorted(set(common.info.get("hemi", np.array(["L", "R"])))):
             spec = g.atlas.replace("{hemi}", h)
-            img = nib.load(str(read_group_file(cfg, spec, ingest, cache_dir, "group.atlas")))
+            img = _image(files[spec], spec, "group.atlas")
             by_hemi[h] = np.asarray(img.darrays[0].data)
             gifti_names.update({int(k): str(v) for k, v in img.labeltable.get_labels_as_dict().items()})
         return atlas_from_surfaces(common, by_hemi, names or gifti_names, g.atlas)
-    img = nib.load(str(read_group_file(cfg, g.atlas, ingest, cache_dir, "group.atlas")))
+    img = _image(files[g.atlas], g.atlas, "group.atlas")
     return atlas_from_volume(common, img, names, g.atlas)
 
 
@@ -157,14 +183,17 @@ def _isc(cfg: AnalysisConfig, common: CommonSpace, subjects: list[SubjectMaps], 
     return record, {**{f"isc_own__{k}": v for k, v in own.items()}, **arrays}
 
 
-def _key(cfg: AnalysisConfig, ok: list[dict]) -> str:
-    return hashlib.sha256(json.dumps({"config": cfg.config_hash, "fits": sorted(f["result_rel"] for f in ok)},
+def _key(cfg: AnalysisConfig, ok: list[dict], files: dict[str, Path]) -> str:
+    """The group result's cache key: the config, the subjects' fit results and the group files' content."""
+    return hashlib.sha256(json.dumps({"config": cfg.config_hash, "fits": sorted(f["result_rel"] for f in ok),
+                                      "files": {k: sha256_file(v) for k, v in files.items()}},
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
 def group_level(config: dict[str, Any] | AnalysisConfig, prepared: dict, fits: list[dict], *,
                 cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """The group result of the fitted subjects (see the module's docstring); cached by the fits' results."""
+    """The group result of the fitted subjects (see the module's docstring); cached by the fits' results and
+    the group files' content."""
     cfg = as_config(config)
     if cfg.group is None:
         return {"status": "off"}
@@ -173,17 +202,18 @@ def group_level(config: dict[str, Any] | AnalysisConfig, prepared: dict, fits: l
     if len(ok) < g.min_subjects:
         return {"status": "none", "reason": f"{len(ok)} subject(s) fitted; the group level needs at least "
                 f"{g.min_subjects} ('group.min_subjects')", "subjects": [f["subject"] for f in ok]}
-    store = open_store(cfg.output)
-    base = f"_work/{cfg.analysis_id}/sub-group"
-    key = _key(cfg, ok)
-    meta_rel, rel = f"{base}/group-{key}.json", f"{base}/group-{key}.npz"
-    if store.exists(meta_rel) and store.exists(rel):
-        log.info("sub-group: reusing finished group result %s", rel)
-        return json.loads(store.get_bytes(meta_rel))
     from ..ingest import open_dataset  # lists the dataset: only when the group level runs
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     ingest = open_dataset(cfg, cache)
+    files = group_files(cfg, ok, ingest, cache)
+    store = open_store(cfg.output)
+    base = f"_work/{cfg.analysis_id}/sub-group"
+    key = _key(cfg, ok, files)
+    meta_rel, rel = f"{base}/group-{key}.json", f"{base}/group-{key}.npz"
+    if store.exists(meta_rel) and store.exists(rel):
+        log.info("sub-group: reusing finished group result %s", rel)
+        return json.loads(store.get_bytes(meta_rel))
     with tempfile.TemporaryDirectory() as tmp:
         subjects = _subject_maps(cfg, store, ok, Path(tmp))
         reference = None
@@ -192,14 +222,12 @@ def group_level(config: dict[str, Any] | AnalysisConfig, prepared: dict, fits: l
                 if s.kind != "bold" or str(s.space or "").startswith("MNI"):
                     continue
                 spec = g.transform.replace("{subject}", s.subject)
-                found = read_transform(read_group_file(cfg, spec, ingest, cache, "group.transform"), spec)
+                found = read_transform(files[spec], spec)
                 if isinstance(found, str):
                     return {"status": "none", "reason": found, "subjects": [f["subject"] for f in ok]}
                 s.transform = found
         if g.reference:
-            import nibabel as nib
-
-            reference = nib.load(str(read_group_file(cfg, g.reference, ingest, cache, "group.reference")))
+            reference = _image(files[g.reference], g.reference, "group.reference")
         common = common_space(subjects, reference)
         if isinstance(common, str):
             log.info("sub-group: no group map: %s", common)
@@ -224,7 +252,7 @@ def group_level(config: dict[str, Any] | AnalysisConfig, prepared: dict, fits: l
         if g.isc_ceiling:
             isc, isc_arrays = _isc(cfg, common, subjects, ingest)
             arrays.update(isc_arrays)
-        atlas = _atlas(cfg, common, ingest, cache)
+        atlas = _atlas(cfg, common, files)
         roi: dict[str, Any] = {"status": "none", "reason": "no 'group.atlas' named"}
         if atlas is not None:
             table = roi_table(common, atlas, n_permutations=g.permutations, q=g.q)
