@@ -271,3 +271,48 @@ def test_run_analysis_moves_subject_space_volumes_through_given_affines(s3_url, 
     assert gmap[1, 1, 1] > 0.3  # the planted voxel lines up across subjects through the affines
     keys = {i["key"] for i in manifest["inputs"]}
     assert all(f"derivatives/xfm/sub-{s}_from-bold_to-MNI_affine.txt" in keys for s in labels)
+
+
+@pytest.mark.integration
+def test_run_analysis_publishes_group_surfaces_on_fsaverage5(s3_url, results_bucket, tmp_path, monkeypatch, rng):
+    from pipelines.steps import run_analysis
+
+    from .datasets import gifti_bytes
+
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "ds"
+    labels = build_cohort(source, 3, n_targets=2)
+    n, fitted = 10242, np.arange(0, 10242, 512)  # 21 vertices per hemisphere vary; the rest are constant
+    for label in labels:
+        table = pd.read_csv(source / DERIVATIVE / f"sub-{label}/func/sub-{label}_task-{TASK}_desc-roi_timeseries.tsv",
+                            sep="\t")
+        for h in "LR":
+            data = np.full((len(table), n), 100.0, np.float32)
+            data[:, fitted] = 100 + rng.standard_normal((len(table), fitted.size))
+            data[:, 0] = table["ROI1"]  # vertex 0: the planted time course
+            (source / f"sub-{label}" / f"sub-{label}_task-{TASK}_hemi-{h}_space-fsaverage5_bold.func.gii"
+             ).write_bytes(gifti_bytes(data))
+    atlas = source / "derivatives/atlas"
+    atlas.mkdir(parents=True)
+    for h in "LR":
+        labels_h = np.where(np.arange(n) == 0, 1, 2).astype(np.int32)
+        img = nib.gifti.GiftiImage(darrays=[nib.gifti.GiftiDataArray(labels_h, intent="NIFTI_INTENT_LABEL",
+                                                                     datatype="NIFTI_TYPE_INT32")])
+        nib.save(img, str(atlas / f"hemi-{h}_atlas.label.gii"))
+    raw = cohort_config(str(source), results_bucket, labels)
+    raw["dataset"]["responses"] = {"kind": "gifti"}
+    raw["group"] = {"permutations": 100, "atlas": "derivatives/atlas/hemi-{hemi}_atlas.label.gii"}
+    cfg = parse_config(raw)
+    run_analysis(cfg)
+    manifest = read_manifest(f"{cfg.publish_prefix}/manifest.json")
+    group = manifest["group"]
+    assert group["status"] == "ok" and group["kind"] == "surface" and group["n_targets"] == 2 * n
+    assert group["metrics"]["wordrate"]["n_tested"] == 2 * fitted.size  # constant vertices: no r, no test
+    paths = {a["path"] for a in manifest["artifacts"] if a.get("subject") == "group"}
+    name = "sub-group/sub-group_task-alice_hemi-L_space-fsaverage5_desc-wordrate_stat-meanr_statmap.func.gii"
+    assert name in paths and any(p.endswith("_surface.png") for p in paths)
+    store = ResultStore(cfg.publish_prefix)
+    values = nib.GiftiImage.from_bytes(store.get_bytes(name)).darrays[0].data
+    assert values.shape == (n,) and values[0] > 0.3 and np.isnan(values[1])
+    roi = pd.read_csv(io.BytesIO(store.get_bytes("sub-group/sub-group_task-alice_desc-roi_summary.tsv")), sep="\t")
+    assert set(roi.roi) == {"label-1", "label-2"} and (roi[roi.roi == "label-1"].n_targets == 2).all()  # L and R
