@@ -48,7 +48,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     lines = ["# The group level at cohort sizes", "", f"`bench/bench_group.py`, {time.strftime('%Y-%m-%d')}, "
              "numpy on this machine's CPUs.", "", "## Sign-flip tests across subjects (null r maps)", "",
-             "| subjects | targets | sign patterns | exact | seconds | p < 0.05 (exact: 5%) |", "|---:|---:|---:|:---|---:|---:|"]
+             "| subjects | targets | sign patterns | exact | seconds | p < 0.05 (exact: 5%) |",
+             "|---:|---:|---:|:---|---:|---:|"]
     for spec in args.flips.split(","):
         n_sub, n_tar, n_perm = (int(v) for v in spec.split("x"))
         r = np.tanh(rng.standard_normal((n_sub, n_tar)) * 0.1)

@@ -44,9 +44,11 @@ subjects ({{ method }}); significant: {{ correction }}.</p>
 <table><thead><tr><th>Feature space</th><th>Mean group r</th><th>Max group r</th><th>Targets</th>
 <th>Significant</th><th>Sign patterns</th></tr></thead><tbody>
 {% for f in features %}<tr><td>{{ f.name }}</td><td class="num">{{ f.mean_r }}</td><td class="num">{{ f.max_r }}</td>
-<td class="num">{{ f.n_targets }}</td><td class="num">{{ f.n_significant }}</td><td class="num">{{ f.n_permutations }}</td></tr>
+<td class="num">{{ f.n_targets }}</td><td class="num">{{ f.n_significant }}</td>
+<td class="num">{{ f.n_permutations }}</td></tr>
 {% endfor %}</tbody></table>
-{% for im in images %}<figure><img src="{{ im.uri }}" alt="{{ im.caption }}"><figcaption>{{ im.caption }}</figcaption></figure>
+{% for im in images %}<figure><img src="{{ im.uri }}" alt="{{ im.caption }}">
+<figcaption>{{ im.caption }}</figcaption></figure>
 {% endfor %}
 <h2>Inter-subject ceilings</h2>
 <p>{{ isc_line }}</p>

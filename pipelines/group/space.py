@@ -92,7 +92,8 @@ def _named(subjects: list[SubjectMaps], feats: list[str]) -> CommonSpace | str:
     order, index = _by_keys(subjects, keys)
     if not order:
         return "the subjects share no target names; a group map needs targets that mean the same in everyone"
-    return CommonSpace("targets", subjects[0].space, [s.subject for s in subjects], order, _gather(subjects, feats, index),
+    return CommonSpace("targets", subjects[0].space, [s.subject for s in subjects], order,
+                       _gather(subjects, feats, index),
                        f"{len(order)} targets named alike in every subject", index=index)
 
 
