@@ -152,10 +152,28 @@ def neuroflow_encoding():
             raise AirflowFailException(f"sub-{subject}: {err}") from err
         return fit
 
+    # after every subject's fit (a failed one too): the group level of those fitted ({"status": "off"} without
+    # a 'group' section in the config)
+    @task(trigger_rule="all_done_min_one_success")
+    @_measured
+    def group_level(prepared: dict, fits: list[dict]) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from pipelines.errors import ConfigError, DatasetError
+        from pipelines.group.step import group_level as run
+        from pipelines.steps import collect_fits
+
+        _credentials()
+        config = get_current_context()["params"]["config"]
+        try:
+            return run(config, prepared, collect_fits(config, prepared["subjects"], [f for f in fits if f]))
+        except (ConfigError, DatasetError) as err:  # a bad atlas or transform: a retry cannot help
+            raise AirflowFailException(str(err)) from err
+
     # a failed subject must not stop the others from publishing; a failed prepare leaves nothing to publish
     @task(outlets=[PUBLISHED_MAPS, DATASET_RESULTS], trigger_rule="all_done_min_one_success")
     @_measured
-    def publish(prepared: dict, features: list[dict], fits: list[dict]) -> dict:
+    def publish(prepared: dict, features: list[dict], fits: list[dict], group: dict | None = None) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
         from pipelines.config import as_config
@@ -171,8 +189,11 @@ def neuroflow_encoding():
             check_publishable(everyone)  # the CLI's policy: nothing is published when no subject was fitted
         except NeuroflowError as err:
             raise AirflowFailException(str(err)) from err
+        if group is None and config.get("group") is not None:  # never a manifest without the group it was asked for
+            raise AirflowFailException("the group_level task failed (see its log); nothing was published")
         try:
-            result = run(config, prepared, list(features), everyone, airflow_run_id=context["run_id"])
+            result = run(config, prepared, list(features), everyone, airflow_run_id=context["run_id"],
+                         group=group)
         except PublishConflictError as err:  # a complete (or better partial) result stands: no retry
             raise AirflowFailException(str(err)) from err
         cfg = as_config(config)
@@ -197,7 +218,7 @@ def neuroflow_encoding():
     prepared = prepare()
     features = extract_features.expand(feature=feature_names(prepared))
     fits = fit_subject.partial(features=features).expand(subject=subject_labels(prepared))
-    check_complete(publish(prepared, features, fits))
+    check_complete(publish(prepared, features, fits, group_level(prepared, fits)))
 
 
 neuroflow_encoding()

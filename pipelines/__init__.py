@@ -22,6 +22,7 @@ _PUBLIC = {
     # the steps and the flow that runs them
     "prepare": "pipelines.steps", "extract_features": "pipelines.steps", "fit_subject": "pipelines.steps",
     "publish_from_config": "pipelines.steps", "run_analysis": "pipelines.steps",
+    "group_level": "pipelines.group.step",
     # the models themselves, on arrays
     "fit_encoding": "pipelines.fit", "fit_banded_encoding": "pipelines.fit",
     # reading what was published

@@ -402,6 +402,35 @@ class MapsConfig(_Strict):
     pycortex: PycortexConfig | None = None
 
 
+class GroupConfig(_Strict):
+    """The group level (``sub-group/``): subjects' maps in a common space, tests across subjects, ROI tables.
+
+    Files (``atlas``, ``atlas_labels``, ``transform``, ``reference``) are keys inside the dataset,
+    ``s3://`` URIs or absolute local paths; nothing is fetched from anywhere else. ``{subject}``
+    in ``transform`` and ``{hemi}`` (``L``/``R``) in a GIFTI ``atlas`` stand for the subject's
+    label and the hemisphere.
+    """
+
+    permutations: int = Field(10_000, ge=1, le=1_000_000)  # sign patterns (all 2**n when fewer)
+    correction: Literal["fdr", "maxstat"] = "fdr"  # Benjamini-Hochberg, or max-statistic (family-wise)
+    q: float = Field(0.05, gt=0, lt=1)
+    min_subjects: int = Field(3, ge=2, le=100_000)
+    atlas: str | None = None  # label NIfTI / GIFTI in the common space, or a TSV (target -> roi) for named targets
+    atlas_labels: str | None = None  # TSV with columns index, name
+    transform: str | None = None  # per subject: world-to-template affine (4x4 text) of subject-space volumes
+    reference: str | None = None  # NIfTI whose grid transformed volumes are resampled to (default: the first's)
+    isc_ceiling: bool = True  # inter-subject ceilings where the data have no repeats
+    reliability: float = Field(0.05, gt=0, lt=1)  # circular-shift level that keeps an inter-subject ceiling
+
+    @field_validator("atlas", "atlas_labels", "transform", "reference")
+    @classmethod
+    def _file(cls, v: str | None) -> str | None:
+        if v is None or v.startswith("s3://") or v.startswith("/") or v.startswith("file://"):
+            return v
+        check_relative_key(v.replace("{subject}", "S").replace("{hemi}", "L"), "group file")
+        return v
+
+
 class AnalysisConfig(_Strict):
     name: str = "encoding"
     dataset: DatasetConfig
@@ -410,6 +439,7 @@ class AnalysisConfig(_Strict):
     decoding: DecodingConfig = DecodingConfig()
     compute: ComputeConfig = ComputeConfig()
     maps: MapsConfig = MapsConfig()
+    group: GroupConfig | None = None  # None: no group level
     output: str
 
     @field_validator("name")
@@ -455,6 +485,8 @@ class AnalysisConfig(_Strict):
         out = self.model_dump(mode="json")
         if self.maps == MapsConfig():  # no optional maps: left out, so the ids of such analyses stay as they were
             out.pop("maps")
+        if self.group is None:  # no group level: left out, so the ids of such analyses stay as they were
+            out.pop("group")
         return out
 
     @property

@@ -22,6 +22,7 @@ from .config import AnalysisConfig
 from .errors import ConfigError, PublishConflictError
 from .faults import failpoint
 from .gallery import update_index
+from .group.render import isc_ceilings, manifest_record, render_group, with_isc_ceiling
 from .ingest import open_dataset
 from .localdir import check_local_dir, install
 from .manifest import SCHEMA_VERSION, library_versions, utc_now, validate_manifest
@@ -197,7 +198,7 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
 
 def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: list[dict], *,
             local_dir: str | Path | None, started: str | None = None, airflow_run_id: str | None = None,
-            cache_dir: str | Path | None = None) -> dict[str, Any]:
+            cache_dir: str | Path | None = None, group: dict | None = None) -> dict[str, Any]:
     """Render, upload and commit one analysis; return the manifest URI and a summary.
 
     Files are rendered in a private staging folder under the cache and copied into `local_dir`
@@ -206,7 +207,8 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     published result is never replaced by a re-run with failed subjects, and a partial one never
     by a partial one with fewer subjects: :class:`PublishConflictError`, before any upload.
     ``cache_dir`` is the download cache (staging, locks, and ``maps.pycortex``'s database;
-    default :func:`pipelines.cache.default_cache_dir`).
+    default :func:`pipelines.cache.default_cache_dir`). ``group`` is the group step's record
+    (:func:`pipelines.group.step.group_level`), rendered under ``sub-group/``.
     """
     cfg = config
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -226,7 +228,7 @@ def publish(config: AnalysisConfig, prepared: dict, features: list[dict], fits: 
     # a private staging folder per run: removed whole when done, and nothing else ever is
     with tempfile.TemporaryDirectory(prefix=f"{cfg.analysis_id}-", dir=staging_root) as staging:
         return _publish_staged(cfg, prepared, features, fits, store, prefix_rel, manifest_rel, Path(staging),
-                               local_shown, cache_dir, started, airflow_run_id)
+                               local_shown, cache_dir, started, airflow_run_id, group)
 
 
 def _feature_models(features: list[dict]) -> dict[str, dict]:
@@ -236,7 +238,7 @@ def _feature_models(features: list[dict]) -> dict[str, dict]:
 
 def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], fits: list[dict], store: Store,
                     prefix_rel: str, manifest_rel: str, out_dir: Path, local_dir: str | Path | None, cache_dir: Path,
-                    started: str | None, airflow_run_id: str | None) -> dict[str, Any]:
+                    started: str | None, airflow_run_id: str | None, group: dict | None = None) -> dict[str, Any]:
     """Render into the staging folder `out_dir`, upload verified, commit the manifest, then copy locally."""
     import nibabel as nib
 
@@ -245,6 +247,9 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
     subject_info: dict[str, dict] = {}
     metrics: dict[str, dict] = {}
     flatmaps = _Flatmaps(cfg, cache_dir)
+    group = group if group and group.get("status") != "off" else None
+    isc = isc_ceilings(group, load_npz(store.get_bytes(group["result_rel"])) if group and group.get("result_rel")
+                       else None)
     for fit in sorted(fits, key=lambda f: f["subject"]):
         sub = fit["subject"]
         if fit.get("status") != "ok":
@@ -256,6 +261,9 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
             mask_path = store.download(fit["mask_rel"], out_dir / ".work" / f"mask-{sub}.nii.gz")
             mask_img = nib.load(str(mask_path))
             mask_img = nib.Nifti1Image(np.asarray(mask_img.dataobj), mask_img.affine)
+        if sub in isc:  # no repeats: the inter-subject ceiling normalises this subject's scores
+            arrays, ceiled = with_isc_ceiling(arrays, fit["metrics"], isc[sub])
+            fit = {**fit, "metrics": ceiled}
         subj_artifacts, entries = render_subject(cfg, fit, arrays, mask_img, out_dir, flatmaps.of(sub, fit["kind"]))
         artifacts += subj_artifacts
         metrics[sub] = fit["metrics"]
@@ -285,6 +293,9 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
                        "published at": cfg.publish_prefix},
         "subjects": report_subjects,
     }
+    if group is not None:
+        group_artifacts, report["group"] = render_group(cfg, group, store, out_dir)
+        artifacts += group_artifacts
     artifacts += _render_report(report, subject_info, out_dir / "report.html")
 
     existing = _guard(store, manifest_rel, cfg, fits)  # again: another run may have committed meanwhile
@@ -301,6 +312,8 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         ctype = {"report_html": "text/html", "subject_report_html": "text/html", "figure_png": "image/png",
                  "flatmap_png": "image/png", "config_yaml": "text/yaml",
                  "decoding_json": "application/json",
+                 "group_report_html": "text/html", "group_json": "application/json", "roi_json": "application/json",
+                 "roi_tsv": "text/tab-separated-values",
                  "dataset_description": "application/json"}.get(art["kind"])
         failpoint("publish.upload")
         rec = store.put_file(art["file"], f"{prefix_rel}/{rel}", content_type=ctype)
@@ -309,7 +322,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
     records.sort(key=lambda r: r["path"])
 
     inputs: dict[str, dict] = {}
-    for item in [prepared, *features, *fits, flatmaps.files_read()]:
+    for item in [prepared, *features, *fits, flatmaps.files_read(), group or {}]:
         for rec in item.get("files_read", []):
             inputs[rec["key"]] = rec
     failed = [s for s, info in subject_info.items() if info["status"] != "ok"]
@@ -328,6 +341,8 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         "provenance": {**provenance_static, "feature_models": _feature_models(features),
                        "started": started or utc_now(), "finished": utc_now(), "airflow_run_id": airflow_run_id},
     }
+    if group is not None:
+        manifest["group"] = manifest_record(group)
     validate_manifest(manifest)
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
     failpoint("publish.commit")

@@ -89,6 +89,10 @@ Dataset <strong>{{ dataset.id }}</strong> version <strong>{{ dataset.version }}<
 <p><span class="badge">simulated</span> Subjects marked simulated carry synthetic data, not recordings.</p>
 {% endif %}
 
+{% if group %}
+<p class="meta"><strong>Group level</strong>: {% if group.page %}<a href="{{ group.page }}">sub-group</a> &middot; {% endif %}{{ group.line }}</p>
+{% endif %}
+
 <h2>Summary</h2>
 <table>
 <thead><tr><th>Subject</th><th>Feature space</th><th>Mean r</th><th>Median r</th><th>Max r</th>
@@ -133,6 +137,9 @@ _INDEX_TEMPLATE = _HEAD + """<body>
 <p><span class="badge">simulated</span> Subjects marked simulated carry synthetic data, not recordings.</p>
 {% endif %}
 
+{% if group %}
+<p class="meta"><strong>Group level</strong>: {% if group.page %}<a href="{{ group.page }}">sub-group</a> &middot; {% endif %}{{ group.line }}</p>
+{% endif %}
 <h2>Cohort</h2>
 <p>{{ n_subjects }} subjects: {{ n_ok }} fitted{% if n_failed %}, <strong>{{ n_failed }} failed</strong>{% endif %}.
 Each subject's scores and pictures are on its own page (linked below).</p>
@@ -266,7 +273,8 @@ def _page_header(report: dict) -> dict:
             "dataset": {"id": str(_get(dataset, "id", "dataset")),
                         "version": str(_get(dataset, "version", "dataset")),
                         "source": str(dataset.get("source") or "")},
-            "analysis_id": str(_get(report, "analysis_id", "report"))}
+            "analysis_id": str(_get(report, "analysis_id", "report")),
+            "group": report.get("group")}  # {"page", "line"}: the group level's page and one line about it
 
 
 def _provenance(report: dict) -> list[tuple[str, str]]:

@@ -63,3 +63,13 @@ def test_bench_banded_writes_every_row(tmp_path):
         assert row in table, row
     diffs = [float(line.split("|")[7]) for line in table.splitlines() if line.startswith("| quick")]
     assert len(diffs) == 3 and max(diffs) < 1e-4, table
+
+
+def test_bench_group_writes_its_table(tmp_path):
+    out = tmp_path / "group.md"
+    subprocess.run([sys.executable, str(REPO / "bench" / "bench_group.py"), "--flips", "10x2000x1024",
+                    "--isc", "8x300x40", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    rows = [ln.split("|") for ln in out.read_text().splitlines() if re.match(r"\| \d", ln)]
+    assert len(rows) == 2
+    assert 0.035 <= float(rows[0][6].strip().rstrip("%")) / 100 <= 0.065  # the null level of the sign flips
+    assert abs(float(rows[1][5]) - 0.5) < 0.05  # the planted ceiling, recovered

@@ -1,6 +1,7 @@
 """The whole analysis in one process: the same steps and the same failure policy the DAG runs.
 
-``prepare -> extract_features (each feature space) -> fit_subject (each subject) -> publish``;
+``prepare -> extract_features (each feature space) -> fit_subject (each subject) -> group_level
+-> publish`` (the group level only with a ``group`` section in the config);
 the ``neuroflow_encoding`` DAG runs each step as a task (mapped over feature spaces and
 subjects) and passes the same typed results between them as XCom.
 """
@@ -12,6 +13,7 @@ from typing import Callable
 
 from ..cache import default_cache_dir
 from ..config import AnalysisConfig
+from ..group.step import group_level
 from ..localstore import is_local_uri
 from ..manifest import utc_now
 from ..publish import check_local_copy
@@ -42,7 +44,7 @@ def run_analysis(cfg: AnalysisConfig, *, cache_dir: str | Path | None = None,
         check_local_copy(cfg, local_dir, cache_dir)
     step = progress or (lambda *a: None)
     prepared = prepare(cfg, cache_dir=cache_dir)  # errors here are the user's: one line, no progress before it
-    total = len(cfg.features) + len(prepared["subjects"]) + 1
+    total = len(cfg.features) + len(prepared["subjects"]) + 1 + (cfg.group is not None)
     done = 0
     features = []
     for spec in cfg.features:
@@ -57,10 +59,17 @@ def run_analysis(cfg: AnalysisConfig, *, cache_dir: str | Path | None = None,
         errors += [err] if err is not None else []
         done += 1
     check_publishable(fits, errors)
+    group = None
+    if cfg.group is not None:
+        step("group level", done, total)
+        group = group_level(cfg, prepared, fits, cache_dir=cache_dir)
+        done += 1
     step("publish", done, total)
     result = publish_from_config(cfg, prepared, features, fits, cache_dir=cache_dir, local_dir=local_dir,
-                                 started=started)
+                                 started=started, group=group)
     step("done", total, total)
     result["features"] = features
     result["fits"] = fits
+    if group is not None:
+        result["group"] = group
     return result

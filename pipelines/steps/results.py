@@ -84,3 +84,4 @@ class Published(TypedDict, total=False):
     reused: bool
     features: list[FeatureSet]
     fits: list[SubjectFit]
+    group: dict[str, Any]  # the group step's record (pipelines.group.step.group_level), when the config has one

@@ -1,0 +1,1 @@
+"""Group level: subjects' maps in a common space, statistics across subjects, ROI summaries, inter-subject ceilings."""
