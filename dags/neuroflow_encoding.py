@@ -132,9 +132,29 @@ def neuroflow_encoding():
         context["feature_label"] = feature
         return run(context["params"]["config"], feature)
 
-    @task(map_index_template="sub-{{ subject_label }}", **GPU_TASK)
+    @task
     @_measured
-    def fit_subject(subject: str, features: list[dict]) -> dict:
+    def fit_units(prepared: dict, features: list[dict]) -> list[dict]:
+        from pipelines.steps import layer_units
+
+        return layer_units(get_current_context()["params"]["config"], prepared["subjects"], list(features))
+
+    # each layer of a sweep, each subject: its own task (a problem with a subject's input is left to its
+    # fit_subject, which records it; so this task fails only on a crash, and a retry resumes it)
+    @task(map_index_template="sub-{{ unit_label }}", **GPU_TASK)
+    @_measured
+    def fit_layer(unit: dict, features: list[dict]) -> dict:
+        from pipelines.steps import fit_layer as run
+
+        _credentials()
+        context = get_current_context()
+        context["unit_label"] = f"{unit['subject']} {unit['feature']} {unit['space']}"
+        return run(context["params"]["config"], unit, list(features))
+
+    # after the layer fits, if any (none: that mapped task is skipped, hence none_failed)
+    @task(map_index_template="sub-{{ subject_label }}", trigger_rule="none_failed", **GPU_TASK)
+    @_measured
+    def fit_subject(subject: str, features: list[dict], layers: list[dict] | None = None) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
         from pipelines.steps import fit_or_fail, record_failed_fit
@@ -217,7 +237,8 @@ def neuroflow_encoding():
 
     prepared = prepare()
     features = extract_features.expand(feature=feature_names(prepared))
-    fits = fit_subject.partial(features=features).expand(subject=subject_labels(prepared))
+    layers = fit_layer.partial(features=features).expand(unit=fit_units(prepared, features))
+    fits = fit_subject.partial(features=features, layers=layers).expand(subject=subject_labels(prepared))
     check_complete(publish(prepared, features, fits, group_level(prepared, fits)))
 
 

@@ -24,7 +24,7 @@ import secrets
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
 from .blockread import BlockReads
@@ -289,6 +289,10 @@ class LocalStore(BlockReads):
             raise IntegrityError(f"{self.uri_of(rel)}: the file is over the {max_bytes:,} bytes expected here; "
                                  "it was not read")
         return data
+
+    def open_read(self, rel: str) -> BinaryIO:
+        """The file opened for reading (seekable; links refused as everywhere here)."""
+        return os.fdopen(self._open_file(rel), "rb")
 
     def exists(self, rel: str) -> bool:
         """True when `rel` is a file; a link there (or on the way) is an IntegrityError."""

@@ -200,14 +200,16 @@ def test_schedules_watch_on_a_timetable_and_the_consumer_on_the_results_asset(da
 def test_gpu_bound_tasks_queue_on_the_gpu_pool(dagbag):
     dag = dagbag.dags["neuroflow_encoding"]
     pools = {t.task_id: t.pool for t in dag.tasks}
-    assert pools["extract_features"] == pools["fit_subject"] == "gpu"
-    assert {p for t, p in pools.items() if t not in ("extract_features", "fit_subject")} == {"default_pool"}
+    assert pools["extract_features"] == pools["fit_subject"] == pools["fit_layer"] == "gpu"
+    gpu = ("extract_features", "fit_subject", "fit_layer")
+    assert {p for t, p in pools.items() if t not in gpu} == {"default_pool"}
 
 
 def test_mapped_tasks_have_readable_map_indexes(dagbag):
     dag = dagbag.dags["neuroflow_encoding"]
     assert dag.task_dict["fit_subject"].map_index_template == "sub-{{ subject_label }}"
     assert dag.task_dict["extract_features"].map_index_template == "{{ feature_label }}"
+    assert dag.task_dict["fit_layer"].map_index_template == "sub-{{ unit_label }}"
 
 
 # --- dag.test(): the watcher and the consumer ------------------------------------------
@@ -345,6 +347,9 @@ def test_dag_test_consumer_writes_the_gallery(airflow_db, dagbag, results_bucket
 def _recomputed(run) -> list[str]:
     """The stages a run actually computed: features per space, fits per (subject, space)."""
     out = [f"features:{v['feature']}" for v in _xcoms(run, "extract_features").values() if v["computed"]]
+    for unit in _xcoms(run, "fit_layer").values():  # the layers of a sweep, each its own task
+        if unit["computed"]:
+            out.append(f"fit:sub-{unit['subject']}:{unit['feature']}_{unit['space']}")
     for fit in _xcoms(run, "fit_subject").values():
         # `computed_features` (per feature space) when fit_subject reports it, else all or nothing
         done = fit.get("computed_features", [] if fit["reused"] else sorted(fit["metrics"]))
@@ -432,3 +437,44 @@ def test_the_cli_and_the_dag_run_the_same_steps_to_the_same_manifest(airflow_db,
     assert result["status"] == "partial" and from_dag["status"] == "partial"
     assert from_dag["subject_info"]["23"]["status"] == "failed" and "samples" in from_dag["subject_info"]["23"]["error"]
     assert comparable(from_cli) == comparable(from_dag)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_layer_sweep_fits_each_layer_in_its_own_task(airflow_db, dagbag, openneuro_demo, tiny_bert_dir,
+                                                       results_bucket, tmp_path, monkeypatch):
+    """Issue 17: one mapped fit_layer task per (subject, layer); fit_subject then only assembles, and
+    the published scores equal those of `run_analysis`, which fits the layers inside fit_subject."""
+    from airflow.utils.state import DagRunState
+
+    from pipelines.config import parse_config
+    from pipelines.consume import read_manifest
+    from pipelines.run import run_analysis
+
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
+    config = demo_config(tiny_bert_dir, results_bucket, subjects=("18", "sim01"))
+    config["features"][1]["layer"] = "all"
+    lm = config["features"][1]["name"]
+    run = dagbag.dags["neuroflow_encoding"].test(run_conf={"config": config})
+    assert run.state == DagRunState.SUCCESS
+    units = _xcoms(run, "fit_layer")
+    n_spaces = len(next(v for v in _xcoms(run, "extract_features").values() if v["feature"] == lm)["spaces"])
+    assert n_spaces > 2 and len(units) == 2 * n_spaces  # every subject x every layer
+    assert all(u["computed"] and u["error"] is None for u in units.values())
+    for fit in _xcoms(run, "fit_subject").values():  # the sweep's layers were fitted already
+        assert not [f for f in fit["computed_features"] if f.startswith(f"{lm}_")]
+        assert fit["computed_features"] == ["wordrate"]
+    manifest = read_manifest(f"{parse_config(config).publish_prefix}/manifest.json")
+    assert manifest["status"] == "complete"
+
+    # the same analysis through run_analysis, into another bucket: the same scores
+    other = f"{results_bucket}-cli"
+    from .conftest import make_bucket
+
+    make_bucket(other.removeprefix("s3://"))
+    config["output"] = other
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cli-cache"))
+    run_analysis(parse_config(config))
+    cli = read_manifest(f"{parse_config(config).publish_prefix}/manifest.json")
+    assert set(manifest["metrics"]["18"]) == {"wordrate", *(f"{lm}_layer{k}" for k in range(n_spaces))}
+    assert manifest["metrics"] == cli["metrics"]

@@ -7,6 +7,7 @@ Each step is a plain function taking the config (a dict or an
 failure policy of :mod:`pipelines.steps.policy`.
 """
 from .features import extract_features
+from .fit_layer import fit_layer, layer_units
 from .fit_subject import fit_subject
 from .flow import run_analysis
 from .policy import (SUBJECT_ERRORS, check_publishable, collect_fits, exit_status, failed_fit, fit_or_fail,
@@ -15,6 +16,6 @@ from .prepare import prepare
 from .publish import publish_from_config
 from .results import FeatureSet, Prepared, Published, SubjectFit
 
-__all__ = ["prepare", "extract_features", "fit_subject", "publish_from_config", "run_analysis",
+__all__ = ["prepare", "extract_features", "fit_subject", "fit_layer", "layer_units", "publish_from_config", "run_analysis",
            "SUBJECT_ERRORS", "check_publishable", "collect_fits", "exit_status", "failed_fit", "fit_or_fail",
            "record_failed_fit", "Prepared", "FeatureSet", "SubjectFit", "Published"]

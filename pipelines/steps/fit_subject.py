@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,10 @@ from ..limits import memory_budget
 from ..ingest import Ingest, Run, check_run_timing, load_run_words, load_subject, open_dataset
 from ..progress import Progress
 from ..stats import auto_block_length, choose_permutation_method, fdr_bh, normalise_by_ceiling, permutation_test
-from ..resultstore import ResultStore, open_store
+from ..resultstore import ResultStore, Store, open_store
 from ..fit.chunks import columns
-from .features import feature_spec, read_feature_cache
+from .feature_entries import FeatureEntries
+from .features import feature_spec
 from .response_matrix import ResponseMatrix
 from .results import FeatureSet, SubjectFit
 
@@ -162,31 +164,99 @@ def read_fit_cache(store: ResultStore, rel: str, n_targets: int) -> dict[str, np
         return None
 
 
-def cached_features(store: ResultStore, spec, feat: FeatureSet, runs: list[Run],
-                    subject: str) -> tuple[list[FeatureResult], list[str]]:
-    """Each run's features from the cache entries the features step wrote, and their cache keys.
+@dataclass
+class FitInputs:
+    """What every fit of a subject shares: its runs, response matrix and folds."""
 
-    The features step's result names each run's stimulus; the fit reads the entries and never
-    computes features (a language model must not load inside a fit task): a run the features step
-    could not do is its error, and an entry that is missing or went bad since is an error naming
-    the feature space and the run.
+    ingest: Ingest
+    store: Store
+    responses: Any
+    responses_sha: str
+    runs: list[Run]
+    lengths: list[int]
+    Y: Any
+    finite: np.ndarray
+    constant: np.ndarray
+    groups: np.ndarray
+    gap: int
+    test_groups: list[int] | None
+    matrix: ResponseMatrix
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.finite & ~self.constant
+
+
+def _check_test_stories(cfg: AnalysisConfig, subject: str, runs: list[Run]) -> list[int] | None:
+    if not cfg.model.test_stories:
+        return None
+    test_groups = [i for i, r in enumerate(runs) if r.story in cfg.model.test_stories]
+    if not test_groups or len(test_groups) == len(runs):
+        raise DatasetError(f"sub-{subject}: 'model.test_stories' {cfg.model.test_stories} match "
+                           f"{len(test_groups)} of its {len(runs)} runs (stories "
+                           f"{sorted({str(r.story) for r in runs})}); name stories it heard, not all of them")
+    return test_groups
+
+
+def load_fit_inputs(cfg: AnalysisConfig, subject: str, matrix: ResponseMatrix, cache_root: Path) -> FitInputs:
+    """Read a subject's responses into ``matrix`` (checked against its word timings) and its folds."""
+    ingest = open_dataset(cfg, cache_root)
+    store = open_store(cfg.output)
+    responses = load_subject(ingest, subject, on_run=matrix.add)
+    for run in responses.runs:
+        check_run_timing(run, load_run_words(ingest, run), subject)
+    responses_sha = responses_key(ingest)
+    if flatmap.enabled(cfg):  # after responses_sha: the pycortex files are no part of the fit's cache key
+        flatmap.check_responses(ingest, subject, responses)
+    runs = responses.runs
+    lengths = [len(r.times) for r in runs]
+    Y, finite, constant = matrix.finish()
+    groups, gap = cv_groups(cfg, lengths, subject, longest_lag(cfg, runs))
+    return FitInputs(ingest, store, responses, responses_sha, runs, lengths, Y, finite, constant, groups, gap,
+                     _check_test_stories(cfg, subject, runs), matrix)
+
+
+def fit_one_space(cfg: AnalysisConfig, subject: str, inputs: FitInputs, name: str, results: list[FeatureResult],
+                  rels: list[str], space: str, client=None) -> tuple[dict[str, np.ndarray], bool, Any]:
+    """One (feature space, layer) fit of a subject, from the fit cache or computed and cached.
+
+    Returns
+    -------
+    fitted : dict of arrays
+        ``r``, ``r2``, ``alpha``, ``valid`` (and permutation maps, lag weights when asked for).
+    computed : bool
+        False when the fit cache already held it.
+    client : dask client or None
+        The client used (started here when a large fit needed one).
     """
-    results, rels = [], []
-    for run in runs:
-        problem = feat.get("problems", {}).get(f"{subject}/{run.label}") or feat.get("problems", {}).get(subject)
-        if problem:
-            raise DatasetError(problem)
-        sha = feat.get("runs", {}).get(f"{subject}/{run.label}")
-        rel = feat.get("entries", {}).get(sha) if sha else None
-        cached = read_feature_cache(store, rel, spec.name) if rel else None
-        if cached is None:
-            what = "went bad in" if rel else "is missing from"
-            raise DatasetError(f"sub-{subject} {run.label}: feature {spec.name!r} of story {run.story!r} {what} the "
-                               "feature cache; run the features step for it first (neuroflow run does), then "
-                               "fit again")
-        results.append(cached)
-        rels.append(rel)
-    return results, rels
+    store, Y = inputs.store, inputs.Y
+    key = fit_key(cfg, subject, inputs.responses_sha, rels, space)
+    cache_rel = f"_cache/fits/sub-{subject}/{key}.npz"
+    fitted = read_fit_cache(store, cache_rel, Y.shape[1])
+    if fitted is not None:
+        log.info("sub-%s: reused fit %s of %s", subject, cache_rel, name)
+        return fitted, False, client
+    X = design_matrix(cfg, results, inputs.runs, space)
+    if client is None and Y.shape[1] > 64:
+        client = get_client(cfg.compute.dask, cfg.compute.n_workers)
+    log.info("sub-%s: fitting %s (%d samples x %d features -> %d targets)", subject, name,
+             X.shape[0], X.shape[1], Y.shape[1])
+    # held-out predictions (as large as Y) are kept only for the permutation test that needs them
+    keep = cfg.model.permutations > 0
+    matrix = inputs.matrix
+    result = fit_encoding(X, Y, inputs.groups, cfg.model.alphas, backend=cfg.compute.backend, gap=inputs.gap,
+                          client=client, test_groups=inputs.test_groups, return_predictions=keep,
+                          predictions_out=matrix.predictions_like() if keep and matrix.out_of_core else None,
+                          valid=inputs.valid)
+    fitted = {"r": result.r.astype(np.float32), "r2": result.r2.astype(np.float32),
+              "alpha": result.alpha.astype(np.float32), "valid": result.valid,
+              "backend": np.asarray(result.backend)}
+    if cfg.model.permutations > 0:
+        fitted.update(_permutation_maps(cfg, Y, result))
+    if is_ephys(inputs.runs):
+        fitted.update(_lag_weights(cfg, X, Y, result, inputs.runs))
+    write_entry(store, save_npz(fitted), cache_rel)
+    return fitted, True, client
 
 
 def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[FeatureSet], *,
@@ -199,22 +269,16 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
     """
     cfg = as_config(config)
     cache_root = Path(cache_dir or default_cache_dir())
-    ingest = open_dataset(cfg, cache_root)
-    store = open_store(cfg.output)
     # the runs stay in memory while they fit half the memory budget, else they go to disk one by one
     with ResponseMatrix(cache_root / "staging") as matrix:
-        responses = load_subject(ingest, subject, on_run=matrix.add)
-        for run in responses.runs:
-            check_run_timing(run, load_run_words(ingest, run), subject)
-        responses_sha = responses_key(ingest)
+        inputs = load_fit_inputs(cfg, subject, matrix, cache_root)
+        ingest, store, responses, responses_sha = inputs.ingest, inputs.store, inputs.responses, inputs.responses_sha
         inputs_key = hashlib.sha256(json.dumps(
             {"config": cfg.config_hash, "features": sorted(f["key"] for f in features), "files": responses_sha},
             sort_keys=True).encode()).hexdigest()[:16]
         base = f"_work/{cfg.analysis_id}/sub-{subject}"
         rel = f"{base}/results-{inputs_key}.npz"
         meta_rel = f"{base}/results-{inputs_key}.json"
-        if flatmap.enabled(cfg):  # after responses_sha: the pycortex files are no part of the fit's cache key
-            flatmap.check_responses(ingest, subject, responses)
         if store.exists(meta_rel) and store.exists(rel):  # the metadata is written last: the fit is whole
             meta = json.loads(store.get_bytes(meta_rel))
             log.info("sub-%s: reusing finished fit %s", subject, rel)
@@ -222,17 +286,9 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
             meta["computed_features"] = []
             return meta
 
-        runs = responses.runs
-        lengths = [len(r.times) for r in runs]
-        Y, finite, constant = matrix.finish()
-        groups, gap = cv_groups(cfg, lengths, subject, longest_lag(cfg, runs))
-        test_groups = None
-        if cfg.model.test_stories:
-            test_groups = [i for i, r in enumerate(runs) if r.story in cfg.model.test_stories]
-            if not test_groups or len(test_groups) == len(runs):
-                raise DatasetError(f"sub-{subject}: 'model.test_stories' {cfg.model.test_stories} match "
-                                   f"{len(test_groups)} of its {len(runs)} runs (stories "
-                                   f"{sorted({str(r.story) for r in runs})}); name stories it heard, not all of them")
+        runs, lengths = inputs.runs, inputs.lengths
+        Y, finite, constant = inputs.Y, inputs.finite, inputs.constant
+        groups, gap, test_groups = inputs.groups, inputs.gap, inputs.test_groups
 
         arrays: dict[str, np.ndarray] = {"target_names": np.asarray(responses.target_names, dtype=str)}
         if responses.target_info is not None:  # hemisphere/vertex of surfaces, channel type and coordinates
@@ -248,56 +304,35 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
         for feat in sorted(features, key=lambda f: f["feature"]):
             progress.update(detail=feat["feature"])
             spec = feature_spec(cfg, feat["feature"])
-            results, rels = cached_features(store, spec, feat, runs, subject)
-            spaces = sorted(results[0].values)
-            for space in spaces:
-                name = spec.name if space == "values" else f"{spec.name}_{space}"
-                if cfg.model.kind == "banded_ridge":  # fitted jointly below, one band per space
-                    bands.append((name, results, space, rels))
-                    continue
-                key = fit_key(cfg, subject, responses_sha, rels, space)
-                cache_rel = f"_cache/fits/sub-{subject}/{key}.npz"
-                fitted = read_fit_cache(store, cache_rel, Y.shape[1])
-                if fitted is None:
-                    X = design_matrix(cfg, results, runs, space)
-                    if client is None and Y.shape[1] > 64:
-                        client = get_client(cfg.compute.dask, cfg.compute.n_workers)
-                    log.info("sub-%s: fitting %s (%d samples x %d features -> %d targets)", subject, name,
-                             X.shape[0], X.shape[1], Y.shape[1])
-                    # held-out predictions (as large as Y) are kept only for the permutation test that needs them
-                    keep = cfg.model.permutations > 0
-                    result = fit_encoding(X, Y, groups, cfg.model.alphas, backend=cfg.compute.backend, gap=gap,
-                                          client=client, test_groups=test_groups, return_predictions=keep,
-                                          predictions_out=matrix.predictions_like() if keep and matrix.out_of_core
-                                          else None, valid=finite & ~constant)
-                    backend = result.backend
-                    fitted = {"r": result.r.astype(np.float32), "r2": result.r2.astype(np.float32),
-                              "alpha": result.alpha.astype(np.float32), "valid": result.valid,
-                              "backend": np.asarray(result.backend)}
-                    if cfg.model.permutations > 0:
-                        fitted.update(_permutation_maps(cfg, Y, result))
-                    if is_ephys(runs):
-                        fitted.update(_lag_weights(cfg, X, Y, result, runs))
-                    write_entry(store, save_npz(fitted), cache_rel)
-                    computed_features.append(name)
-                else:
-                    log.info("sub-%s: reused fit %s of %s", subject, cache_rel, name)
-                    backend = backend or str(fitted.get("backend", ""))
-                for stat in FIT_ARRAYS:
-                    if stat in fitted:
-                        arrays[f"{name}__{stat}"] = fitted[stat]
-                metrics[name] = summarize(fitted["r"], fitted["valid"])
-                # significant targets (permutations, BH-FDR 0.05); None when no permutations were asked for
-                metrics[name]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
-                metrics[name].update(permutation_record(fitted))
-                if cfg.decoding.enabled:
-                    decoded, word_auc = _decode(cfg, results, runs, space, Y, finite, fitted, groups, gap, client,
-                                                test_groups)
-                    arrays[f"{name}__decoding_r"] = decoded.r.astype(np.float32)
-                    metrics[name]["decoding"] = {**decoded.identification.as_dict(), "word_roc_auc": word_auc,
-                                                 "mean_r": round(float(np.nanmean(np.where(decoded.valid, decoded.r,
-                                                                                           np.nan))), 6)
-                                                 if decoded.valid.any() else None}
+            with FeatureEntries(store, spec, feat, runs, subject) as entries:  # one layer in memory at a time
+                rels = entries.rels
+                for space in entries.spaces():
+                    results = entries.results(space)
+                    name = spec.name if space == "values" else f"{spec.name}_{space}"
+                    if cfg.model.kind == "banded_ridge":  # fitted jointly below, one band per space
+                        bands.append((name, results, space, rels))
+                        continue
+                    fitted, computed, client = fit_one_space(cfg, subject, inputs, name, results, rels, space, client)
+                    if computed:
+                        backend = str(fitted["backend"])
+                        computed_features.append(name)
+                    else:
+                        backend = backend or str(fitted.get("backend", ""))
+                    for stat in FIT_ARRAYS:
+                        if stat in fitted:
+                            arrays[f"{name}__{stat}"] = fitted[stat]
+                    metrics[name] = summarize(fitted["r"], fitted["valid"])
+                    # significant targets (permutations, BH-FDR 0.05); None when no permutations were asked for
+                    metrics[name]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
+                    metrics[name].update(permutation_record(fitted))
+                    if cfg.decoding.enabled:
+                        decoded, word_auc = _decode(cfg, results, runs, space, Y, finite, fitted, groups, gap, client,
+                                                    test_groups)
+                        arrays[f"{name}__decoding_r"] = decoded.r.astype(np.float32)
+                        metrics[name]["decoding"] = {**decoded.identification.as_dict(), "word_roc_auc": word_auc,
+                                                     "mean_r": round(float(np.nanmean(np.where(decoded.valid, decoded.r,
+                                                                                               np.nan))), 6)
+                                                     if decoded.valid.any() else None}
         progress.close()
         _ceiling_normalised(runs, arrays, metrics)
         if bands:
