@@ -73,3 +73,16 @@ def test_bench_group_writes_its_table(tmp_path):
     assert len(rows) == 2
     assert 0.035 <= float(rows[0][6].strip().rstrip("%")) / 100 <= 0.065  # the null level of the sign flips
     assert abs(float(rows[1][5]) - 0.5) < 0.05  # the planted ceiling, recovered
+
+
+def test_bench_llm_writes_every_row(tmp_path):
+    out = tmp_path / "llm.md"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_llm.py"), "--device", "cpu", "--models",
+                           "llama-tiny", "--words", "200", "--contexts", "8", "--workdir", str(tmp_path / "w"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln.split("|")[3].strip() for ln in out.read_text().splitlines() if ln.startswith("| llama-tiny")]
+    assert rows == ["one pass", "one pass, every hidden state to the host", "strided sweep, stride default",
+                    "strided sweep, stride fill", "strided layer 1, stride default", "strided layer 1, stride fill",
+                    "sweep of 3 hidden states, streamed (fill)"]
+    assert "FAILED" not in out.read_text()
