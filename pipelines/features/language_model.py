@@ -319,7 +319,7 @@ def word_token_counts(words: Sequence[str], lm: LoadedModel) -> tuple[np.ndarray
         Tokens the tokenizer adds around every window ([CLS]/[SEP], BOS...).
     """
     words = check_words(words)
-    counts = np.array([len(t) for t in story_word_tokens(lm, words)], dtype=np.int64)
+    counts = np.diff(story_word_tokens(lm, words)[1])
     probe = lm.tokenizer(words[:1], is_split_into_words=True, add_special_tokens=True)
     n_special = len(probe["input_ids"]) - int(counts[0])
     return counts, max(n_special, 0)

@@ -13,8 +13,10 @@ GPT-2-small, where the windows hold each token about twice):
   word; :func:`target_positions` finds all of a window's at once.
 * **Copies.** Each batch's features were copied to the host before the next batch started,
   so the GPU waited for the copy and for Python. :func:`run_windows` queues the next batch
-  first, then copies the previous one's features on a stream of their own and writes them
-  while the GPU computes.
+  first, then copies the previous one's features on a stream of their own, into a pinned
+  buffer kept between batches, and writes them while the GPU computes. (Profiled on an H200
+  for one layer of a 7B model over 4,000 words: the copy into pageable memory took 24 ms of
+  the 50 ms by which the extractor trailed one pass.)
 
 The features are the same numbers as before (``tests/test_lm_batches.py`` compares them).
 """
@@ -40,22 +42,30 @@ _PROBE = 64
 _LAST: list[Any] = [None, (), []]
 
 
-def story_word_tokens(lm: LoadedModel, words: Sequence[str]) -> list[list[int]]:
+def story_word_tokens(lm: LoadedModel, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of each word, as the extractor's pre-split tokenization gives them (no special tokens).
 
     Returns
     -------
-    list of list of int, length n_words
+    flat : np.ndarray of int64
+        Every word's tokens, one word after the other.
+    offsets : np.ndarray of int64, shape (n_words + 1,)
+        Word ``i``'s tokens are ``flat[offsets[i]:offsets[i + 1]]``.
     """
     key = tuple(words)
     if _LAST[0] is lm.tokenizer and _LAST[1] == key:
         return _LAST[2]
-    out: list[list[int]] = [[] for _ in words]
+    flat, counts = [], np.zeros(len(words), dtype=np.int64)
     for lo in range(0, len(words), _CHUNK):
         enc = lm.tokenizer(list(words[lo : lo + _CHUNK]), is_split_into_words=True, add_special_tokens=False)
-        for tok, wid in zip(enc["input_ids"], enc.word_ids()):
-            if wid is not None:
-                out[lo + wid].append(int(tok))
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        wids = np.array([-1 if w is None else w for w in enc.word_ids()], dtype=np.int64)
+        keep = wids >= 0
+        order = np.argsort(wids[keep], kind="stable")  # words in order (they are), each word's tokens in order
+        flat.append(ids[keep][order])
+        counts[lo : lo + _CHUNK] = np.bincount(wids[keep], minlength=min(_CHUNK, len(words) - lo))
+    out = (np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64),
+           np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
     _LAST[:] = [lm.tokenizer, key, out]
     return out
 
@@ -69,17 +79,13 @@ def _template(lm: LoadedModel, words: list[str]) -> tuple[list[int], list[int]] 
     return ids[: pos[0]], ids[pos[-1] + 1 :]
 
 
-def _assemble(win: Window, start: int, word_tokens: list[list[int]], head: list[int], tail: list[int]
+def _assemble(win: Window, start: int, tokens: tuple[np.ndarray, np.ndarray], head: list[int], tail: list[int]
               ) -> tuple[list[int], list[int | None]]:
-    ids: list[int] = list(head)
-    wids: list[int | None] = [None] * len(head)
-    for local in range(len(win.words)):
-        toks = word_tokens[start + local]
-        ids.extend(toks)
-        wids.extend([local] * len(toks))
-    ids.extend(tail)
-    wids.extend([None] * len(tail))
-    return ids, wids
+    flat, offsets = tokens
+    n = len(win.words)
+    body = flat[offsets[start] : offsets[start + n]]
+    wids = np.repeat(np.arange(n), np.diff(offsets[start : start + n + 1]))
+    return head + body.tolist() + tail, [None] * len(head) + wids.tolist() + [None] * len(tail)
 
 
 def tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window]
@@ -233,6 +239,23 @@ def _gather(torch: Any, result: Any, hs_index: list[int], r_np: np.ndarray, p_np
         return picked
 
 
+#: A pinned host buffer kept between batches and stories (a copy from the GPU into pageable memory
+#: runs at a few GB/s and blocks; into pinned memory it runs at the bus's speed). Grown to the
+#: largest batch up to this many bytes; a larger batch gets a pinned buffer of its own.
+PINNED_MAX_BYTES = 2 * 1024**3
+_PINNED: list[Any] = [None]
+
+
+def _pinned(torch: Any, n: int) -> Any:
+    buf = _PINNED[0]
+    if buf is not None and buf.numel() >= n:
+        return buf[:n]
+    fresh = torch.empty(n, dtype=torch.float32, pin_memory=True)
+    if n * 4 <= PINNED_MAX_BYTES:
+        _PINNED[0] = fresh
+    return fresh
+
+
 def _deliver(torch: Any, pending: tuple[Any, Any, list[int]], copier: Any,
              write: Callable[[np.ndarray, list[int]], None]) -> None:
     """Copy a batch's features to the host (on the copy stream, after its gather) and write them."""
@@ -240,8 +263,12 @@ def _deliver(torch: Any, pending: tuple[Any, Any, list[int]], copier: Any,
     if copier is None:
         write(picked.numpy(), dests)
         return
+    host = _pinned(torch, picked.numel()).view(picked.shape)
     with torch.cuda.stream(copier):
         copier.wait_event(event)
-        host = picked.to("cpu")  # blocks this thread only: the compute stream runs the next batch
+        host.copy_(picked, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(copier)
     picked.record_stream(copier)
-    write(host.numpy(), dests)
+    done.synchronize()  # this thread waits for the copy; the compute stream runs the next batch
+    write(host.numpy(), dests)  # written out (copied) before the buffer serves the next batch
