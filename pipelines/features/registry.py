@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, Union
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer,
+                      model_validator)
 
 from pipelines.errors import ConfigError, DatasetError
 
@@ -113,6 +114,25 @@ class LanguageModelFeature(_ModelSpec):
     pooling: Literal["last", "mean"] = "last"
     batch_size: int = Field(32, ge=1, le=4096)
     batch_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    # controls computed beside the model's own spaces (see pipelines.features.baselines)
+    baselines: list[Literal["untrained", "shuffled", "random_embedding"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _baselines(self) -> "LanguageModelFeature":
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"'baselines' lists a baseline twice; got {self.baselines}")
+        if "untrained" in self.baselines and (self.quantization or self.device_map):
+            raise ValueError("'baselines: [untrained]' builds the model again with random weights in memory: it "
+                             "cannot be used with 'quantization' or 'device_map'; drop one of them")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused_baselines(self, handler: Any) -> dict[str, Any]:
+        # no baselines: left out, so the cache keys and analysis ids of such features stay as they were
+        out = handler(self)
+        if not self.baselines:
+            out.pop("baselines", None)
+        return out
 
 
 class SpeechModelFeature(_Spec):
@@ -425,17 +445,29 @@ def compute_language_model(spec: LanguageModelFeature, stimulus: Stimulus, *, de
     lm = models.get(("language_model", spec.model, spec.revision, device, "base", *_placement(spec)),
                     lambda: load_language_model(spec.model, spec.revision, device=device, **_placement_kwargs(spec)))
     layers, sweep = _layer_list(spec.layer, lm.n_layers)
+    kwargs = {"batch_size": spec.batch_size, "pooling": spec.pooling, "batch_tokens": spec.batch_tokens}
+    from pipelines.features.baselines import extraction_passes, random_embedding
+
+    # the model's own pass, then one per layered baseline (features[].baselines): (words, model, {layer: space})
+    runs = extraction_passes(spec.baselines, lm, list(words), _space_of_layer(layers, sweep))
     if stream_to is not None:  # each layer to stream_to/<space>.npy as computed (see stream_feature)
         from pipelines.features.layer_files import LayerFiles
 
-        spaces = _space_of_layer(layers, sweep)
-        with LayerFiles(stream_to, list(dict.fromkeys(spaces.values())), len(words), lm.hidden_size) as files:
-            stream_word_features(words, lm, layers, spec.context_words, files, spaces, batch_size=spec.batch_size,
-                                 pooling=spec.pooling, batch_tokens=spec.batch_tokens)
+        names = [sp for _, _, spaces in runs for sp in spaces.values()] + (
+            ["random_embedding"] if "random_embedding" in spec.baselines else [])
+        with LayerFiles(stream_to, list(dict.fromkeys(names)), len(words), lm.hidden_size) as files:
+            for run_words, model, spaces in runs:
+                stream_word_features(run_words, model(), list(spaces), spec.context_words, files, spaces, **kwargs)
+            if "random_embedding" in spec.baselines:
+                files.write("random_embedding", np.arange(len(words)), random_embedding(list(words), lm.hidden_size))
         return FeatureResult({}, times, "events")
-    feats = extract_word_features(words, lm, layers, spec.context_words, batch_size=spec.batch_size,
-                                  pooling=spec.pooling, batch_tokens=spec.batch_tokens)
-    return FeatureResult(_spaces(feats, layers, sweep), times, "events")
+    values: dict[str, np.ndarray] = {}
+    for run_words, model, spaces in runs:
+        feats = extract_word_features(run_words, model(), list(spaces), spec.context_words, **kwargs)
+        values.update({sp: np.asarray(feats[k], dtype=np.float32) for k, sp in spaces.items()})
+    if "random_embedding" in spec.baselines:
+        values["random_embedding"] = random_embedding(list(words), lm.hidden_size)
+    return FeatureResult(values, times, "events")
 
 
 def compute_speech_model(spec: SpeechModelFeature, stimulus: Stimulus, *, device: str = "auto",
