@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_memory.py --out bench/results/memory.md
 	$(BIN)/python bench/bench_permutation_level.py --out bench/results/permutation-level.md
 	$(BIN)/python bench/bench_sweep.py --out bench/results/sweep.md
+	$(BIN)/python bench/bench_layer_curve.py --out bench/results/layer-curve.md
 	$(BIN)/python bench/bench_cohort.py --out bench/results/cohort.md
 
 test-fast: $(STAMP)

@@ -296,3 +296,58 @@ def test_narrow_alpha_grid_warns_and_comparison_holds_both_analyses(planted, sto
     page = out.get_bytes("ds002322/1.0.4/comparison.html").decode()
     assert sweep_cfg.analysis_id in page and cfg.analysis_id in page
     assert "ds002322/1.0.4/comparison.html" in out.get_bytes("index.html").decode()
+
+
+# ------------------------------------------------------------------ the controls as features
+
+STORY = ("alice was beginning to get very tired of sitting by her sister on the bank and of having nothing to do "
+         "once or twice she had peeped into the book her sister was reading").split()
+
+
+def test_baselines_are_extra_spaces_streamed_or_in_memory_alike(tiny_gpt2_dir, tmp_path):
+    from pipelines.features.baselines import shuffled_words
+    from pipelines.features.registry import Stimulus, compute_feature, stream_feature
+
+    words = pd.DataFrame({"word": STORY, "onset": np.arange(len(STORY)) * 0.4,
+                          "offset": np.arange(len(STORY)) * 0.4 + 0.3})
+    spec = {"name": "lm", "kind": "language_model", "model": str(tiny_gpt2_dir), "layer": [0, 2], "context_words": 4,
+            "baselines": ["untrained", "shuffled", "random_embedding"]}
+    result = compute_feature(spec, Stimulus(words=words))
+    assert sorted(result.values) == ["layer0", "layer2", "random_embedding", "shuffled_layer0", "shuffled_layer2",
+                                     "untrained_layer0", "untrained_layer2"]
+    meta, files = stream_feature(spec, Stimulus(words=words), tmp_path)
+    assert sorted(files) == sorted(result.values)
+    for space, path in files.items():
+        np.testing.assert_allclose(np.load(path), result.values[space], atol=1e-6, err_msg=space)
+    values = result.values
+    assert not np.allclose(values["untrained_layer2"], values["layer2"])  # other weights, same architecture
+    again = compute_feature(spec, Stimulus(words=words)).values
+    for space in values:  # fixed seeds: the same controls every time
+        np.testing.assert_array_equal(again[space], values[space])
+    emb = values["random_embedding"]
+    her = [i for i, w in enumerate(STORY) if w == "her"]
+    np.testing.assert_array_equal(emb[her[0]], emb[her[1]])  # one vector per word type
+    assert emb.shape == (len(STORY), 32) and not np.allclose(emb[0], emb[1])
+    shuffled = shuffled_words(STORY)
+    assert sorted(shuffled) == sorted(STORY) and shuffled != STORY
+    single = compute_feature({**spec, "layer": 2, "baselines": ["untrained"]}, Stimulus(words=words)).values
+    assert sorted(single) == ["untrained", "values"]
+    np.testing.assert_array_equal(single["untrained"], values["untrained_layer2"])
+
+
+def test_baselines_config_is_checked_and_absent_when_empty(tiny_gpt2_dir):
+    from pipelines.errors import ConfigError
+    from pipelines.features.cache_keys import cache_key
+    from pipelines.features.registry import parse_feature
+
+    base = {"name": "lm", "kind": "language_model", "model": str(tiny_gpt2_dir), "layer": "all"}
+    with pytest.raises(ConfigError, match="lists a baseline twice"):
+        parse_feature({**base, "baselines": ["shuffled", "shuffled"]})
+    with pytest.raises(ConfigError, match="quantization"):
+        parse_feature({**base, "baselines": ["untrained"], "quantization": "8bit"})
+    with pytest.raises(ConfigError, match="baselines"):
+        parse_feature({**base, "baselines": ["scrambled"]})
+    # no baselines: the spec, its cache key and the analysis id are what they were before the key existed
+    assert "baselines" not in parse_feature({**base, "baselines": []}).model_dump()
+    assert cache_key(base, "s") == cache_key({**base, "baselines": []}, "s")
+    assert cache_key(base, "s") != cache_key({**base, "baselines": ["shuffled"]}, "s")

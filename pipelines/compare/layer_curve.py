@@ -198,7 +198,8 @@ def subject_layer_curves(arrays: Mapping[str, np.ndarray], names: Sequence[str],
         top = np.asarray(curve["top_targets"], dtype=int)
         controls: dict[str, dict[str, Any]] = {}
         for baseline, spaces in sorted((b, s) for b, s in parts.items() if b is not None):
-            if set(spaces) == {None}:  # no layers: the same space at every layer
+            flat = set(spaces) == {None}
+            if flat:  # no layers: the same space at every layer
                 spaces = {k: spaces[None] for k in layers}
             if not all(k in spaces for k in layers):
                 continue
@@ -208,6 +209,8 @@ def subject_layer_curves(arrays: Mapping[str, np.ndarray], names: Sequence[str],
                       if all(f"{spaces[k]}__rnorm" in arrays for k in layers) else None)
             controls[baseline] = layer_curve(br, layers, valid=bvalid, rnorm=brnorm, labels=labels, top=top)
             controls[baseline].pop("top_targets")
+            if flat:
+                controls[baseline]["best_layer"] = None  # a flat line has no best layer
         out[feat] = {"layers": layers, "spaces": {str(k): model[k] for k in layers}, "model": curve,
                      "baselines": controls, "best_layer_map": best_layer_map(r, layers, valid)}
     return out
