@@ -351,3 +351,16 @@ def test_baselines_config_is_checked_and_absent_when_empty(tiny_gpt2_dir):
     assert "baselines" not in parse_feature({**base, "baselines": []}).model_dump()
     assert cache_key(base, "s") == cache_key({**base, "baselines": []}, "s")
     assert cache_key(base, "s") != cache_key({**base, "baselines": ["shuffled"]}, "s")
+
+
+def test_comparison_page_escapes_and_ignores_what_a_hostile_manifest_holds():
+    from pipelines.compare.comparison import render_comparison_html
+
+    m = {"analysis_id": "x-000000000001", "status": "complete", "subjects": ["01"], "provenance": {},
+         "feature_spaces": [{"name": "lm", "kind": "language_model", "model": "<script>alert(1)</script>"}],
+         "metrics": {"01": {"lm_layer0": {"mean_r": 0.1, "mean_r_normalised": "<b>"},
+                            "lm_layer1": {"mean_r": 0.2, "mean_r_normalised": float("nan")}}}}
+    comp = build_comparison("ds", "1.0", [("ds/1.0/x/manifest.json", "e", m)])
+    assert comp["curves"][0]["mean_r_normalised"] is None
+    page = render_comparison_html(comp)
+    assert "<script>" not in page and "&lt;script&gt;" in page

@@ -37,6 +37,13 @@ COMPARISON_HTML = "comparison.html"
 ATTEMPTS = 4
 
 
+def _number(value: Any) -> float | None:
+    """A finite number as it is, anything else (absent, null, text in a manifest written by others) None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+        return value
+    return None
+
+
 def comparison_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (subject, fitted space) of a manifest: which feature, model, control and layer, and its scores.
 
@@ -53,8 +60,8 @@ def comparison_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             spec = specs[sp.feature]
             rows.append({"analysis_id": manifest["analysis_id"], "feature": sp.feature, "kind": spec.get("kind"),
                          "model": spec.get("model"), "baseline": sp.baseline, "layer": sp.layer, "space": name,
-                         "subject": subject, "mean_r": m.get("mean_r"),
-                         "mean_r_normalised": m.get("mean_r_normalised"), "n_valid": m.get("n_valid")})
+                         "subject": subject, "mean_r": _number(m.get("mean_r")),
+                         "mean_r_normalised": _number(m.get("mean_r_normalised")), "n_valid": m.get("n_valid")})
     return rows
 
 
