@@ -100,15 +100,17 @@ def random_embedding(words: Sequence[str], dim: int) -> np.ndarray:
     return out
 
 
-def extraction_passes(baselines: Sequence[str], lm, words: list[str], spaces: Mapping[int, str]
+def extraction_passes(baselines: Sequence[str], lm, words: list[str], spaces: Mapping[int, str], *,
+                      untrained: Callable[[], Any] | None = None
                       ) -> list[tuple[list[str], Callable[[], Any], dict[int, str]]]:
     """The passes over a story that a language-model feature makes: the model's own on ``spaces``
     ({layer: space}), then each layered baseline (untrained weights, shuffled words), as
-    (words, model factory, {layer: space}). ``random_embedding`` needs no pass."""
+    (words, model factory, {layer: space}). ``random_embedding`` needs no pass. ``untrained``
+    gives the untrained copy (e.g. from a cache shared by the stories; default: built here)."""
     passes: list[tuple[list[str], Callable[[], Any], dict[int, str]]] = [(words, lambda: lm, dict(spaces))]
     for baseline, layer_spaces in baseline_spaces(baselines, spaces).items():
         if baseline == "untrained":
-            passes.append((words, lambda: untrained_model(lm), layer_spaces))
+            passes.append((words, untrained or (lambda: untrained_model(lm)), layer_spaces))
         elif baseline == "shuffled":
             passes.append((shuffled_words(words), lambda: lm, layer_spaces))
     return passes

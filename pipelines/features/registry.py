@@ -446,10 +446,13 @@ def compute_language_model(spec: LanguageModelFeature, stimulus: Stimulus, *, de
                     lambda: load_language_model(spec.model, spec.revision, device=device, **_placement_kwargs(spec)))
     layers, sweep = _layer_list(spec.layer, lm.n_layers)
     kwargs = {"batch_size": spec.batch_size, "pooling": spec.pooling, "batch_tokens": spec.batch_tokens}
-    from pipelines.features.baselines import extraction_passes, random_embedding
+    from pipelines.features.baselines import extraction_passes, random_embedding, untrained_model
 
-    # the model's own pass, then one per layered baseline (features[].baselines): (words, model, {layer: space})
-    runs = extraction_passes(spec.baselines, lm, list(words), _space_of_layer(layers, sweep))
+    # the model's own pass, then one per layered baseline (features[].baselines): (words, model, {layer: space});
+    # the untrained copy is built once and shared by the stories, as the model is
+    untrained = lambda: models.get(("untrained", spec.model, spec.revision, device, *_placement(spec)),  # noqa: E731
+                                   lambda: untrained_model(lm))
+    runs = extraction_passes(spec.baselines, lm, list(words), _space_of_layer(layers, sweep), untrained=untrained)
     if stream_to is not None:  # each layer to stream_to/<space>.npy as computed (see stream_feature)
         from pipelines.features.layer_files import LayerFiles
 
