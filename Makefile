@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_group.py --out bench/results/group.md
 	$(BIN)/python bench/bench_sweep.py --out bench/results/sweep.md
 	$(BIN)/python bench/bench_llm.py --device cpu --models gpt2-small --words 1500 --out bench/results/llm.md
+	$(BIN)/python bench/bench_layer_curve.py --out bench/results/layer-curve.md
 	$(BIN)/python bench/bench_cohort.py --out bench/results/cohort.md
 
 test-fast: $(STAMP)

@@ -22,6 +22,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
+from .compare.comparison import update_comparisons
 from .errors import DatasetError
 from .manifest import read_manifest
 from .localstore import canonical_local_uri, is_local_uri
@@ -100,6 +101,16 @@ def build_index(output_uri: str, previous: dict[str, Any] | None = None) -> dict
             "problems": problems}
 
 
+def _comparison_links(index: dict[str, Any]) -> str:
+    """Links to each dataset version's model comparison (``<dataset>/<version>/comparison.html``)."""
+    esc = html.escape
+    versions = sorted({(e["manifest"].rsplit("/", 2)[0], e["dataset"], e["version"]) for e in index["analyses"]})
+    items = "".join(f'<li><a href="{esc(folder, quote=True)}/comparison.html">{esc(ds)} {esc(ver)}</a> '
+                    f'(<a href="{esc(folder, quote=True)}/comparison.json">JSON</a>)</li>'
+                    for folder, ds, ver in versions)
+    return f'<h2>Models compared (layers x subjects)</h2><ul id="comparisons">{items}</ul>' if items else ""
+
+
 def render_html(index: dict[str, Any]) -> str:
     """A static gallery page: one row per analysis, linking its report and manifest."""
     esc = html.escape
@@ -138,9 +149,20 @@ analysis report; its <code>manifest.json</code> lists every artifact with its sh
 <tbody>
 {chr(10).join(rows) or '<tr><td colspan="9">nothing published yet</td></tr>'}
 </tbody></table>
+{_comparison_links(index)}
 {'<h2>Left out (invalid manifests)</h2><ul>' + problems + '</ul>' if problems else ''}
 </body></html>
 """
+
+
+def _comparisons(output_uri: str, index: dict[str, Any]) -> list[str]:
+    """Each dataset version's model comparison (:mod:`pipelines.compare.comparison`), refreshed after the
+    index; derived data, so a failure is logged and left to the next update."""
+    try:
+        return update_comparisons(output_uri, index)
+    except Exception as err:  # noqa: BLE001 - derived data, rebuilt by the next update
+        log.warning("gallery: the model comparisons at %s were not updated (%s)", output_uri, err)
+        return []
 
 
 def _read_index(store: Store) -> tuple[dict[str, Any] | None, str | None]:
@@ -174,6 +196,7 @@ def update_index(output_uri: str) -> dict[str, Any]:
             if not store.exists(INDEX_HTML) or store.get_bytes(INDEX_HTML) != page:
                 store.put_bytes(page, INDEX_HTML, content_type="text/html; charset=utf-8")
             log.info("gallery: %s is up to date (%d analyses)", result["index_uri"], result["n_analyses"])
+            result["comparisons"] = _comparisons(output_uri, index)
             return result
         index["generation"] = int((previous or {}).get("generation", 0)) + 1
         index["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -182,6 +205,7 @@ def update_index(output_uri: str) -> dict[str, Any]:
         if _put_conditional(store, INDEX_JSON, body, "application/json", etag):
             log.info("gallery: wrote %s (%d analyses, generation %d)", result["index_uri"],
                      result["n_analyses"], index["generation"])
+            result["comparisons"] = _comparisons(output_uri, index)
             return result
         log.info("gallery: %s changed while it was rebuilt; listing again", result["index_uri"])
     raise DatasetError(f"{store.uri_of(INDEX_JSON)}: other writers kept updating the index "

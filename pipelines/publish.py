@@ -18,6 +18,7 @@ import numpy as np
 from . import __version__
 from . import flatmap
 from .cache import default_cache_dir, load_npz
+from .compare.artifacts import analysis_layer_curves, subject_comparison
 from .config import AnalysisConfig
 from .errors import ConfigError, PublishConflictError
 from .faults import failpoint
@@ -250,6 +251,8 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
     group = group if group and group.get("status") != "off" else None
     isc = isc_ceilings(group, load_npz(store.get_bytes(group["result_rel"])) if group and group.get("result_rel")
                        else None)
+    layer_curves: dict[str, dict] = {}
+    warnings: list[str] = []
     for fit in sorted(fits, key=lambda f: f["subject"]):
         sub = fit["subject"]
         if fit.get("status") != "ok":
@@ -266,6 +269,11 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
             fit = {**fit, "metrics": ceiled}
         subj_artifacts, entries = render_subject(cfg, fit, arrays, mask_img, out_dir, flatmaps.of(sub, fit["kind"]))
         artifacts += subj_artifacts
+        # model comparison: alpha-edge counts (into fit["metrics"]) and maps, layer curves of sweeps
+        extra, curves, notes = subject_comparison(cfg, fit, arrays, mask_img, out_dir, entries)
+        artifacts += extra
+        layer_curves.update({sub: curves} if curves else {})
+        warnings += notes
         metrics[sub] = fit["metrics"]
         subject_info[sub] = {k: fit[k] for k in ("status", "simulated", "kind", "space", "n_targets",
                                                   "n_invalid_targets", "n_samples", "n_runs", "n_constant_targets",
@@ -284,6 +292,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         "SourceDatasets": [{"URL": cfg.dataset.source, "Version": cfg.dataset.version}],
     }, indent=2, sort_keys=True))
     artifacts.append({"file": out_dir / "dataset_description.json", "kind": "dataset_description"})
+    artifacts += analysis_layer_curves(cfg, layer_curves, out_dir)
     report = {
         "title": f"neuroflow: {cfg.dataset.dataset_id} {cfg.dataset.version} — {cfg.name}",
         "dataset": {"id": cfg.dataset.dataset_id, "version": cfg.dataset.version, "source": cfg.dataset.source},
@@ -291,7 +300,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         "provenance": {**{k: v for k, v in provenance_static.items() if k != "libraries"},
                        **{f"version {k}": v for k, v in provenance_static["libraries"].items()},
                        "published at": cfg.publish_prefix},
-        "subjects": report_subjects,
+        "subjects": report_subjects, "warnings": warnings,
     }
     if group is not None:
         group_artifacts, report["group"] = render_group(cfg, group, store, out_dir)
@@ -311,7 +320,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         rel = Path(art["file"]).relative_to(out_dir).as_posix()
         ctype = {"report_html": "text/html", "subject_report_html": "text/html", "figure_png": "image/png",
                  "flatmap_png": "image/png", "config_yaml": "text/yaml",
-                 "decoding_json": "application/json",
+                 "decoding_json": "application/json", "layer_curve_json": "application/json",
                  "group_report_html": "text/html", "group_json": "application/json", "roi_json": "application/json",
                  "roi_tsv": "text/tab-separated-values",
                  "dataset_description": "application/json"}.get(art["kind"])
@@ -336,6 +345,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         "subject_info": subject_info,
         "feature_spaces": [f.model_dump(mode="json") for f in cfg.features],
         "metrics": metrics,
+        **({"warnings": warnings} if warnings else {}),  # e.g. alphas at the grid's edge; absent when none
         "artifacts": records,
         "inputs": [inputs[k] for k in sorted(inputs)],
         "provenance": {**provenance_static, "feature_models": _feature_models(features),

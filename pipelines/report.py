@@ -57,6 +57,7 @@ figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; }
 a { color: #0550ae; }
 td.err { color: #8a1c1c; max-width: 30em; }
+p.warn { background: #fff4e5; border-left: 4px solid #b35900; padding: 0.3em 0.6em; }
 pre { background: #f7f7f7; border: 1px solid #ddd; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 </style>
 </head>
@@ -88,6 +89,9 @@ Dataset <strong>{{ dataset.id }}</strong> version <strong>{{ dataset.version }}<
 {% if any_simulated %}
 <p><span class="badge">simulated</span> Subjects marked simulated carry synthetic data, not recordings.</p>
 {% endif %}
+{% for w in warnings %}
+<p class="warn">Warning: {{ w }}</p>
+{% endfor %}
 
 {% if group %}
 <p class="meta"><strong>Group level</strong>: {% if group.page %}<a href="{{ group.page }}">sub-group</a> &middot; {% endif %}{{ group.line }}</p>
@@ -136,6 +140,9 @@ _INDEX_TEMPLATE = _HEAD + """<body>
 {% if any_simulated %}
 <p><span class="badge">simulated</span> Subjects marked simulated carry synthetic data, not recordings.</p>
 {% endif %}
+{% for w in warnings %}
+<p class="warn">Warning: {{ w }}</p>
+{% endfor %}
 
 {% if group %}
 <p class="meta"><strong>Group level</strong>: {% if group.page %}<a href="{{ group.page }}">sub-group</a> &middot; {% endif %}{{ group.line }}</p>
@@ -321,6 +328,7 @@ def render_report(report: dict, path: str | Path) -> Path:
         subjects=subjects,
         config_yaml=str(report.get("config_yaml", "")),
         provenance=_provenance(report),
+        warnings=[str(w) for w in report.get("warnings") or []],
     )
     return _write_atomic(Path(path), html)
 
@@ -409,5 +417,6 @@ def render_report_pages(report: dict, index_path: str | Path) -> list[tuple[Path
         space_names=names, cohort=cohort, rows=rows,
         config_yaml=str(report.get("config_yaml", "")),
         provenance=_provenance(report),
+        warnings=[str(w) for w in report.get("warnings") or []],
     )
     return [(_write_atomic(index_path, html), None), *written]

@@ -258,6 +258,8 @@ def test_each_role_can_do_its_job_and_nothing_more():
     assert allowed(gallery, "s3:GetObject", manifest) and allowed(gallery, "s3:ListBucket", RES)
     assert allowed(gallery, "s3:PutObject", f"{RES}/index.json")
     assert allowed(gallery, "s3:PutObject", f"{RES}/index.html")
+    assert allowed(gallery, "s3:PutObject", f"{RES}/ds002322/1.0.4/comparison.json")  # each version's comparison
+    assert not allowed(gallery, "s3:PutObject", f"{RES}/ds002322/1.0.4/x/report.html")
     assert not allowed(gallery, "s3:PutObject", manifest) and not allowed(gallery, "s3:GetObject", f"{SRC}/x")
     # readers read results, nothing else
     assert allowed(reader, "s3:GetObject", manifest)

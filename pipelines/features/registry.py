@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Mapping, Union
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer,
+                      model_validator)
 
 from pipelines.errors import ConfigError, DatasetError
 
@@ -115,13 +116,26 @@ class LanguageModelFeature(_ModelSpec):
     batch_tokens: int | None = Field(None, ge=1, le=1_000_000)
     #: causal models: new words per strided window (default ``context_words``); "fill": up to the model's limit
     stride_words: Union[Annotated[int, Field(ge=1, le=100_000)], Literal["fill"], None] = None
+    # controls computed beside the model's own spaces (see pipelines.features.baselines)
+    baselines: list[Literal["untrained", "shuffled", "random_embedding"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _baselines(self) -> "LanguageModelFeature":
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"'baselines' lists a baseline twice; got {self.baselines}")
+        if "untrained" in self.baselines and (self.quantization or self.device_map):
+            raise ValueError("'baselines: [untrained]' builds the model again with random weights in memory: it "
+                             "cannot be used with 'quantization' or 'device_map'; drop one of them")
+        return self
 
     @model_serializer(mode="wrap")
-    def _without_default_stride(self, handler: Any) -> dict[str, Any]:
-        # the default stride is left out, so the ids and cache keys of earlier analyses stay as they were
+    def _without_defaults_of_new_keys(self, handler: Any) -> dict[str, Any]:
+        # the default stride and no baselines are left out, so the ids and cache keys of earlier analyses stay
         out = handler(self)
         if self.stride_words is None:
             out.pop("stride_words", None)
+        if not self.baselines:
+            out.pop("baselines", None)
         return out
 
 
@@ -435,19 +449,33 @@ def compute_language_model(spec: LanguageModelFeature, stimulus: Stimulus, *, de
     lm = models.get(("language_model", spec.model, spec.revision, device, "base", *_placement(spec)),
                     lambda: load_language_model(spec.model, spec.revision, device=device, **_placement_kwargs(spec)))
     layers, sweep = _layer_list(spec.layer, lm.n_layers)
+    kwargs = {"batch_size": spec.batch_size, "pooling": spec.pooling, "batch_tokens": spec.batch_tokens,
+              "stride_words": spec.stride_words}
+    from pipelines.features.baselines import extraction_passes, random_embedding, untrained_model
+
+    # the model's own pass, then one per layered baseline (features[].baselines): (words, model, {layer: space});
+    # the untrained copy is built once and shared by the stories, as the model is
+    untrained = lambda: models.get(("untrained", spec.model, spec.revision, device, *_placement(spec)),  # noqa: E731
+                                   lambda: untrained_model(lm))
+    runs = extraction_passes(spec.baselines, lm, list(words), _space_of_layer(layers, sweep), untrained=untrained)
     if stream_to is not None:  # each layer to stream_to/<space>.npy as computed (see stream_feature)
         from pipelines.features.layer_files import LayerFiles
 
-        spaces = _space_of_layer(layers, sweep)
-        with LayerFiles(stream_to, list(dict.fromkeys(spaces.values())), len(words), lm.hidden_size) as files:
-            stream_word_features(words, lm, layers, spec.context_words, files, spaces, batch_size=spec.batch_size,
-                                 pooling=spec.pooling, batch_tokens=spec.batch_tokens,
-                                 stride_words=spec.stride_words)
+        names = [sp for _, _, spaces in runs for sp in spaces.values()] + (
+            ["random_embedding"] if "random_embedding" in spec.baselines else [])
+        with LayerFiles(stream_to, list(dict.fromkeys(names)), len(words), lm.hidden_size) as files:
+            for run_words, model, spaces in runs:
+                stream_word_features(run_words, model(), list(spaces), spec.context_words, files, spaces, **kwargs)
+            if "random_embedding" in spec.baselines:
+                files.write("random_embedding", np.arange(len(words)), random_embedding(list(words), lm.hidden_size))
         return FeatureResult({}, times, "events")
-    feats = extract_word_features(words, lm, layers, spec.context_words, batch_size=spec.batch_size,
-                                  pooling=spec.pooling, batch_tokens=spec.batch_tokens,
-                                  stride_words=spec.stride_words)
-    return FeatureResult(_spaces(feats, layers, sweep), times, "events")
+    values: dict[str, np.ndarray] = {}
+    for run_words, model, spaces in runs:
+        feats = extract_word_features(run_words, model(), list(spaces), spec.context_words, **kwargs)
+        values.update({sp: np.asarray(feats[k], dtype=np.float32) for k, sp in spaces.items()})
+    if "random_embedding" in spec.baselines:
+        values["random_embedding"] = random_embedding(list(words), lm.hidden_size)
+    return FeatureResult(values, times, "events")
 
 
 def compute_speech_model(spec: SpeechModelFeature, stimulus: Stimulus, *, device: str = "auto",
