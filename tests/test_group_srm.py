@@ -15,6 +15,7 @@ from pipelines.fit.splits import nested_group_splits
 from pipelines.group.srm import fit_shared, srm_encoding, srm_fold
 
 from .datasets.cohort import DERIVATIVE, TASK, build_cohort, cohort_config
+from .test_group_alice import alice_cohort  # noqa: F401 - the real Alice listeners, staged on the S3 fixture
 
 N_RUNS, PER_RUN, K, N_FEATURES = 4, 90, 4, 6
 ALPHAS = [0.1, 1, 10, 100]
@@ -199,3 +200,35 @@ def test_runs_of_different_lengths_are_one_error_and_nothing_is_published(s3_url
     assert "'group.srm'" in str(err.value) and "different lengths" in str(err.value)
     assert "\n" not in str(err.value)
     assert not ResultStore(cfg.publish_prefix).exists("manifest.json")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_srm_on_the_real_alice_listeners(alice_cohort, results_bucket, tmp_path, monkeypatch):  # noqa: F811
+    """The real Alice ROI time courses (26 listeners, 6 ROIs): each listener predicted from the others."""
+    from pipelines.consume import read_manifest
+    from pipelines.steps import run_analysis
+
+    from .test_group_alice import SOURCE, TEXTGRID
+
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
+    cfg = parse_config({
+        "name": "alice-srm",
+        "dataset": {"source": SOURCE, "version": "1.0.4", "task": "alice", "subjects": alice_cohort,
+                    "responses": {"derivatives": ["derivatives/brennan2016roi"], "preprocess": {"polynomial": 3}},
+                    "word_timings": {"format": "textgrid", "files": {"alice": TEXTGRID}, "tier": "word"}},
+        "features": [{"name": "wordrate", "kind": "word_rate"}],
+        "model": {"alphas": [1, 10, 100, 1000, 10000], "delays": [1, 2, 3, 4], "cv": "contiguous_blocks",
+                  "n_folds": 5},
+        "compute": {"backend": "numpy", "dask": "none"},
+        "group": {"permutations": 1000, "srm": {"features": 3, "iterations": 10}},
+        "output": results_bucket})
+    run_analysis(cfg)
+    srm = read_manifest(f"{cfg.publish_prefix}/manifest.json")["group"]["srm"]
+    per = srm["metrics"]["wordrate"]
+    assert srm["status"] == "ok" and sorted(per) == sorted(alice_cohort) and srm["n_folds"] == 5
+    mean_srm = np.mean([m["mean_r_srm"] for m in per.values()])
+    mean_own = np.mean([m["mean_r_own"] for m in per.values()])
+    print(f"alice SRM: mean r {mean_srm:.3f} (own {mean_own:.3f}), "
+          f"{sum(m['n_srm_better'] for m in per.values())} of {6 * len(per)} subject-ROIs better")
+    assert mean_srm > 0.05  # the word rate predicts the listeners' language ROIs from the other listeners
