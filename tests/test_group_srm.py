@@ -232,3 +232,44 @@ def test_srm_on_the_real_alice_listeners(alice_cohort, results_bucket, tmp_path,
     print(f"alice SRM: mean r {mean_srm:.3f} (own {mean_own:.3f}), "
           f"{sum(m['n_srm_better'] for m in per.values())} of {6 * len(per)} subject-ROIs better")
     assert mean_srm > 0.05  # the word rate predicts the listeners' language ROIs from the other listeners
+
+
+@pytest.mark.integration
+def test_subject_space_volumes_get_srm_maps_in_their_own_space_without_a_group_map(s3_url, results_bucket, tmp_path,
+                                                                                   monkeypatch):
+    """No common space (subject-space volumes, no transform): no group map, but each subject's SRM maps are
+    published as NIfTI in its own space, the planted voxel predicted from the other subjects."""
+    import gzip
+
+    import nibabel as nib
+
+    from pipelines.consume import read_manifest
+    from pipelines.resultstore import ResultStore
+    from pipelines.steps import run_analysis
+
+    from .test_group_space import _bold_cohort, _bold_config
+
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
+    labels = _bold_cohort(tmp_path / "ds", 3, np.random.default_rng(7))
+    cfg = parse_config(_bold_config(tmp_path / "ds", results_bucket, labels,
+                                    {"permutations": 100, "srm": {"features": 2, "iterations": 10}}))
+    run_analysis(cfg)
+    manifest = read_manifest(f"{cfg.publish_prefix}/manifest.json")
+    assert manifest["group"]["status"] == "none" and manifest["group"]["srm"]["status"] == "ok"
+    store = ResultStore(cfg.publish_prefix)
+    paths = {a["path"] for a in manifest["artifacts"]}
+    for s in labels:
+        maps = {}
+        for stat in ("r", "ownr", "diff"):
+            name = f"sub-{s}/sub-{s}_task-{TASK}_desc-wordrateSRM_stat-{stat}_statmap.nii.gz"
+            assert name in paths
+            maps[stat] = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(store.get_bytes(name))).dataobj)
+        own = f"sub-{s}/sub-{s}_task-{TASK}_desc-wordrate_stat-r_statmap.nii.gz"
+        own_r = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(store.get_bytes(own))).dataobj)
+        inside = np.isfinite(maps["r"]) & (maps["r"] != 0)
+        assert np.allclose(maps["ownr"][inside], own_r[inside], atol=1e-5)
+        assert maps["r"][1, 1, 1] > 0.3  # the planted voxel, predicted from the others
+        noise = np.ones(maps["r"].shape, bool)
+        noise[1, 1, 1] = noise[2, 2, 1] = False
+        assert abs(float(np.nanmean(maps["r"][noise & inside]))) < 0.1
+    assert "Cross-subject encoding" in store.get_bytes("sub-group/report.html").decode()
