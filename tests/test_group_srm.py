@@ -15,6 +15,7 @@ from pipelines.fit.splits import nested_group_splits
 from pipelines.group.srm import fit_shared, srm_encoding, srm_fold
 
 from .datasets.cohort import DERIVATIVE, TASK, build_cohort, cohort_config
+from .test_dags import airflow_db, dagbag  # noqa: F401 - the fixtures of the DAG tests
 from .test_group_alice import alice_cohort  # noqa: F401 - the real Alice listeners, staged on the S3 fixture
 
 N_RUNS, PER_RUN, K, N_FEATURES = 4, 90, 4, 6
@@ -273,3 +274,22 @@ def test_subject_space_volumes_get_srm_maps_in_their_own_space_without_a_group_m
         noise[1, 1, 1] = noise[2, 2, 1] = False
         assert abs(float(np.nanmean(maps["r"][noise & inside]))) < 0.1
     assert "Cross-subject encoding" in store.get_bytes("sub-group/report.html").decode()
+
+
+@pytest.mark.integration
+def test_the_dag_passes_the_features_to_the_group_srm(airflow_db, dagbag, s3_url, results_bucket,  # noqa: F811
+                                                     tmp_path, monkeypatch):
+    from airflow.utils.state import DagRunState
+
+    from pipelines.consume import read_manifest
+
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
+    labels = build_cohort(tmp_path / "ds002322", 3)
+    config = cohort_config(str(tmp_path / "ds002322"), results_bucket, labels)
+    config["group"] = {"permutations": 100, "srm": {"features": 2}}
+    dag = dagbag.dags["neuroflow_encoding"]
+    assert "extract_features" in dag.task_dict["group_level"].upstream_task_ids
+    run = dag.test(run_conf={"config": config})
+    assert run.state == DagRunState.SUCCESS
+    srm = read_manifest(f"{parse_config(config).publish_prefix}/manifest.json")["group"]["srm"]
+    assert srm["status"] == "ok" and sorted(srm["metrics"]["wordrate"]) == labels
