@@ -176,7 +176,7 @@ def neuroflow_encoding():
     # a 'group' section in the config)
     @task(trigger_rule="all_done_min_one_success")
     @_measured
-    def group_level(prepared: dict, fits: list[dict]) -> dict:
+    def group_level(prepared: dict, features: list[dict], fits: list[dict]) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
         from pipelines.errors import ConfigError, DatasetError
@@ -186,7 +186,8 @@ def neuroflow_encoding():
         _credentials()
         config = get_current_context()["params"]["config"]
         try:
-            return run(config, prepared, collect_fits(config, prepared["subjects"], [f for f in fits if f]))
+            return run(config, prepared, collect_fits(config, prepared["subjects"], [f for f in fits if f]),
+                       features=list(features))
         except (ConfigError, DatasetError) as err:  # a bad atlas or transform: a retry cannot help
             raise AirflowFailException(str(err)) from err
 
@@ -239,7 +240,7 @@ def neuroflow_encoding():
     features = extract_features.expand(feature=feature_names(prepared))
     layers = fit_layer.partial(features=features).expand(unit=fit_units(prepared, features))
     fits = fit_subject.partial(features=features, layers=layers).expand(subject=subject_labels(prepared))
-    check_complete(publish(prepared, features, fits, group_level(prepared, fits)))
+    check_complete(publish(prepared, features, fits, group_level(prepared, features, fits)))
 
 
 neuroflow_encoding()

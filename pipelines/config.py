@@ -402,6 +402,14 @@ class MapsConfig(_Strict):
     pycortex: PycortexConfig | None = None
 
 
+class SrmConfig(_Strict):
+    """Cross-subject encoding through a shared response model (``group.srm``; brainiak's SRM, Chen et al. 2015)."""
+
+    features: int = Field(50, ge=1, le=100_000)  # the shared space's dimension k (at most every subject's targets)
+    iterations: int = Field(10, ge=1, le=1_000)  # brainiak's EM iterations
+    seed: int = Field(0, ge=0)  # brainiak's rand_seed (its initial maps)
+
+
 class GroupConfig(_Strict):
     """The group level (``sub-group/``): subjects' maps in a common space, tests across subjects, ROI tables.
 
@@ -421,6 +429,7 @@ class GroupConfig(_Strict):
     reference: str | None = None  # NIfTI whose grid transformed volumes are resampled to (default: the first's)
     isc_ceiling: bool = True  # inter-subject ceilings where the data have no repeats
     reliability: float = Field(0.05, gt=0, lt=1)  # circular-shift level that keeps an inter-subject ceiling
+    srm: SrmConfig | None = None  # cross-subject encoding in a shared space; None: not computed
 
     @field_validator("atlas", "atlas_labels", "transform", "reference")
     @classmethod

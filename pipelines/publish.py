@@ -322,7 +322,8 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
                  "flatmap_png": "image/png", "config_yaml": "text/yaml",
                  "decoding_json": "application/json", "layer_curve_json": "application/json",
                  "group_report_html": "text/html", "group_json": "application/json", "roi_json": "application/json",
-                 "roi_tsv": "text/tab-separated-values",
+                 "roi_tsv": "text/tab-separated-values", "srm_json": "application/json",
+                 "srm_tsv": "text/tab-separated-values",
                  "dataset_description": "application/json"}.get(art["kind"])
         failpoint("publish.upload")
         rec = store.put_file(art["file"], f"{prefix_rel}/{rel}", content_type=ctype)

@@ -19,6 +19,7 @@ from ..cache import load_npz
 from ..config import AnalysisConfig
 from ..stats import normalise_by_ceiling
 from .roi import ROI_COLUMNS
+from .srm_step import SUMMARY_COLUMNS, render_srm, summary_rows
 
 __all__ = ["GROUP", "group_line", "isc_ceilings", "manifest_record", "render_group", "with_isc_ceiling"]
 
@@ -61,6 +62,13 @@ the subjects' values, sign-flip p across subjects, q (BH over regions), p_max (m
 {% endfor %}</tbody></table>
 {% else %}<p>{{ roi_reason }}</p>{% endif %}
 {% endif %}
+{% if srm_rows %}
+<h2>Cross-subject encoding (shared response model)</h2>
+<p>{{ srm_line }}</p>
+<table><thead><tr>{% for c in srm_columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in srm_rows %}<tr>{% for v in row %}<td class="num">{{ v }}</td>{% endfor %}</tr>
+{% endfor %}</tbody></table>
+{% endif %}
 </body></html>
 """
 
@@ -78,6 +86,16 @@ def group_line(group: dict) -> str:
     sig = ", ".join(f"{f}: {m['n_significant']} of {m['n_targets']} targets significant"
                     for f, m in sorted(group["metrics"].items()))
     return f"{group['n_subjects']} subjects, {group['how']}; {sig}"
+
+
+def _srm_line(srm: dict) -> str:
+    if srm.get("status") != "ok":
+        return ""
+    return (f"brainiak's SRM with {srm['features']} shared dimensions ({srm['iterations']} iterations), fitted for "
+            f"each held-out subject and each of {srm['n_folds']} fold(s) on the other subjects' training runs only; "
+            "the ridge model of the shared responses predicts the held-out runs through the subject's own map "
+            "(fitted on its training runs). r_srm: that prediction's r per target; r_own: the subject's own "
+            "model; diff: r_srm - r_own; r_shared: r in the shared space. Maps: each subject's desc-*SRM maps.")
 
 
 def isc_ceilings(group: dict | None, arrays: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
@@ -114,6 +132,8 @@ def manifest_record(group: dict) -> dict:
         out["isc"] = {k: v for k, v in group["isc"].items()}
     if "roi" in group:
         out["roi"] = {k: v for k, v in group["roi"].items() if k != "table_rel"}
+    if "srm" in group:
+        out["srm"] = {k: v for k, v in group["srm"].items() if k not in ("result_rel", "fits")}
     return out
 
 
@@ -208,6 +228,8 @@ def render_group(cfg: AnalysisConfig, group: dict, store, out_dir: Path) -> tupl
             artifacts += [{"file": Path(f"{stem}.tsv"), "kind": "roi_tsv", "subject": GROUP},
                           {"file": Path(f"{stem}.json"), "kind": "roi_json", "subject": GROUP}]
             roi_rows = [[_fmt(v) for v in row] for row in table.itertuples(index=False)]
+    srm = group.get("srm", {"status": "off"})
+    artifacts += render_srm(cfg, srm, store, out_dir)
     record = sub_dir / "group.json"
     record.write_text(json.dumps(manifest_record(group), indent=1, sort_keys=True))
     artifacts.append({"file": record, "kind": "group_json", "subject": GROUP})
@@ -232,6 +254,8 @@ def render_group(cfg: AnalysisConfig, group: dict, store, out_dir: Path) -> tupl
         images=[{"uri": "data:image/png;base64," + base64.b64encode(Path(im["path"]).read_bytes()).decode(),
                  "caption": im["caption"]} for im in images],
         isc_line=isc_line, roi_rows=roi_rows, roi_columns=ROI_COLUMNS,
+        srm_rows=[[_fmt(v) for v in row.values()] for row in summary_rows(srm)] if srm.get("status") == "ok" else [],
+        srm_columns=SUMMARY_COLUMNS, srm_line=_srm_line(srm),
         roi_source=group.get("roi", {}).get("source", ""), roi_reason=group.get("roi", {}).get("reason", ""))
     page.write_text(html)
     artifacts.append({"file": page, "kind": "group_report_html", "subject": GROUP})

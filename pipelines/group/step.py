@@ -29,6 +29,7 @@ from ..storage import sha256_file
 from .isc import intersubject_ceiling
 from .roi import Atlas, atlas_from_surfaces, atlas_from_table, atlas_from_volume, read_label_names, roi_table
 from .space import CommonSpace, SubjectMaps, common_space
+from .srm_step import srm_level
 from .stats import sign_flip_test
 
 __all__ = ["group_files", "group_level", "read_group_file", "read_transform"]
@@ -191,9 +192,11 @@ def _key(cfg: AnalysisConfig, ok: list[dict], files: dict[str, Path]) -> str:
 
 
 def group_level(config: dict[str, Any] | AnalysisConfig, prepared: dict, fits: list[dict], *,
-                cache_dir: str | Path | None = None) -> dict[str, Any]:
+                cache_dir: str | Path | None = None, features: list[dict] | None = None) -> dict[str, Any]:
     """The group result of the fitted subjects (see the module's docstring); cached by the fits' results and
-    the group files' content."""
+    the group files' content. ``features`` (the features step's results) are needed by ``group.srm`` only;
+    its record (:func:`pipelines.group.srm_step.srm_level`) is the result's ``srm`` entry, with or
+    without a group map."""
     cfg = as_config(config)
     if cfg.group is None:
         return {"status": "off"}
@@ -214,6 +217,7 @@ def group_level(config: dict[str, Any] | AnalysisConfig, prepared: dict, fits: l
     if store.exists(meta_rel) and store.exists(rel):
         log.info("sub-group: reusing finished group result %s", rel)
         return json.loads(store.get_bytes(meta_rel))
+    srm = srm_level(cfg, ok, features, ingest, store, base, key)  # in each subject's own space: no common one
     with tempfile.TemporaryDirectory() as tmp:
         subjects = _subject_maps(cfg, store, ok, Path(tmp))
         reference = None
@@ -224,14 +228,14 @@ def group_level(config: dict[str, Any] | AnalysisConfig, prepared: dict, fits: l
                 spec = g.transform.replace("{subject}", s.subject)
                 found = read_transform(files[spec], spec)
                 if isinstance(found, str):
-                    return {"status": "none", "reason": found, "subjects": [f["subject"] for f in ok]}
+                    return {"status": "none", "reason": found, "subjects": [f["subject"] for f in ok], "srm": srm}
                 s.transform = found
         if g.reference:
             reference = _image(files[g.reference], g.reference, "group.reference")
         common = common_space(subjects, reference)
         if isinstance(common, str):
             log.info("sub-group: no group map: %s", common)
-            return {"status": "none", "reason": common, "subjects": [f["subject"] for f in ok]}
+            return {"status": "none", "reason": common, "subjects": [f["subject"] for f in ok], "srm": srm}
         arrays: dict[str, np.ndarray] = {"target_names": np.asarray(common.target_names, dtype=str),
                                          "subjects": np.asarray(common.subjects, dtype=str)}
         for k, v in common.info.items():
@@ -271,7 +275,7 @@ def group_level(config: dict[str, Any] | AnalysisConfig, prepared: dict, fits: l
     meta = {"status": "ok", "kind": common.kind, "space": common.space, "how": common.how,
             "subjects": common.subjects, "n_subjects": len(common.subjects), "n_targets": common.n_targets,
             "n_vertices": common.n_vertices,
-            "result_rel": rel, "mask_rel": mask_rel, "metrics": metrics, "isc": isc, "roi": roi,
+            "result_rel": rel, "mask_rel": mask_rel, "metrics": metrics, "isc": isc, "roi": roi, "srm": srm,
             "files_read": [r.as_dict() for r in ingest.files_read.values()]}
     store.put_bytes(json.dumps(meta, sort_keys=True).encode(), meta_rel, content_type="application/json")
     return meta

@@ -62,7 +62,7 @@ def run_analysis(cfg: AnalysisConfig, *, cache_dir: str | Path | None = None,
     group = None
     if cfg.group is not None:
         step("group level", done, total)
-        group = group_level(cfg, prepared, fits, cache_dir=cache_dir)
+        group = group_level(cfg, prepared, fits, cache_dir=cache_dir, features=features)
         done += 1
     step("publish", done, total)
     result = publish_from_config(cfg, prepared, features, fits, cache_dir=cache_dir, local_dir=local_dir,
