@@ -51,7 +51,9 @@ def test_the_configs_own_feature_models_are_accepted():
     from pipelines.config import LanguageModelFeature as ConfigLM
 
     spec = parse_feature(ConfigLM(name="lm", kind="language_model", model="m", layer=3))
-    assert type(spec).__module__ == "pipelines.features.registry" and spec.layer == 3 and spec.batch_tokens is None
+    from pipelines.features import registry
+
+    assert type(spec) is registry.LanguageModelFeature and spec.layer == 3 and spec.batch_tokens is None
 
 
 @pytest.mark.parametrize("params, message", [
