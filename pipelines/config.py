@@ -402,6 +402,13 @@ class MapsConfig(_Strict):
     pycortex: PycortexConfig | None = None
 
 
+class PublishConfig(_Strict):
+    """What is published beside the maps (``models``: the fitted encoding models, see ``pipelines.models``)."""
+
+    models: bool = True  # weights, intercepts and the feature recipe per subject and feature space
+    models_dtype: Literal["float32", "float16"] = "float32"  # float16 halves the weights' size
+
+
 class AnalysisConfig(_Strict):
     name: str = "encoding"
     dataset: DatasetConfig
@@ -410,6 +417,7 @@ class AnalysisConfig(_Strict):
     decoding: DecodingConfig = DecodingConfig()
     compute: ComputeConfig = ComputeConfig()
     maps: MapsConfig = MapsConfig()
+    publish: PublishConfig = PublishConfig()
     output: str
 
     @field_validator("name")
@@ -455,6 +463,8 @@ class AnalysisConfig(_Strict):
         out = self.model_dump(mode="json")
         if self.maps == MapsConfig():  # no optional maps: left out, so the ids of such analyses stay as they were
             out.pop("maps")
+        if self.publish == PublishConfig():  # the defaults: left out, so analysis ids stay as they were
+            out.pop("publish")
         return out
 
     @property

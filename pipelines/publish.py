@@ -24,6 +24,8 @@ from .faults import failpoint
 from .gallery import update_index
 from .ingest import open_dataset
 from .localdir import check_local_dir, install
+from .models.export import model_artifacts
+from .models.methods import methods_block
 from .manifest import SCHEMA_VERSION, library_versions, utc_now, validate_manifest
 from .report import INDEX_ABOVE_SUBJECTS, render_report, render_report_pages
 from .localstore import is_local_uri, local_path
@@ -258,6 +260,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
             mask_img = nib.Nifti1Image(np.asarray(mask_img.dataobj), mask_img.affine)
         subj_artifacts, entries = render_subject(cfg, fit, arrays, mask_img, out_dir, flatmaps.of(sub, fit["kind"]))
         artifacts += subj_artifacts
+        artifacts += model_artifacts(cfg, fit, store, out_dir)  # publish.models: weights and feature recipe
         metrics[sub] = fit["metrics"]
         subject_info[sub] = {k: fit[k] for k in ("status", "simulated", "kind", "space", "n_targets",
                                                   "n_invalid_targets", "n_samples", "n_runs", "n_constant_targets",
@@ -325,6 +328,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         "metrics": metrics,
         "artifacts": records,
         "inputs": [inputs[k] for k in sorted(inputs)],
+        "methods": methods_block(cfg, fits),  # how every number was made (metric, folds, repeats, models)
         "provenance": {**provenance_static, "feature_models": _feature_models(features),
                        "started": started or utc_now(), "finished": utc_now(), "airflow_run_id": airflow_run_id},
     }
