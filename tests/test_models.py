@@ -25,7 +25,7 @@ from pipelines.models.predict import load_models, words_from_text
 from pipelines.models.weights import ridge_weights, predict_rows
 from pipelines.steps import run_analysis
 
-from .datasets.planted_stories import (DIM, N_PLANTED, STORIES, VOCAB, build_planted_stories, feature,
+from .datasets.planted_stories import (DIM, N_PLANTED, VOCAB, build_planted_stories, feature,
                                        planted_config)
 
 STATMAP = "sub-p01/sub-p01_task-listen_desc-lm_stat-r_statmap.tsv"
