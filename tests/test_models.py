@@ -323,3 +323,40 @@ def test_the_insilico_dag_runs_an_experiment_on_a_published_analysis(airflow_db,
 
 
 from .test_dags import airflow_db, dagbag  # noqa: E402,F401 - the DAG fixtures
+
+
+# --- predicted maps in the dataset's kind -------------------------------------------------------
+
+def test_predicted_maps_are_volumes_surfaces_or_tables_in_the_fits_target_order(tmp_path, rng):
+    """The predicted map puts each target where the published score maps put it (same mask, same order)."""
+    import nibabel as nib
+
+    from pipelines.maps import write_volume_map
+    from pipelines.models.predict import Prediction, PublishedModel, write_prediction
+
+    mask = np.zeros((5, 6, 4), dtype=np.uint8)
+    mask[1:4, 2:5, 1:3] = 1
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    n = int(mask.sum())
+    values = rng.standard_normal((7, n)).astype(np.float32)
+    arrays = {"valid": np.ones(n, np.uint8), "intercept": np.zeros(n, np.float32), "mask": mask}
+    vol = PublishedModel("m", "01", "lm_layer2", {"targets": {"kind": "bold", "affine": affine.tolist()}}, arrays, "p")
+    paths = write_prediction(Prediction(vol, 2.0 * np.arange(7), values), tmp_path / "vol")
+    assert [p.name for p in paths] == ["sub-01_desc-lmlayer2_pred.npy", "sub-01_desc-lmlayer2_pred.tsv",
+                                       "sub-01_desc-lmlayer2_predmap.nii.gz"]
+    reference = write_volume_map(values.mean(0), nib.Nifti1Image(mask, affine), tmp_path / "ref.nii.gz")
+    np.testing.assert_allclose(nib.load(paths[-1]).get_fdata(), nib.load(reference).get_fdata(), atol=1e-6)
+    np.testing.assert_allclose(nib.load(paths[-1]).affine, affine)
+
+    hemi = np.array([0, 0, 1, 1, 1], np.uint8)
+    vertex = np.array([3, 0, 2, 5, 1])
+    arrays = {"valid": np.array([1, 1, 1, 0, 1], np.uint8), "intercept": np.zeros(5, np.float32), "hemi": hemi,
+              "vertex": vertex}
+    surf = PublishedModel("m", "01", "lm", {"targets": {"kind": "gifti", "space": "fsaverageX"}}, arrays, "p")
+    pred = Prediction(surf, np.arange(3.0), rng.standard_normal((3, 5)).astype(np.float32))
+    paths = write_prediction(pred, tmp_path / "surf")
+    left, right = (nib.load(p).darrays[0].data for p in paths[-2:])
+    assert [p.name for p in paths[-2:]] == ["sub-01_hemi-L_desc-lm_predmap.func.gii",
+                                            "sub-01_hemi-R_desc-lm_predmap.func.gii"]
+    assert left[3] == pytest.approx(pred.map[0]) and left[0] == pytest.approx(pred.map[1])
+    assert right[2] == pytest.approx(pred.map[2]) and np.isnan(right[5]) and right[1] == pytest.approx(pred.map[4])
