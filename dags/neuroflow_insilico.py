@@ -62,24 +62,35 @@ def neuroflow_insilico():
         import json
 
         from airflow.sdk import Variable
+        from airflow.sdk.exceptions import AirflowFailException
 
+        from pipelines.errors import ConfigError
         from pipelines.models.experiments import check_experiment
 
         given = get_current_context()["params"].get("experiment")
-        if given is None:
-            raw = Variable.get("neuroflow_insilico", default=None)
-            given = json.loads(raw) if isinstance(raw, str) else raw
-        return None if given is None else check_experiment(given)
+        try:
+            if given is None:
+                raw = Variable.get("neuroflow_insilico", default=None)
+                given = json.loads(raw) if isinstance(raw, str) else raw
+            return None if given is None else check_experiment(given)
+        except (ConfigError, json.JSONDecodeError) as err:  # a bad experiment: a retry cannot help
+            raise AirflowFailException(f"in-silico experiment: {err}") from err
 
     @task(map_index_template="{{ manifest }}")
     def run_experiment(manifest_uri: str, spec: dict | None) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from pipelines.errors import ConfigError, DatasetError, IntegrityError
         from pipelines.models.experiments import run_experiment as run
 
         get_current_context()["manifest"] = manifest_uri
         if spec is None:
             return {"manifest_uri": manifest_uri, "skipped": "no experiment configured (param or Variable "
                                                              "neuroflow_insilico)"}
-        return run(manifest_uri, spec)
+        try:
+            return run(manifest_uri, spec)
+        except (ConfigError, DatasetError, IntegrityError) as err:  # the analysis or the request: not transient
+            raise AirflowFailException(f"{manifest_uri}: {err}") from err
 
     run_experiment.partial(spec=experiment()).expand(manifest_uri=published_manifests())
 

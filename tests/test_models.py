@@ -320,6 +320,8 @@ def test_the_insilico_dag_runs_an_experiment_on_a_published_analysis(airflow_db,
     # a bad experiment fails the run at its check
     bad = dag.test(run_conf={"manifest_uri": local_analysis, "experiment": {"candidates": [], "top": 0}})
     assert bad.state == DagRunState.FAILED
+    states = {ti.task_id: ti for ti in bad.get_task_instances()}
+    assert states["experiment"].state == "failed" and states["experiment"].try_number == 1  # refused, not retried
 
 
 from .test_dags import airflow_db, dagbag  # noqa: E402,F401 - the DAG fixtures
