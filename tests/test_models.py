@@ -362,3 +362,46 @@ def test_predicted_maps_are_volumes_surfaces_or_tables_in_the_fits_target_order(
                                             "sub-01_hemi-R_desc-lm_predmap.func.gii"]
     assert left[3] == pytest.approx(pred.map[0]) and left[0] == pytest.approx(pred.map[1])
     assert right[2] == pytest.approx(pred.map[2]) and np.isnan(right[5]) and right[1] == pytest.approx(pred.map[4])
+
+
+def test_a_tampered_model_is_refused_and_a_bad_file_is_one_clear_error(local_analysis, planted, tmp_path):
+    import shutil
+
+    from pipelines.errors import IntegrityError
+    from pipelines.models.export import read_model_bytes
+
+    # a copy of the published analysis whose model file was altered after publishing
+    folder = Path(local_analysis[len("file://"):]).parent
+    copy = tmp_path / "out" / "ds002322" / "1.0.4" / folder.name
+    shutil.copytree(folder, copy)
+    model = copy / "sub-p01/models/sub-p01_task-listen_desc-lm_model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-5] ^= 0xFF
+    model.write_bytes(bytes(data))
+    text = str(_write(tmp_path / "t.txt", "alice was tired"))
+    line = one_line_error(neuroflow("predict", str(copy / "manifest.json"), "--text", text, "--out",
+                                    str(tmp_path / "p"), "--cache-dir", str(tmp_path / "cache")), "sha256")
+    assert "model.safetensors" in line
+    for bad in (b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", bytes(data[:100])):
+        with pytest.raises(IntegrityError, match="not a readable neuroflow model"):
+            read_model_bytes(bad, "m.safetensors")
+
+
+def test_without_a_held_out_story_the_model_is_refitted_on_every_run_and_says_so(planted, tiny_bert_dir, tmp_path):
+    cfg = planted_config(str(planted), str(tmp_path / "out"), tiny_bert_dir)
+    cfg["model"].pop("test_stories")  # leave-one-run-out over the four stories
+    result = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
+    manifest = read_manifest(result["manifest_uri"])
+    folds = manifest["methods"]["folds"]["p01"]
+    assert [(f["train_runs"], f["test_runs"]) for f in folds] == [
+        ([r for r in "1234" if r != k], [k]) for k in "1234"]
+    assert manifest["methods"]["cross_validation"]["outer"].startswith("leave-one-run-out")
+    (model,) = load_models(result["manifest_uri"], cache_dir=tmp_path / "cache")
+    assert model.recipe["trained_on"] == ["1", "2", "3", "4"] and model.recipe["held_out"] == []
+    assert "geometric mean" in model.recipe["training"]
+    # fitted on story1 too: its prediction follows the planted targets there
+    import pipelines
+
+    (pred,) = pipelines.predict(result["manifest_uri"], textgrid=planted / "stimuli" / "story1.TextGrid",
+                                like_story="story1", cache_dir=tmp_path / "cache")
+    assert correlations(pred.values, held_out_responses(planted, run=1))[:N_PLANTED].min() > 0.6

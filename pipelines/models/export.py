@@ -32,6 +32,7 @@ from ..cache import sha256_bytes
 from ..errors import IntegrityError
 from ..features.registry import KINDS, FeatureResult, align_to_samples
 from ..fit.splits import nested_group_splits
+from ..storage import sha256_file
 
 from .weights import ridge_weights
 
@@ -142,19 +143,9 @@ def _model_record(spec: Any) -> dict[str, Any] | None:
     record: dict[str, Any] = {"id": model, "revision": revision, "fingerprint": model_fingerprint(model, revision)}
     folder = Path(model).expanduser()
     if folder.is_dir():
-        record["files"] = {f.name: sha256_file_hex(f) for f in sorted(folder.glob("*"))
+        record["files"] = {f.name: sha256_file(f) for f in sorted(folder.glob("*"))
                            if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".model")}
     return record
-
-
-def sha256_file_hex(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _feature_stats(inputs: ModelInputs, method: str, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -247,22 +238,18 @@ def encode_model(arrays: dict[str, np.ndarray], recipe: dict[str, Any]) -> bytes
 
 def read_model_bytes(data: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The arrays and recipe of a published model file; :class:`IntegrityError` naming ``where`` if unreadable."""
-    from safetensors import safe_open
     from safetensors.numpy import load
 
     try:
         arrays = load(data)
-        import tempfile
-
-        with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            with safe_open(tmp.name, framework="numpy") as fh:
-                meta = fh.metadata() or {}
+        # the header: 8 bytes of little-endian length, then JSON whose "__metadata__" holds the recipe
+        meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
         recipe = json.loads(meta["recipe"])
     except Exception as err:  # noqa: BLE001 - any decoding failure is the same fault: a bad file
         raise IntegrityError(f"{where}: not a readable neuroflow model (safetensors with a recipe): {err}; "
                              "download it again or republish the analysis") from err
+    if not isinstance(recipe, dict):
+        raise IntegrityError(f"{where}: the model's recipe is not a JSON object; republish the analysis")
     if recipe.get("format") != "neuroflow-encoding-model" or recipe.get("version") != RECIPE_VERSION:
         raise IntegrityError(f"{where}: model recipe format {recipe.get('format')!r} version "
                              f"{recipe.get('version')!r} is not one this neuroflow reads (version {RECIPE_VERSION})")

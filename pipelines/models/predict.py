@@ -16,7 +16,6 @@ keeps the level of a short stimulus comparable across stimuli (in-silico experim
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -35,6 +34,7 @@ from ..features.lags import trf_design
 from ..features.registry import KINDS, ModelCache, Stimulus, align_to_samples, compute_feature, parse_feature
 from ..fit.splits import zscore_by_group
 from ..manifest import printable, read_manifest
+from ..storage import sha256_file
 from .export import MODEL_KIND, read_model_bytes
 from .weights import predict_rows
 
@@ -121,19 +121,11 @@ def load_models(manifest_uri: str, subject: str | None = None, feature_spaces: l
     out = []
     for entry in sorted(mine, key=lambda a: a["feature_space"]):
         dest = folder / f"{entry['sha256']}.safetensors"
-        if not (dest.is_file() and not dest.is_symlink() and _sha256(dest) == entry["sha256"]):
+        if not (dest.is_file() and not dest.is_symlink() and sha256_file(dest) == entry["sha256"]):
             get_artifact(manifest_uri, entry["path"], dest, overwrite=True)  # verified against the manifest
         arrays, recipe = read_model_bytes(dest.read_bytes(), entry["path"])
         out.append(PublishedModel(manifest_uri, subject, entry["feature_space"], recipe, arrays, entry["path"]))
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- stimulus
