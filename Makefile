@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_permutation_level.py --out bench/results/permutation-level.md
 	$(BIN)/python bench/bench_sweep.py --out bench/results/sweep.md
 	$(BIN)/python bench/bench_cohort.py --out bench/results/cohort.md
+	$(BIN)/python bench/bench_models.py --out bench/results/models.md
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -405,3 +405,17 @@ def test_without_a_held_out_story_the_model_is_refitted_on_every_run_and_says_so
     (pred,) = pipelines.predict(result["manifest_uri"], textgrid=planted / "stimuli" / "story1.TextGrid",
                                 like_story="story1", cache_dir=tmp_path / "cache")
     assert correlations(pred.values, held_out_responses(planted, run=1))[:N_PLANTED].min() > 0.6
+
+
+@pytest.mark.slow
+def test_bench_models_writes_its_table(tmp_path):
+    from .conftest import REPO
+
+    out = tmp_path / "models.md"
+    subprocess.run([sys.executable, str(REPO / "bench" / "bench_models.py"), "--quick", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    text = out.read_text()
+    rows = [ln.split("|")[1:-1] for ln in text.splitlines() if ln.startswith("| float")]
+    assert [r[0].strip() for r in rows] == ["float32", "float16"]
+    assert float(rows[0][3]) < 1e-4 and int(rows[1][1].replace(",", "")) < int(rows[0][1].replace(",", ""))
+    assert float(re.search(r"largest difference of r ([0-9.e+-]+)\.", text).group(1)) < 1e-4
