@@ -419,3 +419,23 @@ def test_bench_models_writes_its_table(tmp_path):
     assert [r[0].strip() for r in rows] == ["float32", "float16"]
     assert float(rows[0][3]) < 1e-4 and int(rows[1][1].replace(",", "")) < int(rows[0][1].replace(",", ""))
     assert float(re.search(r"largest difference of r ([0-9.e+-]+)\.", text).group(1)) < 1e-4
+
+
+@pytest.mark.slow
+def test_an_acoustic_model_predicts_from_the_sound(planted, tiny_bert_dir, tmp_path):
+    """--audio: the envelope's model, fed the held-out story's WAV, gives its published held-out r back."""
+    cfg = planted_config(str(planted), str(tmp_path / "out"), tiny_bert_dir)
+    cfg["features"].append({"name": "env", "kind": "envelope"})
+    result = run_analysis(parse_config(cfg), cache_dir=tmp_path / "cache")
+    wav = str(planted / "stimuli" / "story4.wav")
+    out = tmp_path / "pred"
+    proc = neuroflow("predict", result["manifest_uri"], "--audio", wav, "--feature-space", "env", "--like-story",
+                     "story4", "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pred = np.load(out / "sub-p01_desc-env_pred.npy")
+    published = pd.read_csv(Path(result["manifest_uri"][len("file://"):]).parent
+                            / "sub-p01/sub-p01_task-listen_desc-env_stat-r_statmap.tsv", sep="\t")["r"].to_numpy()
+    np.testing.assert_allclose(correlations(pred, held_out_responses(planted)), published, atol=1e-5)
+    # every feature space at once: the language model needs the words too
+    one_line_error(neuroflow("predict", result["manifest_uri"], "--audio", wav, "--out", str(out),
+                             "--cache-dir", str(tmp_path / "cache")), "'lm'", "--text or --textgrid")

@@ -5,8 +5,9 @@ synthetic stories (``story1`` .. ``story4``: TextGrids of words of the tiny test
 vocabulary, one run each of task ``listen``, the story named by the run's events.tsv) and one
 simulated subject ``sub-p01`` (an ROI time-series derivative): ROIs ``PLANT1`` .. ``PLANT4`` are
 dimension :data:`DIM` of the model's layer :data:`LAYER` (aligned to the TRs as the pipeline aligns
-it, z-scored per run) two TRs later, plus noise; ``NOISE1`` .. ``NOISE4`` are noise. Sidecars say
-``"Simulated": true``. A local BIDS folder (``dataset.source`` may be one).
+it, z-scored per run) two TRs later, plus noise; ``NOISE1`` .. ``NOISE4`` are noise. Each story
+also has a sound, ``stimuli/storyK.wav`` (amplitude-modulated noise at :data:`AUDIO_RATE` Hz, the
+run's events.tsv starting it at 0 s), for acoustic features. Sidecars say ``"Simulated": true``. A local BIDS folder (``dataset.source`` may be one).
 
 So the sentences that drive the planted ROIs are known: those whose words have a high value of
 that dimension (:func:`dimension_of`).
@@ -34,6 +35,7 @@ CONTEXT = 4
 DIM = 5
 DELAY = 2
 N_PLANTED = 4
+AUDIO_RATE = 4000
 #: The tiny test models' vocabulary (tests/conftest.py): every word is a known token.
 VOCAB = ("alice was beginning to get very tired of sitting by her sister on the bank and having nothing do once "
          "or twice she had peeped into book reading but it no pictures conversations in what is use a thought "
@@ -67,6 +69,20 @@ def dimension_of(model_dir: Path | str, words: pd.DataFrame, times: np.ndarray) 
     return align_to_samples(result, times, method="lanczos", window=3)[:, DIM]
 
 
+def write_wav(path: Path, rng: np.random.Generator, seconds: float) -> None:
+    """Amplitude-modulated noise, 16-bit mono at :data:`AUDIO_RATE` Hz."""
+    import wave
+
+    t = np.arange(int(seconds * AUDIO_RATE)) / AUDIO_RATE
+    slow = np.interp(t, np.arange(0, seconds + 3, 3.0), rng.uniform(0.05, 1.0, int(seconds // 3) + 2))
+    audio = np.clip(slow * rng.standard_normal(t.size) * 0.3, -1, 1)
+    with wave.open(str(path), "wb") as fh:
+        fh.setnchannels(1)
+        fh.setsampwidth(2)
+        fh.setframerate(AUDIO_RATE)
+        fh.writeframes((audio * 32767).astype("<i2").tobytes())
+
+
 def build_planted_stories(dest: Path, model_dir: Path | str, seed: int = 19, snr: float = 2.0) -> Path:
     """Write the dataset under ``dest`` (a new folder named like a dataset, e.g. ``.../ds002322``)."""
     from pipelines.wordtimings import read_word_timings
@@ -91,6 +107,7 @@ def build_planted_stories(dest: Path, model_dir: Path | str, seed: int = 19, snr
     for k, story in enumerate(STORIES, start=1):
         path = dest / "stimuli" / f"{story}.TextGrid"
         path.write_bytes(textgrid_bytes(_words(rng, TR * N_TRS - 12.0), TR * N_TRS))
+        write_wav(dest / "stimuli" / f"{story}.wav", np.random.default_rng(seed + k), TR * N_TRS - 2)
         words = read_word_timings(path, "textgrid", 0.0, key=str(path), tier="word")
         x = dimension_of(model_dir, words, times)
         x = (x - x.mean()) / x.std()
