@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_llm.py --device cpu --models gpt2-small --words 1500 --out bench/results/llm.md
 	$(BIN)/python bench/bench_layer_curve.py --out bench/results/layer-curve.md
 	$(BIN)/python bench/bench_cohort.py --out bench/results/cohort.md
+	$(BIN)/python bench/bench_models.py --out bench/results/models.md
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -28,6 +28,9 @@ _PUBLIC = {
     # reading what was published
     "read_manifest": "pipelines.manifest", "list_analyses": "pipelines.consume", "get_artifact": "pipelines.consume",
     "PublishedAnalysis": "pipelines.consume",
+    # predictions and in-silico experiments from published models
+    "predict": "pipelines.models.predict", "contrast": "pipelines.models.insilico",
+    "select_sentences": "pipelines.models.insilico",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path, PurePosixPath
 
 from .errors import NeuroflowError
+from .models.commands import add_commands as add_model_commands
 
 EXIT_USER_ERROR = 2
 
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", required=True, help="language model folder used to simulate responses")
     d.add_argument("--resolution", type=float, default=8.0, help="voxel size (mm) of the simulated subject")
     d.set_defaults(func=cmd_demo_data)
+    add_model_commands(sub)  # predict, insilico contrast|select (pipelines/models/commands.py)
     return p
 
 

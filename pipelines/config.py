@@ -441,6 +441,13 @@ class GroupConfig(_Strict):
         return v
 
 
+class PublishConfig(_Strict):
+    """What is published beside the maps (``models``: the fitted encoding models, see ``pipelines.models``)."""
+
+    models: bool = True  # weights, intercepts and the feature recipe per subject and feature space
+    models_dtype: Literal["float32", "float16"] = "float32"  # float16 halves the weights' size
+
+
 class AnalysisConfig(_Strict):
     name: str = "encoding"
     dataset: DatasetConfig
@@ -450,6 +457,7 @@ class AnalysisConfig(_Strict):
     compute: ComputeConfig = ComputeConfig()
     maps: MapsConfig = MapsConfig()
     group: GroupConfig | None = None  # None: no group level
+    publish: PublishConfig = PublishConfig()
     output: str
 
     @field_validator("name")
@@ -497,6 +505,8 @@ class AnalysisConfig(_Strict):
             out.pop("maps")
         if self.group is None:  # no group level: left out, so the ids of such analyses stay as they were
             out.pop("group")
+        if self.publish == PublishConfig():  # the defaults: left out, so analysis ids stay as they were
+            out.pop("publish")
         return out
 
     @property

@@ -26,6 +26,8 @@ from .gallery import update_index
 from .group.render import isc_ceilings, manifest_record, render_group, with_isc_ceiling
 from .ingest import open_dataset
 from .localdir import check_local_dir, install
+from .models.export import model_artifacts
+from .models.methods import methods_block
 from .manifest import SCHEMA_VERSION, library_versions, utc_now, validate_manifest
 from .report import INDEX_ABOVE_SUBJECTS, render_report, render_report_pages
 from .localstore import is_local_uri, local_path
@@ -274,6 +276,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         artifacts += extra
         layer_curves.update({sub: curves} if curves else {})
         warnings += notes
+        artifacts += model_artifacts(cfg, fit, store, out_dir)  # publish.models: weights and feature recipe
         metrics[sub] = fit["metrics"]
         subject_info[sub] = {k: fit[k] for k in ("status", "simulated", "kind", "space", "n_targets",
                                                   "n_invalid_targets", "n_samples", "n_runs", "n_constant_targets",
@@ -349,6 +352,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
         **({"warnings": warnings} if warnings else {}),  # e.g. alphas at the grid's edge; absent when none
         "artifacts": records,
         "inputs": [inputs[k] for k in sorted(inputs)],
+        "methods": methods_block(cfg, fits),  # how every number was made (metric, folds, repeats, models)
         "provenance": {**provenance_static, "feature_models": _feature_models(features),
                        "started": started or utc_now(), "finished": utc_now(), "airflow_run_id": airflow_run_id},
     }

@@ -13,7 +13,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from ..features.registry import FeatureResult, align_to_samples
 from ..fit import fit_banded_encoding, fit_encoding, fit_ridge_fixed_alpha, zscore_by_group
 from ..fit.checks import is_stored
 from ..limits import memory_budget
+from ..models.export import ModelInputs, RunStats, fold_table, write_model
 from ..ingest import Ingest, Run, check_run_timing, load_run_words, load_subject, open_dataset
 from ..progress import Progress
 from ..stats import auto_block_length, choose_permutation_method, fdr_bh, normalise_by_ceiling, permutation_test
@@ -181,6 +182,7 @@ class FitInputs:
     gap: int
     test_groups: list[int] | None
     matrix: ResponseMatrix
+    word_rates: np.ndarray  # words per second of each run (the published model's recipe)
 
     @property
     def valid(self) -> np.ndarray:
@@ -198,13 +200,19 @@ def _check_test_stories(cfg: AnalysisConfig, subject: str, runs: list[Run]) -> l
     return test_groups
 
 
-def load_fit_inputs(cfg: AnalysisConfig, subject: str, matrix: ResponseMatrix, cache_root: Path) -> FitInputs:
-    """Read a subject's responses into ``matrix`` (checked against its word timings) and its folds."""
+def load_fit_inputs(cfg: AnalysisConfig, subject: str, matrix: ResponseMatrix, cache_root: Path,
+                    on_run: Callable[[Run], None] | None = None) -> FitInputs:
+    """Read a subject's responses into ``matrix`` (or through ``on_run``, which must hand each run to
+    ``matrix.add``), check them against the word timings, and make the folds."""
     ingest = open_dataset(cfg, cache_root)
     store = open_store(cfg.output)
-    responses = load_subject(ingest, subject, on_run=matrix.add)
+    responses = load_subject(ingest, subject, on_run=on_run or matrix.add)
+    word_rates = []
     for run in responses.runs:
-        check_run_timing(run, load_run_words(ingest, run), subject)
+        run_words = load_run_words(ingest, run)
+        check_run_timing(run, run_words, subject)
+        span = float(run_words["offset"].max() - run_words["onset"].min())
+        word_rates.append(len(run_words) / span if span > 0 else np.nan)
     responses_sha = responses_key(ingest)
     if flatmap.enabled(cfg):  # after responses_sha: the pycortex files are no part of the fit's cache key
         flatmap.check_responses(ingest, subject, responses)
@@ -213,7 +221,7 @@ def load_fit_inputs(cfg: AnalysisConfig, subject: str, matrix: ResponseMatrix, c
     Y, finite, constant = matrix.finish()
     groups, gap = cv_groups(cfg, lengths, subject, longest_lag(cfg, runs))
     return FitInputs(ingest, store, responses, responses_sha, runs, lengths, Y, finite, constant, groups, gap,
-                     _check_test_stories(cfg, subject, runs), matrix)
+                     _check_test_stories(cfg, subject, runs), matrix, np.asarray(word_rates, dtype=float))
 
 
 def fit_one_space(cfg: AnalysisConfig, subject: str, inputs: FitInputs, name: str, results: list[FeatureResult],
@@ -270,9 +278,17 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
     cfg = as_config(config)
     cache_root = Path(cache_dir or default_cache_dir())
     # the runs stay in memory while they fit half the memory budget, else they go to disk one by one
+    run_stats = RunStats()  # each run's response mean and sd, for the published model (before z-scoring)
+
+    def on_run(run: Run) -> None:
+        if cfg.publish.models:
+            run_stats.add(run)
+        matrix.add(run)
+
     with ResponseMatrix(cache_root / "staging") as matrix:
-        inputs = load_fit_inputs(cfg, subject, matrix, cache_root)
+        inputs = load_fit_inputs(cfg, subject, matrix, cache_root, on_run=on_run)
         ingest, store, responses, responses_sha = inputs.ingest, inputs.store, inputs.responses, inputs.responses_sha
+        word_rates = inputs.word_rates
         inputs_key = hashlib.sha256(json.dumps(
             {"config": cfg.config_hash, "features": sorted(f["key"] for f in features), "files": responses_sha},
             sort_keys=True).encode()).hexdigest()[:16]
@@ -301,6 +317,7 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
         backend = ""
         progress = Progress(len(features), f"sub-{subject} fits", unit="feature spaces")
         bands: list[tuple[str, list[FeatureResult], str, list[str]]] = []
+        models: list[dict[str, Any]] = []
         for feat in sorted(features, key=lambda f: f["feature"]):
             progress.update(detail=feat["feature"])
             spec = feature_spec(cfg, feat["feature"])
@@ -321,6 +338,19 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
                     for stat in FIT_ARRAYS:
                         if stat in fitted:
                             arrays[f"{name}__{stat}"] = fitted[stat]
+                    if cfg.publish.models and not getattr(spec, "pca", None):  # a PCA'd space: no model exported
+                        models.append(write_model(cfg, store, f"{base}/models", ModelInputs(
+                            subject=subject, name=name, spec=spec, space=space, results=results, runs=runs,
+                            X=design_matrix(cfg, results, runs, space), Y=Y, groups=groups,
+                            gap=gap, test_groups=test_groups, fitted=fitted, run_stats=run_stats, kind=responses.kind,
+                            target_space=responses.space, target_names=list(responses.target_names),
+                            target_info={c: responses.target_info[c].to_numpy() for c in ("hemi", "vertex")
+                                         if responses.target_info is not None and c in responses.target_info.columns},
+                            mask=None if responses.mask_img is None else np.asarray(responses.mask_img.dataobj),
+                            affine=None if responses.mask_img is None else responses.mask_img.affine,
+                            model_runtime=feat.get("model_runtime"),
+                            words_per_second=float(np.nanmedian(word_rates)) if np.isfinite(word_rates).any()
+                            else None)))
                     metrics[name] = summarize(fitted["r"], fitted["valid"])
                     # significant targets (permutations, BH-FDR 0.05); None when no permutations were asked for
                     metrics[name]["n_significant"] = int(fitted["significant"].sum()) if "significant" in fitted else None
@@ -372,6 +402,8 @@ def fit_subject(config: dict | AnalysisConfig, subject: str, features: list[Feat
             "n_constant_targets": int(constant.sum()),
             "result_rel": rel, "mask_rel": mask_rel, "metrics": metrics, "backend": backend, "reused": False,
             "computed_features": sorted(computed_features),
+            "folds": fold_table(runs, groups, gap, test_groups),  # which runs trained and tested each fold
+            "models": models,  # the published models (pipelines.models.export), empty with publish.models: false
             "files_read": [r.as_dict() for r in ingest.files_read.values()],
         }
         if store.create_bytes(json.dumps(meta, sort_keys=True).encode(), meta_rel, content_type="application/json") is None:

@@ -70,6 +70,8 @@ class SubjectFit(TypedDict, total=False):
     reused: bool
     computed_features: list[str]
     files_read: list[FileRead]
+    folds: list[dict[str, Any]]  # per outer fold: the runs it trained and tested on
+    models: list[dict[str, Any]]  # the exported models in the work area (pipelines.models.export)
 
 
 class Published(TypedDict, total=False):
