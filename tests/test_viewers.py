@@ -1,0 +1,215 @@
+"""Interactive viewers (pipelines/viewers.py) in headless Chromium: they render, log no error, fetch
+nothing but the page itself, and hide what lies below their threshold; the report links them."""
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipelines import viewers
+
+# a canvas drawn at a non-zero size: the viewer's, once its script ran
+CANVAS = ("(() => { const c = Array.from(document.querySelectorAll('canvas')).filter(c => c.width > 0 && "
+          "c.height > 0 && c.clientWidth > 0 && c.clientHeight > 0); return c.length ? c.map(c => [c.width, "
+          "c.height]) : null })()")
+# brainsprite's overlay: the thresholded map as a sprite of slices; its drawn (opaque) pixels counted
+OVERLAY_PIXELS = ("(() => { const im = document.querySelector('img[id^=overlayImg]'); if (!im || !im.complete) "
+                  "return null; const c = document.createElement('canvas'); c.width = im.naturalWidth; "
+                  "c.height = im.naturalHeight; const x = c.getContext('2d'); x.drawImage(im, 0, 0); "
+                  "const d = x.getImageData(0, 0, c.width, c.height).data; let n = 0; "
+                  "for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return {opaque: n}; })()")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from .browser import Browser, chromium_path
+
+    if chromium_path() is None:
+        pytest.fail("Debian's chromium is not installed; `make test` installs it (apt-get install chromium)")
+    b = Browser()
+    yield b
+    b.close()
+
+
+def coloured_pixels(png: bytes) -> int:
+    """Pixels of a screenshot that are clearly coloured (not grey, white or black): the map drawn."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return int(((rgb.max(-1) - rgb.min(-1)) > 60).sum())
+
+
+def viewer_config(path: Path) -> dict:
+    text = Path(path).read_text()
+    block = re.search(r'<script type="application/json" id="neuroflow-viewer">(.*?)</script>', text, re.S)
+    assert block, f"{path} has no neuroflow-viewer block"
+    return json.loads(block.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+
+
+def assert_renders_self_contained(browser, url: str, page: Path) -> dict:
+    """The page at `url` draws its canvas, logs no error and requests nothing but itself and data: URIs."""
+    text = page.read_text()
+    assert viewers.external_references(text) == []
+    # independent of viewers.py's own check: no src/href anywhere names an outside address
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    seen = browser.inspect(url, CANVAS, settle_s=2.0)
+    assert seen["errors"] == [], seen["errors"]
+    outside = [u for u in seen["requests"] if u != url and not u.startswith("data:")]
+    assert outside == [], outside
+    assert seen["value"] and all(w > 0 and h > 0 for w, h in seen["value"])
+    assert coloured_pixels(seen["screenshot"]) > 50, "the viewer drew no coloured map"
+    return seen
+
+
+def test_volume_viewer_hides_values_below_its_threshold(browser, tmp_path):
+    """On its own grid (no template), the overlay's drawn pixels are exactly the voxels with
+    |value| above the threshold; the threshold and colour range are in the page's config."""
+    data = np.zeros((9, 10, 8), np.float32)
+    data[2, 3, 1:6] = 0.5  # 5 voxels shown at threshold 0.1
+    data[6, 2:9, 4] = -0.4  # 7 voxels shown (negative)
+    data[1:5, 6:9, 6] = 0.05  # 12 voxels below 0.1: hidden, shown at 0.01
+    data[8, 9, 7] = np.nan  # NaN: never shown
+    img = nib.Nifti1Image(data, np.diag([3.0, 3.0, 3.0, 1.0]))
+    counts = {}
+    for threshold in (0.1, 0.01):
+        page = viewers.volume_viewer(img, tmp_path / f"v{threshold}.html", title="planted", threshold=threshold,
+                                     space="T1w")
+        config = viewer_config(page)
+        assert config["threshold"] == threshold and config["vmax"] == pytest.approx(0.5)
+        assert config["vmin"] == pytest.approx(-0.5) and config["cmap"] == "RdBu_r"
+        assert f"|value| &lt; {threshold:g} not shown" in page.read_text()
+        url = page.as_uri()
+        assert_renders_self_contained(browser, url, page)
+        counts[threshold] = browser.inspect(url, OVERLAY_PIXELS, settle_s=0.0)["value"]["opaque"]
+    assert counts == {0.1: 12, 0.01: 24}
+
+
+def test_mni_volume_viewer_draws_the_bundled_template_and_fetches_nothing(browser, tmp_path):
+    from pipelines.simulate import demo_mask
+
+    mask = demo_mask(4.0)
+    data = np.zeros(mask.shape, np.float32)
+    inside = np.argwhere(np.asarray(mask.dataobj) > 0)
+    data[tuple(inside[:40].T)] = 0.6
+    page = viewers.volume_viewer(nib.Nifti1Image(data, mask.affine), tmp_path / "mni.html", title="mni",
+                                 threshold=0.1, space="MNI152NLin2009cAsym")
+    assert "MNI152 template" in viewer_config(page)["what"]
+    assert_renders_self_contained(browser, page.as_uri(), page)
+
+
+def test_surface_viewer_renders_both_hemispheres_with_threshold_and_colour_bar(browser, tmp_path):
+    """fsaverage6 values (the nested fsaverage5 vertices shown) in niivue: WebGL canvas, colour bar."""
+    rng = np.random.default_rng(3)
+    n = 40962
+    r = np.where(rng.random(2 * n) < 0.3, rng.uniform(-0.6, 0.6, 2 * n), 0.02).astype(np.float32)
+    arrays = {"r": r, "info__hemi": np.array(["L"] * n + ["R"] * n), "info__vertex": np.r_[np.arange(n), np.arange(n)]}
+    page, caption = viewers.feature_viewers("gifti", arrays, None, "r", tmp_path / "s.html", title="surface",
+                                            threshold=0.2, space="fsaverage6")
+    assert page is not None and "surface" in caption
+    config = viewer_config(page)
+    assert config["threshold"] == 0.2 and config["vmax"] == pytest.approx(float(np.abs(r[:10242]).max()), rel=1e-5)
+    text = page.read_text()
+    assert "cal_min: 0.2" in text  # niivue's layer: values below the threshold are not coloured
+    assert "nv.opts.isColorbar = true" in text
+    assert_renders_self_contained(browser, page.as_uri(), page)
+    # not an fsaverage mesh: no viewer, and why
+    other = {**arrays, "info__vertex": np.r_[np.arange(100), np.arange(100)], "r": r[:200],
+             "info__hemi": np.array(["L"] * 100 + ["R"] * 100)}
+    assert viewers.feature_viewers("gifti", other, None, "r", tmp_path / "o.html", title="o", threshold=0.1,
+                                   space=None) == (None, viewers.NOT_FSAVERAGE)
+    assert not (tmp_path / "o.html").exists()
+
+
+def test_a_page_that_would_fetch_is_refused_and_nilearns_favicon_is_inlined():
+    from pipelines.errors import IntegrityError
+
+    page = ('<html><head><link rel="icon" type="image/x-icon" href="https://raw.githubusercontent.com/x.ico" />'
+            '</head><body></body></html>')
+    assert "https://" not in viewers.self_contained(page, "p.html")
+    for bad in ('<script src="https://cdn.plot.ly/plotly.min.js"></script>', '<img src="//cdn.example/x.png">',
+                '<link rel="stylesheet" href="http://x/y.css">', '<style>a{background:url("https://x/y.png")}</style>'):
+        with pytest.raises(IntegrityError, match=r"viewer page p\.html would load .* maps\.viewers\.enabled"):
+            viewers.self_contained(f"<html><head>{bad}</head><body></body></html>", "p.html")
+
+
+# --- end to end: the demo analysis (sim01: MNI volume; sub-18: six ROIs) ----------------------------------
+
+@pytest.fixture(scope="module")
+def published(openneuro_demo, tiny_bert_dir, tmp_path_factory, s3_url):
+    from pipelines.config import parse_config
+    from pipelines.run import run_analysis
+
+    from .conftest import demo_config, make_bucket
+
+    make_bucket("viewer-results")
+    cfg = parse_config(demo_config(tiny_bert_dir, "s3://viewer-results"))
+    result = run_analysis(cfg, cache_dir=tmp_path_factory.mktemp("cache"))
+    return cfg, result
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_published_report_links_a_viewer_per_volume_map_that_renders(published, browser):
+    from pipelines.consume import read_manifest
+    from pipelines.resultstore import ResultStore
+    from pipelines.s3 import split_s3_uri
+
+    cfg, result = published
+    manifest = read_manifest(result["manifest_uri"])
+    views = [a for a in manifest["artifacts"] if a["kind"] == "viewer_html"]
+    # one per feature space of the volume subject; the ROI subject has none
+    assert sorted((a["subject"], a["feature_space"], a["stat"]) for a in views) == [
+        ("sim01", "minilmL4", "r"), ("sim01", "wordrate", "r")]
+    assert all(a["path"].startswith("sub-sim01/viewers/") and a["path"].endswith("_stat-r_viewer.html")
+               for a in views)
+    local = Path(result["local_dir"])
+    report = Path(result["report_path"])
+    html = report.read_text()
+    assert "brainsprite" not in html and "niivue" not in html  # linked, not embedded: the report stays small
+    assert report.stat().st_size < 2_000_000
+    assert "No interactive viewer" in html  # sub-18's regions
+    # the links the reader clicks, resolved by the browser, are the published viewers
+    links = browser.inspect(report.as_uri(), "Array.from(document.querySelectorAll('p.viewer a')).map(a => a.href)",
+                            settle_s=0.0)
+    assert links["errors"] == []
+    assert sorted(links["value"]) == sorted((local / a["path"]).as_uri() for a in views)
+    for art in views:
+        page = local / art["path"]
+        config = viewer_config(page)
+        assert config["threshold"] == cfg.maps.viewers.threshold == 0.1
+        assert "MNI152 template" in config["what"]
+        assert_renders_self_contained(browser, page.as_uri(), page)
+    # served from S3 as HTML, it renders the same and still fetches nothing else
+    store = ResultStore(cfg.publish_prefix)
+    bucket, key = split_s3_uri(f"{cfg.publish_prefix}/{views[0]['path']}")
+    head = store.client.head_object(Bucket=bucket, Key=key)
+    assert head["ContentType"] == "text/html"
+    url = store.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=300)
+    seen = browser.inspect(url, CANVAS, settle_s=1.0)
+    assert seen["errors"] == [] and [u for u in seen["requests"] if u != url and not u.startswith("data:")] == []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_viewers_can_be_left_out(openneuro_demo, tiny_bert_dir, results_bucket, tmp_path):
+    from pipelines.config import parse_config
+    from pipelines.consume import read_manifest
+    from pipelines.run import run_analysis
+
+    from .conftest import demo_config
+
+    raw = demo_config(tiny_bert_dir, results_bucket, subjects=("sim01",))
+    raw["features"] = raw["features"][:1]
+    default = parse_config(raw)
+    cfg = parse_config({**raw, "maps": {"viewers": {"enabled": False}}})
+    assert cfg.analysis_id != default.analysis_id  # a different report: a different analysis
+    assert "maps" not in default.to_dict()  # default viewers leave the ids of existing analyses as they were
+    result = run_analysis(cfg, cache_dir=tmp_path / "cache")
+    manifest = read_manifest(result["manifest_uri"])
+    assert not [a for a in manifest["artifacts"] if a["kind"] == "viewer_html"]
+    assert "interactive viewer" not in Path(result["report_path"]).read_text()
