@@ -9,7 +9,9 @@ and a threshold: |value| below it is not drawn.
 Every page is self-contained: nilearn inlines its JavaScript (jQuery, brainsprite, niivue) and
 embeds the images as ``data:`` URIs; the one outside reference its template carries (a favicon on
 raw.githubusercontent.com) is replaced by an empty ``data:`` icon, and :func:`self_contained`
-refuses a page that still names any ``http(s)://`` source. Nothing is fetched at view time.
+refuses a page that still names any ``http(s)://`` source. Nothing is fetched at view time. The
+pages are deterministic (brainsprite's random element ids are replaced), so a re-run publishes the
+same bytes.
 
 Why linked pages, not embedded ones: a volume viewer is ~0.6 MB (its slices as PNG sprites) and a
 surface viewer ~3.3 MB (2.2 MB of it niivue), so embedding every map would multiply the report's
@@ -38,6 +40,7 @@ NO_VIEWER = ("No interactive viewer: these targets (electrodes, regions, sensors
              "grid) have no brain volume or surface to show them on; see the table and the pictures.")
 NOT_FSAVERAGE = "No interactive viewer: the surface is not an fsaverage mesh (the GIFTI maps remain)."
 
+_BRAINSPRITE_ID = re.compile(r'id="div_viewer-([0-9a-f]{32})"')
 _FAVICON = re.compile(r"<link\s+rel=\"icon\"[^>]*>", re.S)
 _EXTERNAL = re.compile(r"""<(?:script|link|img|iframe|source|video|audio|embed|object)\b[^>]*?"""
                        r"""\b(?:src|href|data)\s*=\s*["']?\s*((?:https?:)?//[^"'\s>]*)""", re.I | re.S)
@@ -54,9 +57,13 @@ def external_references(html: str) -> list[str]:
 
 
 def self_contained(html: str, where: str) -> str:
-    """`html` with nilearn's outside favicon replaced by an empty ``data:`` icon; an IntegrityError
+    """`html` with nilearn's outside favicon replaced by an empty ``data:`` icon (and brainsprite's
+    random element ids by a fixed one: one viewer per page); an IntegrityError
     naming `where` if any other outside address is left (a nilearn that fetches at view time)."""
     html = _FAVICON.sub('<link rel="icon" href="data:,">', html)
+    uid = _BRAINSPRITE_ID.search(html)  # a random uuid per call: a re-run would publish different bytes
+    if uid:
+        html = html.replace(uid.group(1), "neuroflow")
     html = _NIIVUE_EARLY.sub(r'<script type="module">\1', html)
     found = external_references(html)
     if found:

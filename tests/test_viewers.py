@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 from pipelines import viewers
+from pipelines.config import parse_config
+
+from .test_datasets_narratives import narratives  # noqa: F401 (a fixture: Narratives' surfaces on S3)
 
 # a canvas drawn at a non-zero size: the viewer's, once its script ran
 CANVAS = ("(() => { const c = Array.from(document.querySelectorAll('canvas')).filter(c => c.width > 0 && "
@@ -100,6 +103,9 @@ def test_mni_volume_viewer_draws_the_bundled_template_and_fetches_nothing(browse
                                  threshold=0.1, space="MNI152NLin2009cAsym")
     assert "MNI152 template" in viewer_config(page)["what"]
     assert_renders_self_contained(browser, page.as_uri(), page)
+    again = viewers.volume_viewer(nib.Nifti1Image(data, mask.affine), tmp_path / "again.html", title="mni",
+                                  threshold=0.1, space="MNI152NLin2009cAsym")
+    assert again.read_bytes() == page.read_bytes()  # deterministic: a re-run publishes the same bytes
 
 
 def test_surface_viewer_renders_both_hemispheres_with_threshold_and_colour_bar(browser, tmp_path):
@@ -141,7 +147,6 @@ def test_a_page_that_would_fetch_is_refused_and_nilearns_favicon_is_inlined():
 
 @pytest.fixture(scope="module")
 def published(openneuro_demo, tiny_bert_dir, tmp_path_factory, s3_url):
-    from pipelines.config import parse_config
     from pipelines.run import run_analysis
 
     from .conftest import demo_config, make_bucket
@@ -197,7 +202,6 @@ def test_published_report_links_a_viewer_per_volume_map_that_renders(published, 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_viewers_can_be_left_out(openneuro_demo, tiny_bert_dir, results_bucket, tmp_path):
-    from pipelines.config import parse_config
     from pipelines.consume import read_manifest
     from pipelines.run import run_analysis
 
@@ -213,3 +217,60 @@ def test_viewers_can_be_left_out(openneuro_demo, tiny_bert_dir, results_bucket, 
     manifest = read_manifest(result["manifest_uri"])
     assert not [a for a in manifest["artifacts"] if a["kind"] == "viewer_html"]
     assert "interactive viewer" not in Path(result["report_path"]).read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_group_page_links_a_viewer_of_the_group_volume(s3_url, results_bucket, tmp_path, monkeypatch, browser):
+    """An MNI cohort's group page links the viewer of each feature space's group r; it renders."""
+    from pipelines.consume import read_manifest
+    from pipelines.steps import run_analysis
+
+    from .test_group_space import _bold_cohort, _bold_config
+
+    monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
+    labels = _bold_cohort(tmp_path / "ds", 3, np.random.default_rng(7), space="MNI152NLin2009cAsym")
+    cfg = parse_config(_bold_config(tmp_path / "ds", results_bucket, labels, {}))
+    result = run_analysis(cfg, local_dir=tmp_path / "out")
+    manifest = read_manifest(f"{cfg.publish_prefix}/manifest.json")
+    assert manifest["group"]["status"] == "ok" and manifest["group"]["kind"] == "volume"
+    group_views = [a for a in manifest["artifacts"] if a["kind"] == "viewer_html" and a["subject"] == "group"]
+    assert [(a["feature_space"], a["stat"]) for a in group_views] == [("wordrate", "mean_r")]
+    assert len([a for a in manifest["artifacts"] if a["kind"] == "viewer_html"]) == 1 + len(labels)
+    local = Path(result["local_dir"])
+    page = local / "sub-group/report.html"
+    links = browser.inspect(page.as_uri(), "Array.from(document.querySelectorAll('a')).map(a => a.href)"
+                            ".filter(h => h.endsWith('_viewer.html'))", settle_s=0.0)
+    assert links["value"] == [(local / group_views[0]["path"]).as_uri()]
+    viewer = local / group_views[0]["path"]
+    assert viewer_config(viewer)["title"] == "group wordrate: Fisher-z mean r"
+    assert_renders_self_contained(browser, viewer.as_uri(), viewer)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_surface_analysis_publishes_a_surface_viewer_that_renders(narratives, results_bucket, tmp_path, browser):
+    """Narratives' pieman on fsaverage6: the report links a niivue viewer of r on both hemispheres."""
+    from pipelines.consume import read_manifest
+    from pipelines.run import run_analysis
+
+    from .conftest import demo_config
+    from .test_datasets_narratives import RESPONSES, SOURCE, WORDS
+
+    raw = demo_config(tmp_path, results_bucket, subjects=("001",))
+    raw["dataset"].update(source=SOURCE, version="1.1.4", task="pieman", responses={**RESPONSES, "stories": ["pieman"]},
+                          word_timings=WORDS)
+    raw["features"] = [{"name": "wordrate", "kind": "word_rate"}]
+    raw["model"] = {"cv": "contiguous_blocks", "n_folds": 4, "delays": [0, 1], "alphas": [0.1, 1, 10, 100, 1000]}
+    result = run_analysis(parse_config(raw), cache_dir=tmp_path / "cache", local_dir=tmp_path / "out")
+    manifest = read_manifest(result["manifest_uri"])
+    (view,) = [a for a in manifest["artifacts"] if a["kind"] == "viewer_html"]
+    assert view["path"] == "sub-001/viewers/sub-001_task-pieman_space-fsaverage6_desc-wordrate_stat-r_viewer.html"
+    local = Path(result["local_dir"])
+    report = (local / "report.html").read_text()
+    assert f'href="{view["path"]}"' in report and "niivue" not in report
+    page = local / view["path"]
+    config = viewer_config(page)
+    assert "both hemispheres" in config["what"] and config["threshold"] == 0.1
+    assert config["vmax"] > 0.5  # the planted vertices (0-4 on both hemispheres, all among fsaverage5's)
+    assert_renders_self_contained(browser, page.as_uri(), page)
