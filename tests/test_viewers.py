@@ -72,7 +72,7 @@ def assert_renders_self_contained(browser, url: str, page: Path) -> dict:
 def test_volume_viewer_hides_values_below_its_threshold(browser, tmp_path):
     """On its own grid (no template), the overlay's drawn pixels are exactly the voxels with
     |value| above the threshold; the threshold and colour range are in the page's config."""
-    data = np.zeros((9, 10, 8), np.float32)
+    data = np.zeros((9, 10, 8), np.float32)  # 9 sagittal slices: a full 3 x 3 sprite, no unused tile
     data[2, 3, 1:6] = 0.5  # 5 voxels shown at threshold 0.1
     data[6, 2:9, 4] = -0.4  # 7 voxels shown (negative)
     data[1:5, 6:9, 6] = 0.05  # 12 voxels below 0.1: hidden, shown at 0.01
@@ -274,3 +274,31 @@ def test_surface_analysis_publishes_a_surface_viewer_that_renders(narratives, re
     assert "both hemispheres" in config["what"] and config["threshold"] == 0.1
     assert config["vmax"] > 0.5  # the planted vertices (0-4 on both hemispheres, all among fsaverage5's)
     assert_renders_self_contained(browser, page.as_uri(), page)
+
+
+def test_a_map_with_nothing_to_show_is_an_empty_viewer_not_an_error(browser, tmp_path):
+    """All NaN (no target fitted) or all below the threshold: the viewer opens, draws no map, logs nothing."""
+    # 9 sagittal slices: a full 3 x 3 sprite (nilearn draws the unused tiles of a partly filled sprite)
+    empty = viewers.volume_viewer(nib.Nifti1Image(np.full((9, 6, 4), np.nan, np.float32), np.eye(4)),
+                                  tmp_path / "nan.html", title="nan", threshold=0.1, space=None)
+    n = 10242
+    arrays = {"r": np.full(2 * n, 0.05, np.float32), "info__hemi": np.array(["L"] * n + ["R"] * n),
+              "info__vertex": np.r_[np.arange(n), np.arange(n)]}
+    below, _ = viewers.feature_viewers("gifti", arrays, None, "r", tmp_path / "below.html", title="below",
+                                       threshold=0.1, space="fsaverage5")
+    for page in (empty, below):
+        seen = browser.inspect(page.as_uri(), CANVAS, settle_s=1.0)
+        assert seen["errors"] == [] and seen["value"]
+    assert browser.inspect(empty.as_uri(), OVERLAY_PIXELS, settle_s=0.0)["value"]["opaque"] == 0
+
+
+def test_viewer_threshold_out_of_range_is_one_config_error(tiny_bert_dir):
+    from pipelines.errors import ConfigError
+
+    from .conftest import demo_config
+
+    raw = demo_config(tiny_bert_dir, "s3://unused")
+    with pytest.raises(ConfigError, match=r"maps\.viewers\.threshold"):
+        parse_config({**raw, "maps": {"viewers": {"threshold": 1.5}}})
+    with pytest.raises(ConfigError, match=r"thresold"):
+        parse_config({**raw, "maps": {"viewers": {"thresold": 0.2}}})
