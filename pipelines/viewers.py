@@ -13,8 +13,8 @@ refuses a page that still names any ``http(s)://`` source. Nothing is fetched at
 pages are deterministic (brainsprite's random element ids are replaced), so a re-run publishes the
 same bytes.
 
-Why linked pages, not embedded ones: a volume viewer is ~0.6 MB (its slices as PNG sprites) and a
-surface viewer ~3.3 MB (2.2 MB of it niivue), so embedding every map would multiply the report's
+Why linked pages, not embedded ones: a whole-brain volume viewer is 0.8-1 MB over the MNI template
+(its slices as PNG sprites) and a surface viewer 3.55 MB (2.2 MB of it niivue; bench/results/viewers.md), so embedding every map would multiply the report's
 size; the report (and the group page) links each subject's and feature space's viewer instead and
 stays small. Electrodes, regions and sensors have no brain volume or surface: no viewer, and the
 report says so (:data:`NO_VIEWER`).

@@ -302,3 +302,15 @@ def test_viewer_threshold_out_of_range_is_one_config_error(tiny_bert_dir):
         parse_config({**raw, "maps": {"viewers": {"threshold": 1.5}}})
     with pytest.raises(ConfigError, match=r"thresold"):
         parse_config({**raw, "maps": {"viewers": {"thresold": 0.2}}})
+
+
+@pytest.mark.slow
+def test_bench_viewers_writes_its_table(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "viewers.md"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "bench_viewers.py"),
+                    "--quick", "--out", str(out)], check=True, capture_output=True)
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| volume") or line.startswith("| surface")]
+    assert len(rows) == 2 and all(float(r.split("|")[-2]) > 0.05 for r in rows)  # MB per page
