@@ -14,9 +14,11 @@ pages are deterministic (brainsprite's random element ids are replaced), so a re
 same bytes.
 
 Why linked pages, not embedded ones: a whole-brain volume viewer is 0.8-1 MB over the MNI template
-(its slices as PNG sprites) and a surface viewer 3.55 MB (2.2 MB of it niivue; bench/results/viewers.md), so embedding every map would multiply the report's
-size; the report (and the group page) links each subject's and feature space's viewer instead and
-stays small. Electrodes, regions and sensors have no brain volume or surface: no viewer, and the
+(its slices as PNG sprites) and a surface viewer 3.55 MB (2.2 MB of it niivue; bench/results/viewers.md),
+so embedding every map would multiply the report's size; the report (and the group page) links each
+subject's and feature space's viewer of r instead and stays small. Only r (and the group's Fisher-z
+mean r) gets a viewer: a threshold on |value| means nothing for alpha or p, whose maps remain as
+NIfTI / GIFTI. Electrodes, regions and sensors have no brain volume or surface: no viewer, and the
 report says so (:data:`NO_VIEWER`).
 """
 from __future__ import annotations

@@ -312,5 +312,36 @@ def test_bench_viewers_writes_its_table(tmp_path):
     out = tmp_path / "viewers.md"
     subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "bench_viewers.py"),
                     "--quick", "--out", str(out)], check=True, capture_output=True)
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| volume") or line.startswith("| surface")]
+    rows = [line for line in out.read_text().splitlines() if line.startswith(("| volume", "| surface"))]
     assert len(rows) == 2 and all(float(r.split("|")[-2]) > 0.05 for r in rows)  # MB per page
+
+
+def test_subject_pages_link_their_viewers_relative_to_themselves(browser, tmp_path):
+    """Past 20 subjects each subject's page (sub-X/report.html) links sub-X/viewers/...; the index links
+    none; a viewer page outside the report's folder is refused by name."""
+    from pipelines.errors import NeuroflowError
+    from pipelines.report import render_report, render_report_pages
+
+    from pipelines.maps import render_targets_png
+
+    img = nib.Nifti1Image(np.pad(np.full((3, 3, 3), 0.4, np.float32), 3), np.diag([3.0, 3.0, 3.0, 1.0]))
+    page = viewers.volume_viewer(img, tmp_path / "sub-01" / "viewers" / "v.html", title="v", threshold=0.1,
+                                 space=None)
+    png = render_targets_png(["a", "b"], np.array([0.1, 0.2]), tmp_path / "x.png", "x")
+    feature = {"name": "wordrate", "metrics": {"mean_r": 0.1}, "images": [{"path": str(png), "caption": "x"}],
+               "viewers": [{"path": str(page), "caption": "wordrate: slices"}]}
+    report = {"title": "t", "dataset": {"id": "ds", "version": "1"}, "analysis_id": "a",
+              "subjects": [{"label": "01", "page": "sub-01/report.html", "feature_spaces": [feature]}]}
+    written = render_report_pages(report, tmp_path / "report.html")
+    subject_page = next(p for p, sub in written if sub == "01")
+    assert 'href="viewers/v.html"' in subject_page.read_text()
+    assert "v.html" not in (tmp_path / "report.html").read_text()
+    links = browser.inspect(subject_page.as_uri(),
+                            "Array.from(document.querySelectorAll('p.viewer a')).map(a => a.href)", settle_s=0.0)
+    assert links["value"] == [page.as_uri()]
+    outside = viewers.volume_viewer(img, tmp_path.parent / f"{tmp_path.name}-elsewhere.html", title="o",
+                                    threshold=0.1, space=None)
+    feature["viewers"] = [{"path": str(outside), "caption": "o"}]
+    with pytest.raises(NeuroflowError, match=r"elsewhere\.html .*is not inside the report's folder"):
+        render_report({**report, "subjects": [{"label": "01", "feature_spaces": [feature]}]}, tmp_path / "one.html")
+    outside.unlink()

@@ -50,7 +50,8 @@ subjects ({{ method }}); significant: {{ correction }}.</p>
 {% for im in images %}<figure><img src="{{ im.uri }}" alt="{{ im.caption }}">
 <figcaption>{{ im.caption }}</figcaption></figure>
 {% endfor %}
-{% for v in viewers %}<p><a href="{{ v.href }}"><strong>Open the interactive viewer</strong></a> &middot; {{ v.caption }}</p>
+{% for v in viewers %}<p><a href="{{ v.href }}"><strong>Open the interactive viewer</strong></a>
+&middot; {{ v.caption }}</p>
 {% endfor %}
 <h2>Inter-subject ceilings</h2>
 <p>{{ isc_line }}</p>
