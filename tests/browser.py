@@ -73,8 +73,8 @@ class Browser:
             raise TimeoutError(f"{url} did not finish loading")
 
     def inspect(self, url: str, ready: str, settle_s: float = 1.0) -> dict:
-        """Load `url` in a fresh tab; wait until the JS expression `ready` is truthy (its value is
-        returned as ``value``); report the console errors, uncaught exceptions and every network
+        """Load `url` in a fresh tab; wait until it has loaded and the JS expression `ready` is truthy
+        (its value is returned as ``value``); report the console errors, uncaught exceptions and every network
         request the page made (DevTools ``Runtime``, ``Log`` and ``Network`` events), and a PNG
         screenshot of the page as it then is (``screenshot``, bytes)."""
         from websockets.sync.client import connect
@@ -89,8 +89,8 @@ class Browser:
                 self._call(ws, "Page.navigate", url=url)
                 value, deadline = None, time.monotonic() + 60
                 while time.monotonic() < deadline:
-                    res = self._call(ws, "Runtime.evaluate", expression=ready, returnByValue=True,
-                                     awaitPromise=True)
+                    res = self._call(ws, "Runtime.evaluate", returnByValue=True, awaitPromise=True,
+                                     expression=f"document.readyState === 'complete' ? ({ready}) : null")
                     value = res.get("result", {}).get("value")
                     if value:
                         break
