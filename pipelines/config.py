@@ -397,10 +397,20 @@ class PycortexConfig(_Strict):
         return self.subject.replace("{subject}", subject), self.transform.replace("{subject}", subject)
 
 
+class ViewersConfig(_Strict):
+    """Interactive viewers (nilearn's) of each volume and surface r map: one self-contained page each,
+    linked from the report (``pipelines.viewers``); |value| below ``threshold`` is not shown."""
+
+    enabled: bool = True
+    threshold: float = Field(0.1, ge=0.0, lt=1.0)
+
+
 class MapsConfig(_Strict):
-    """Optional pictures beyond the default ones (``pycortex``: flatmaps; needs pycortex installed)."""
+    """Optional pictures beyond the default ones (``pycortex``: flatmaps; needs pycortex installed;
+    ``viewers``: the interactive viewers, on by default)."""
 
     pycortex: PycortexConfig | None = None
+    viewers: ViewersConfig = ViewersConfig()
 
 
 class SrmConfig(_Strict):
@@ -503,6 +513,8 @@ class AnalysisConfig(_Strict):
         out = self.model_dump(mode="json")
         if self.maps == MapsConfig():  # no optional maps: left out, so the ids of such analyses stay as they were
             out.pop("maps")
+        elif self.maps.viewers == ViewersConfig():  # default viewers: left out, as above
+            out["maps"].pop("viewers")
         if self.group is None:  # no group level: left out, so the ids of such analyses stay as they were
             out.pop("group")
         if self.publish == PublishConfig():  # the defaults: left out, so analysis ids stay as they were

@@ -90,6 +90,26 @@ def _flatmap(sub: str, task: str, desc: str, feat: str, arrays: dict[str, np.nda
                                          "(pycortex)"}
 
 
+def _viewer(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray], mask_img, feat: str, sub_dir: Path,
+            artifacts: list[dict]) -> dict:
+    """One feature space's interactive viewer of r (:mod:`pipelines.viewers`): the report entry's
+    ``viewers`` (and ``viewer_note`` when the targets have no volume or surface)."""
+    from .maps import bids_map_name
+    from .viewers import VIEWER_KIND, feature_viewers, viewer_name
+
+    if not cfg.maps.viewers.enabled:
+        return {}
+    sub = fit["subject"]
+    name = viewer_name(bids_map_name(sub, cfg.dataset.task, fit.get("space"), _desc(feat), "r", ".nii.gz"))
+    path, caption = feature_viewers(fit["kind"], arrays, mask_img, f"{feat}__r", sub_dir / "viewers" / name,
+                                    title=f"sub-{sub} {feat}: held-out r", threshold=cfg.maps.viewers.threshold,
+                                    space=fit.get("space"))
+    if path is None:
+        return {"viewers": [], "viewer_note": caption}
+    artifacts.append({"file": path, "kind": VIEWER_KIND, "subject": sub, "feature_space": feat, "stat": "r"})
+    return {"viewers": [{"path": str(path), "caption": f"{feat}: {caption}"}]}
+
+
 def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray], mask_img,
                    out_dir: Path, flat: tuple[Path, Any] | None = None) -> tuple[list[dict], list[dict]]:
     """Write one subject's maps and pictures; return (artifacts, report feature entries).
@@ -166,7 +186,8 @@ def render_subject(cfg: AnalysisConfig, fit: dict, arrays: dict[str, np.ndarray]
         images.append({"path": str(png), "caption": f"{feat}: held-out correlation"})
         if flat is not None:
             images.append(_flatmap(sub, task, desc, feat, arrays, mask_img, fit["kind"], flat, fig_dir, artifacts))
-        entries.append({"name": feat, "metrics": fit["metrics"][feat], "images": images})
+        entries.append({"name": feat, "metrics": fit["metrics"][feat], "images": images,
+                        **_viewer(cfg, fit, arrays, mask_img, feat, sub_dir, artifacts)})
     for key in sorted(k for k in arrays if k.endswith("__r2split")):  # banded ridge: R² split per band
         band = key[: -len("__r2split")]
         if fit["kind"] == "bold":
@@ -322,6 +343,7 @@ def _publish_staged(cfg: AnalysisConfig, prepared: dict, features: list[dict], f
     for art in artifacts:
         rel = Path(art["file"]).relative_to(out_dir).as_posix()
         ctype = {"report_html": "text/html", "subject_report_html": "text/html", "figure_png": "image/png",
+                 "viewer_html": "text/html",
                  "flatmap_png": "image/png", "config_yaml": "text/yaml",
                  "decoding_json": "application/json", "layer_curve_json": "application/json",
                  "group_report_html": "text/html", "group_json": "application/json", "roi_json": "application/json",

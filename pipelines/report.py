@@ -58,6 +58,7 @@ figcaption { color: #555; font-size: 0.9em; }
 a { color: #0550ae; }
 td.err { color: #8a1c1c; max-width: 30em; }
 p.warn { background: #fff4e5; border-left: 4px solid #b35900; padding: 0.3em 0.6em; }
+p.viewer a { font-weight: bold; }
 pre { background: #f7f7f7; border: 1px solid #ddd; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 </style>
 </head>
@@ -122,6 +123,10 @@ Dataset <strong>{{ dataset.id }}</strong> version <strong>{{ dataset.version }}<
 {% else %}
 <p>No pictures.</p>
 {% endfor %}
+{% for v in fs.viewers %}
+<p class="viewer"><a href="{{ v.href }}">Open the interactive viewer</a> &middot; {{ v.caption }}</p>
+{% endfor %}
+{% if fs.viewer_note %}<p class="meta">{{ fs.viewer_note }}</p>{% endif %}
 {% endfor %}
 {% endfor %}
 
@@ -208,6 +213,10 @@ _SUBJECT_TEMPLATE = _HEAD + """<body>
 {% else %}
 <p>No pictures.</p>
 {% endfor %}
+{% for v in fs.viewers %}
+<p class="viewer"><a href="{{ v.href }}">Open the interactive viewer</a> &middot; {{ v.caption }}</p>
+{% endfor %}
+{% if fs.viewer_note %}<p class="meta">{{ fs.viewer_note }}</p>{% endif %}
 {% endfor %}
 </body>
 </html>
@@ -254,8 +263,20 @@ def _get(mapping: dict, key: str, where: str) -> Any:
         raise NeuroflowError(f"report is missing key '{key}' in {where}") from err
 
 
-def _subject_view(subj: dict, where: str) -> dict:
-    """One subject's label, simulated flag and feature spaces with metrics as text and pictures embedded."""
+def _viewer_href(path: str | Path, page_dir: Path, where: str) -> str:
+    """A viewer page's link from the page in `page_dir`: relative, and inside the analysis' folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise NeuroflowError(f"report viewer page {path} ({where}) does not exist")
+    href = Path(os.path.relpath(path.resolve(), page_dir.resolve())).as_posix()
+    if not _PAGE_PATH.fullmatch(href) or ".." in href.split("/"):
+        raise NeuroflowError(f"report viewer page {path} ({where}) is not inside the report's folder {page_dir}")
+    return href
+
+
+def _subject_view(subj: dict, where: str, page_dir: Path | None = None) -> dict:
+    """One subject's label, simulated flag and feature spaces with metrics as text, pictures embedded
+    and interactive viewers linked (relative to `page_dir`, the folder of the page that links them)."""
     spaces = []
     for j, fs in enumerate(_get(subj, "feature_spaces", where)):
         fwhere = f"{where}.feature_spaces[{j}]"
@@ -268,6 +289,13 @@ def _subject_view(subj: dict, where: str) -> dict:
                  "caption": str(im.get("caption", ""))}
                 for k, im in enumerate(fs.get("images", []))
             ],
+            "viewers": [
+                {"href": _viewer_href(_get(v, "path", f"{fwhere}.viewers[{k}]"), page_dir or Path("."),
+                                      f"{fwhere}.viewers[{k}]"),
+                 "caption": str(v.get("caption", ""))}
+                for k, v in enumerate(fs.get("viewers", []))
+            ],
+            "viewer_note": str(fs.get("viewer_note", "")),
         })
     return {"label": str(_get(subj, "label", where)), "simulated": bool(subj.get("simulated", False)),
             "feature_spaces": spaces}
@@ -311,8 +339,11 @@ def render_report(report: dict, path: str | Path) -> Path:
         ``{"title", "dataset": {"id", "version", "source"}, "analysis_id", "config_yaml",
         "provenance": dict, "subjects": [{"label", "simulated", "feature_spaces": [{"name",
         "metrics": {"mean_r", "median_r", "max_r", "n_targets", "n_valid"},
-        "images": [{"path", "caption"}]}]}]}``. Image paths are local PNG files; they are
-        read and embedded, so they may be deleted afterwards.
+        "images": [{"path", "caption"}], "viewers": [{"path", "caption"}], "viewer_note"}]}]}``.
+        Image paths are local PNG files; they are read and embedded, so they may be deleted
+        afterwards. Viewer paths are local HTML pages inside the report's folder (published beside
+        it): each is linked, relative to the page (optional, as is ``viewer_note``, the reason a
+        feature space has none).
     path : str or Path
         Output HTML file (written atomically).
 
@@ -321,7 +352,8 @@ def render_report(report: dict, path: str | Path) -> Path:
     Path
         The written file.
     """
-    subjects = [_subject_view(subj, f"subjects[{i}]") for i, subj in enumerate(_get(report, "subjects", "report"))]
+    subjects = [_subject_view(subj, f"subjects[{i}]", Path(path).parent)
+                for i, subj in enumerate(_get(report, "subjects", "report"))]
     html = _ENV.from_string(_TEMPLATE).render(
         **_page_header(report),
         any_simulated=any(s["simulated"] for s in subjects),
@@ -403,8 +435,8 @@ def render_report_pages(report: dict, index_path: str | Path) -> list[tuple[Path
     written: list[tuple[Path, str | None]] = []
     index_rel = index_path.name
     for i, subj in enumerate(subjects):
-        view = _subject_view(subj, f"subjects[{i}]")
         page = subj["page"]
+        view = _subject_view(subj, f"subjects[{i}]", (index_path.parent / page).parent)
         up = "../" * page.count("/")
         html = _ENV.from_string(_SUBJECT_TEMPLATE).render(
             **{**header, "title": f"{header['title']}: sub-{view['label']}"}, s=view,

@@ -1,6 +1,7 @@
 """Headless Chromium driven over the DevTools protocol (Debian's `chromium`, no downloads)."""
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ class Browser:
             time.sleep(0.1)
         self.port = int(port_file.read_text().split()[0])
         self._id = 0
+        self.events: list[dict] = []  # DevTools events received while waiting for a reply (see `inspect`)
 
     def _page_ws(self) -> str:
         pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/list", timeout=5))
@@ -48,6 +50,8 @@ class Browser:
                 if "error" in msg:
                     raise RuntimeError(msg["error"])
                 return msg["result"]
+            if "method" in msg:
+                self.events.append(msg)
 
     def images(self, url: str) -> dict:
         """Load `url`; return the title, the number of <img> and those that failed to load."""
@@ -67,6 +71,48 @@ class Browser:
                     return json.loads(value)
                 time.sleep(0.2)
             raise TimeoutError(f"{url} did not finish loading")
+
+    def inspect(self, url: str, ready: str, settle_s: float = 1.0) -> dict:
+        """Load `url` in a fresh tab; wait until it has loaded and the JS expression `ready` is truthy
+        (its value is returned as ``value``); report the console errors, uncaught exceptions and every network
+        request the page made (DevTools ``Runtime``, ``Log`` and ``Network`` events), and a PNG
+        screenshot of the page as it then is (``screenshot``, bytes)."""
+        from websockets.sync.client import connect
+
+        target = json.load(urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/json/new?about:blank", method="PUT"), timeout=5))
+        try:
+            with connect(target["webSocketDebuggerUrl"], max_size=None) as ws:
+                self.events = []
+                for domain in ("Runtime", "Log", "Network", "Page"):
+                    self._call(ws, f"{domain}.enable")
+                self._call(ws, "Page.navigate", url=url)
+                value, deadline = None, time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    res = self._call(ws, "Runtime.evaluate", returnByValue=True, awaitPromise=True,
+                                     expression=f"document.readyState === 'complete' ? ({ready}) : null")
+                    value = res.get("result", {}).get("value")
+                    if value:
+                        break
+                    time.sleep(0.2)
+                else:
+                    raise TimeoutError(f"{url}: {ready} did not become true")
+                end = time.monotonic() + settle_s  # late errors (animation frames, async module scripts)
+                while time.monotonic() < end:
+                    self._call(ws, "Runtime.evaluate", expression="1")
+                    time.sleep(0.1)
+                shot = base64.b64decode(self._call(ws, "Page.captureScreenshot", format="png")["data"])
+        finally:
+            urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/close/{target['id']}", timeout=5)
+        errors = [" ".join(str(a.get("value", a.get("description", ""))) for a in e["params"]["args"])
+                  for e in self.events if e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] == "error"]
+        errors += [e["params"]["exceptionDetails"].get("exception", {}).get("description")
+                   or e["params"]["exceptionDetails"].get("text", "") for e in self.events
+                   if e["method"] == "Runtime.exceptionThrown"]
+        errors += [e["params"]["entry"]["text"] for e in self.events
+                   if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"]
+        requests = [e["params"]["request"]["url"] for e in self.events if e["method"] == "Network.requestWillBeSent"]
+        return {"value": value, "errors": errors, "requests": requests, "screenshot": shot}
 
     def close(self) -> None:
         self.proc.terminate()

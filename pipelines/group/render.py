@@ -51,6 +51,9 @@ subjects ({{ method }}); significant: {{ correction }}.</p>
 {% for im in images %}<figure><img src="{{ im.uri }}" alt="{{ im.caption }}">
 <figcaption>{{ im.caption }}</figcaption></figure>
 {% endfor %}
+{% for v in viewers %}<p><a href="{{ v.href }}"><strong>Open the interactive viewer</strong></a>
+&middot; {{ v.caption }}</p>
+{% endfor %}
 <h2>Inter-subject ceilings</h2>
 <p>{{ isc_line }}</p>
 <h2>Regions</h2>
@@ -137,8 +140,27 @@ def manifest_record(group: dict) -> dict:
     return out
 
 
+def _viewer(cfg: AnalysisConfig, group: dict, arrays: dict[str, np.ndarray], mask_img, feat: str, sub_dir: Path,
+            artifacts: list[dict], viewers: list[dict]) -> None:
+    """The interactive viewer of a feature space's group r (:mod:`pipelines.viewers`), linked from the page."""
+    from ..maps import bids_map_name
+    from ..viewers import VIEWER_KIND, feature_viewers, viewer_name
+
+    if not cfg.maps.viewers.enabled:
+        return
+    desc = "".join(ch for ch in feat if ch.isalnum())
+    name = viewer_name(bids_map_name(GROUP, cfg.dataset.task, group.get("space"), desc, "meanr", ".nii.gz"))
+    path, caption = feature_viewers(group["kind"], arrays, mask_img, f"{feat}__mean_r", sub_dir / "viewers" / name,
+                                    title=f"group {feat}: Fisher-z mean r", threshold=cfg.maps.viewers.threshold,
+                                    space=group.get("space"), n_vertices=group.get("n_vertices"))
+    if path is not None:
+        artifacts.append({"file": path, "kind": VIEWER_KIND, "subject": GROUP, "feature_space": feat,
+                          "stat": "mean_r"})
+        viewers.append({"href": f"viewers/{path.name}", "caption": f"{feat}: {caption}"})
+
+
 def _maps(cfg: AnalysisConfig, group: dict, arrays: dict[str, np.ndarray], mask_img, sub_dir: Path,
-          fig_dir: Path) -> tuple[list[dict], list[dict]]:
+          fig_dir: Path, viewers: list[dict]) -> tuple[list[dict], list[dict]]:
     # maps imports matplotlib and nilearn (heavy): loaded only when drawing
     from ..maps import (bids_map_name, render_slices_png, render_surface_png, render_targets_png,
                         write_surface_map, write_target_table, write_volume_map)
@@ -194,6 +216,8 @@ def _maps(cfg: AnalysisConfig, group: dict, arrays: dict[str, np.ndarray], mask_
                               "stat": ",".join(columns)})
             png = render_targets_png(names, next(iter(stats.values())), fig_dir / f"sub-{GROUP}_task-{task}_desc-"
                                      f"{desc}_bar.png", f"group {feat}")
+        if feat != "isc":
+            _viewer(cfg, group, arrays, mask_img, feat, sub_dir, artifacts, viewers)
         if png is not None:
             artifacts.append({"file": png, "kind": "figure_png", "subject": GROUP, "feature_space": feat})
             images.append({"path": png, "caption": f"{feat}: " + ("mean inter-subject ceiling" if feat == "isc"
@@ -211,13 +235,14 @@ def render_group(cfg: AnalysisConfig, group: dict, store, out_dir: Path) -> tupl
     artifacts: list[dict] = []
     images: list[dict] = []
     roi_rows: list[list[str]] = []
+    viewers: list[dict] = []  # {"href", "caption"}: the interactive viewers' pages, beside this one
     if group["status"] == "ok":
         arrays = load_npz(store.get_bytes(group["result_rel"]))
         mask_img = None
         if group.get("mask_rel"):
             img = nib.load(str(store.download(group["mask_rel"], out_dir / ".work" / "group-mask.nii.gz")))
             mask_img = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
-        artifacts, images = _maps(cfg, group, arrays, mask_img, sub_dir, fig_dir)
+        artifacts, images = _maps(cfg, group, arrays, mask_img, sub_dir, fig_dir, viewers)
         if group["roi"]["status"] == "ok":
             rows = json.loads(store.get_bytes(group["roi"]["table_rel"]))
             table = pd.DataFrame(rows, columns=ROI_COLUMNS)
@@ -253,7 +278,7 @@ def render_group(cfg: AnalysisConfig, group: dict, store, out_dir: Path) -> tupl
                                                              "n_permutations")}} for f, m in sorted(metrics.items())],
         images=[{"uri": "data:image/png;base64," + base64.b64encode(Path(im["path"]).read_bytes()).decode(),
                  "caption": im["caption"]} for im in images],
-        isc_line=isc_line, roi_rows=roi_rows, roi_columns=ROI_COLUMNS,
+        isc_line=isc_line, roi_rows=roi_rows, viewers=viewers, roi_columns=ROI_COLUMNS,
         srm_rows=[[_fmt(v) for v in row.values()] for row in summary_rows(srm)] if srm.get("status") == "ok" else [],
         srm_columns=SUMMARY_COLUMNS, srm_line=_srm_line(srm),
         roi_source=group.get("roi", {}).get("source", ""), roi_reason=group.get("roi", {}).get("reason", ""))
