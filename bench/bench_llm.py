@@ -228,7 +228,7 @@ def table(args: argparse.Namespace, device: str, rows: list[list[str]], memory: 
         "",
         f"Written by `bench/bench_llm.py` on {time.strftime('%Y-%m-%d %H:%M:%S')} ({platform.node()}): {device}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}. Story: {args.words} words of the demo's "
-        f"Alice, continued from its start. Every hidden state requested (a full layer sweep). Load average "
+        f"Alice, continued from its start. {'One layer requested (the middle one)' if args.layer_only else 'Sweep rows request every hidden state; layer rows the middle one'}. Load average "
         f"{os.getloadavg()[0]:.2f} when written.",
         "",
         "| " + " | ".join(head) + " |",
