@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, ModelError
-from .features.align import lanczos_kernel
+from .features.align import lanczos_kernel, make_delays
 from .features.lm_windows import LoadedModel, forward_batch, tokenize_window
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "beam_decode",
     "decode_segments",
     "embedding_similarity",
+    "fit_semantic_encoder",
     "hypothesis_features",
     "noise_precision",
     "shifted_responses",
@@ -174,6 +175,55 @@ def noise_precision(residuals: np.ndarray) -> np.ndarray:
     if R.ndim != 2 or R.shape[0] < 2 or not np.isfinite(R).all():
         raise ConfigError(f"'residuals' must be a finite 2-D array (n_samples >= 2, n_targets); got shape {R.shape}")
     return LedoitWolf().fit(R).precision_
+
+
+def fit_semantic_encoder(features: Sequence[np.ndarray], responses: Sequence[np.ndarray], *, delays: Sequence[int],
+                         layer: int, context_words: int, alpha: float, backend: str = "auto") -> SemanticEncoder:
+    """Fit the encoding model the decoder needs on training runs (ridge, one alpha).
+
+    Parameters
+    ----------
+    features : sequence of arrays of shape (n_trs_run, n_features)
+        Per training run, the LM features on the TR grid (e.g. :func:`hypothesis_features`
+        of the run's words, :func:`pipelines.features.align.lanczos_resample`-d).
+    responses : sequence of arrays of shape (n_trs_run, n_targets)
+        Per run, the recorded responses (in the units the decoded segments will be given in).
+    delays : sequence of int
+        FIR delays in TRs.
+    layer, context_words : int
+        How ``features`` were made (kept for the decoder's hypotheses).
+    alpha : float
+        Ridge penalty (e.g. the median of the alphas the cross-validated fit chose).
+    backend : str
+        himalaya backend, as :func:`pipelines.fit.fit_ridge_fixed_alpha`.
+
+    Returns
+    -------
+    SemanticEncoder
+        Features standardised with the training mean and standard deviation; the noise
+        precision from the training residuals (:func:`noise_precision`).
+    """
+    from .fit import fit_ridge_fixed_alpha
+
+    if not features or len(features) != len(responses):
+        raise ConfigError(f"'features' and 'responses' must hold the same, non-zero number of runs; got "
+                          f"{len(features)} and {len(responses)}")
+    Fs = [np.asarray(F, dtype=np.float64) for F in features]
+    Ys = [np.asarray(Y, dtype=np.float64) for Y in responses]
+    for k, (F, Y) in enumerate(zip(Fs, Ys)):
+        if F.ndim != 2 or Y.ndim != 2 or F.shape[0] != Y.shape[0]:
+            raise ConfigError(f"run {k}: 'features' {F.shape} and 'responses' {Y.shape} must be 2-D with one row "
+                              "per TR each")
+    F = np.concatenate(Fs)
+    Y = np.concatenate(Ys)
+    mean, sd = F.mean(0), F.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    X = make_delays(((F - mean) / sd).astype(np.float32), [f.shape[0] for f in Fs], list(delays))
+    intercept = Y.mean(0)
+    weights = fit_ridge_fixed_alpha(X, (Y - intercept).astype(np.float32), alpha, backend=backend).astype(np.float64)
+    return SemanticEncoder(weights=weights, intercept=intercept, delays=list(delays), layer=layer,
+                           context_words=context_words, precision=noise_precision(Y - X @ weights - intercept),
+                           feature_mean=mean, feature_scale=sd)
 
 
 def _hidden_index(lm: LoadedModel, layer: int) -> int:

@@ -13,12 +13,12 @@ import pytest
 from pipelines.errors import ConfigError, ModelError
 from pipelines.features.align import lanczos_resample, make_delays
 from pipelines.features.language_model import extract_word_features_per_word, load_language_model
-from pipelines.fit import fit_ridge_fixed_alpha
 from pipelines.semantic_decoding import (
     SemanticEncoder,
     beam_decode,
     decode_segments,
     embedding_similarity,
+    fit_semantic_encoder,
     hypothesis_features,
     noise_precision,
     shifted_responses,
@@ -83,16 +83,8 @@ def planted(causal_lm):
     probe = _run(causal_lm, rng, 60, W, 0.0, 1.0)
     scale = float(np.std(make_delays(probe["features"], [len(probe["tr_times"])], DELAYS) @ W))
     train = [_run(causal_lm, rng, 150, W, 0.5, scale) for _ in range(4)]
-    F = np.concatenate([r["features"] for r in train])
-    mean, sd = F.mean(0), F.std(0)
-    lengths = [len(r["tr_times"]) for r in train]
-    X = make_delays(((F - mean) / sd).astype(np.float32), lengths, DELAYS)
-    Y = np.concatenate([r["responses"] for r in train])
-    weights = fit_ridge_fixed_alpha(X, Y - Y.mean(0), 10.0).astype(np.float64)
-    intercept = Y.mean(0)
-    encoder = SemanticEncoder(weights=weights, intercept=intercept, delays=DELAYS, layer=LAYER,
-                              context_words=CONTEXT, precision=noise_precision(Y - X @ weights - intercept),
-                              feature_mean=mean, feature_scale=sd)
+    encoder = fit_semantic_encoder([r["features"] for r in train], [r["responses"] for r in train], delays=DELAYS,
+                                   layer=LAYER, context_words=CONTEXT, alpha=10.0)
     held = [_run(causal_lm, rng, 20, W, 0.5, scale) for _ in range(2)]
     null = _run(causal_lm, rng, 20, W, 0.5, scale, planted=False)
     return {"encoder": encoder, "held": held, "null": null, "W": W, "scale": scale}
@@ -114,6 +106,7 @@ def test_encoder_predicts_the_planted_responses(planted, causal_lm):
     assert np.mean(r) > 0.6
 
 
+@pytest.mark.slow
 def test_decoder_beats_the_shifted_baseline_on_planted_responses(planted, causal_lm, embedder):
     n_vocab = len(_vocabulary(causal_lm))
     report = decode_segments(planted["encoder"], causal_lm, embedder, planted["held"], beam=3, candidates=n_vocab,
@@ -128,6 +121,7 @@ def test_decoder_beats_the_shifted_baseline_on_planted_responses(planted, causal
     assert report.as_dict()["segments"][0]["decoded"] == " ".join(report.segments[0].decoded)
 
 
+@pytest.mark.slow
 def test_decoder_does_not_beat_the_baseline_on_noise(planted, causal_lm, embedder):
     n_vocab = len(_vocabulary(causal_lm))
     report = decode_segments(planted["encoder"], causal_lm, embedder, [planted["null"]], beam=3,
@@ -175,6 +169,8 @@ def test_bad_inputs_name_the_parameter(planted, causal_lm, tmp_path):
     with pytest.raises(ConfigError, match="'weights'"):
         SemanticEncoder(weights=enc.weights[:-1], intercept=enc.intercept, delays=DELAYS, layer=LAYER,
                         context_words=CONTEXT, precision=enc.precision)
+    with pytest.raises(ConfigError, match="'features' and 'responses'"):
+        fit_semantic_encoder([seg["features"]], [], delays=DELAYS, layer=LAYER, context_words=CONTEXT, alpha=1.0)
     with pytest.raises(ConfigError, match="'n_null'"):
         decode_segments(enc, causal_lm, causal_lm, [seg], n_null=1)
     with pytest.raises(ConfigError, match="word_times"):
@@ -191,3 +187,10 @@ def test_shifted_responses_keep_the_values_and_move_them():
     for Yn in nulls:
         assert sorted(Yn.ravel()) == sorted(Y.ravel())
         assert not np.array_equal(Yn, Y)
+
+
+def test_noise_precision_inverts_the_residual_covariance(rng):
+    R = rng.standard_normal((4000, 3)) * np.array([1.0, 2.0, 0.5])
+    np.testing.assert_allclose(np.diag(noise_precision(R)), [1.0, 0.25, 4.0], rtol=0.1)
+    with pytest.raises(ConfigError, match="'residuals'"):
+        noise_precision(np.full((5, 2), np.nan))
