@@ -36,6 +36,7 @@ text is mostly the language model's own guesses, and only the planted tests reco
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -293,10 +294,10 @@ class _Vocabulary:
         special = set(tok.all_special_ids)
         self.ids: list[int] = []
         self.words: dict[int, str] = {}
-        for i, piece in enumerate(pieces):
-            if i in special or not piece or (marked and not piece.startswith(("Ġ", "▁"))):
-                continue
-            word = tok.decode([i]).strip()
+        ids = [i for i, piece in enumerate(pieces)
+               if i not in special and piece and (not marked or piece.startswith(("Ġ", "▁")))]
+        for i, text in zip(ids, tok.batch_decode([[i] for i in ids])):
+            word = text.strip()
             if word and any(c.isalnum() for c in word) and " " not in word:
                 self.ids.append(i)
                 self.words[i] = word
@@ -309,6 +310,10 @@ class _Vocabulary:
         scores = logp[self.array]
         best = np.argsort(-scores, kind="stable")[:k]
         return [self.words[int(self.array[j])] for j in best]
+
+
+#: The proposable words of each tokenizer, built once (a 50k vocabulary takes seconds).
+_VOCABULARIES: "weakref.WeakKeyDictionary[Any, _Vocabulary]" = weakref.WeakKeyDictionary()
 
 
 def _start_logp(lm: LoadedModel, prefix: list[str], layer: int) -> np.ndarray:
@@ -398,7 +403,9 @@ def beam_decode(encoder: SemanticEncoder, lm: LoadedModel, responses: np.ndarray
     tr = float(np.median(np.diff(tt)))
     K = lanczos_kernel(tt[:, None] - wt[None, :], 1.0 / (2.0 * tr), encoder.lanczos_window)  # (n_trs, n_words)
     reach = _reach(tt, wt, tr, encoder.lanczos_window, encoder.delays)
-    vocab = _Vocabulary(lm)
+    vocab = _VOCABULARIES.get(lm.tokenizer)
+    if vocab is None:
+        vocab = _VOCABULARIES[lm.tokenizer] = _Vocabulary(lm)
     prefix = list(prefix)
     beams = [_Beam(words=[], feats=[], logp=_start_logp(lm, prefix, encoder.layer))]
     for i in range(wt.size):

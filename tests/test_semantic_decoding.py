@@ -194,3 +194,23 @@ def test_noise_precision_inverts_the_residual_covariance(rng):
     np.testing.assert_allclose(np.diag(noise_precision(R)), [1.0, 0.25, 4.0], rtol=0.1)
     with pytest.raises(ConfigError, match="'residuals'"):
         noise_precision(np.full((5, 2), np.nan))
+
+
+def test_byte_level_bpe_proposes_whole_words(tmp_path, planted):
+    """With a GPT-2-style byte-level BPE, only word-initial tokens are proposed, spelled without the space marker."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.test_features_families import STORY, _save_byte_level_bpe
+
+    vocab = _save_byte_level_bpe(tmp_path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=256)
+                    ).save_pretrained(tmp_path, safe_serialization=True)
+    lm = load_language_model(str(tmp_path), device="cpu", head="causal_lm")
+    seg = planted["held"][0]
+    words = beam_decode(planted["encoder"], lm, seg["responses"][:12], seg["tr_times"][:12], seg["word_times"][:4],
+                        beam=2, candidates=5, prefix=STORY[:3])
+    assert len(words) == 4
+    pieces = {p.lstrip("Ġ") for p in lm.tokenizer.get_vocab() if p.startswith("Ġ")}
+    assert all(w in pieces and w.strip() == w and w for w in words), words
