@@ -12,7 +12,9 @@ word) or the LM's 10 likeliest next words (a random LM: the true word is propose
 held-out encoding r (mean over targets), the share of words decoded exactly, the MiniLM
 similarity (windows of 10 words) of the decoded to the actual words, the same for the
 decodings of time-shifted responses (the null) and the percentile of the former in the
-latter.
+latter. The last rows check the null's level: held-out responses of pure noise (sd 2, no words in
+them) under the encoder of the noise-2, 600-word rows; their percentiles should be anywhere in
+0-1, not near 1.
 
 Usage::
 
@@ -80,7 +82,8 @@ def run(lm, rng, n_words, W, noise, scale, planted=True):
     return {"words": words, "word_times": word_times, "tr_times": tr_times, "features": F, "responses": Y}
 
 
-def row(lm, embedder, noise: float, train_words: int, candidates: int, n_segments: int, n_null: int, seed: int):
+def row(lm, embedder, noise: float, train_words: int, candidates: int, n_segments: int, n_null: int, seed: int,
+        planted: bool = True):
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((len(DELAYS) * lm.hidden_size, TARGETS))
     probe = run(lm, rng, 200, W, 0.0, 1.0)
@@ -88,7 +91,7 @@ def row(lm, embedder, noise: float, train_words: int, candidates: int, n_segment
     runs = [run(lm, rng, 150, W, noise, scale) for _ in range(max(1, train_words // 150))]
     encoder = fit_semantic_encoder([r["features"] for r in runs], [r["responses"] for r in runs], delays=DELAYS,
                                    layer=LAYER, context_words=CONTEXT, alpha=10.0)
-    held = [run(lm, rng, 20, W, noise, scale) for _ in range(n_segments)]
+    held = [run(lm, rng, 20, W, noise, scale, planted=planted) for _ in range(n_segments)]
     pred = [encoder.predict(s["features"]) for s in held]
     r = np.mean([[np.corrcoef(p[:, k], s["responses"][:, k])[0, 1] for k in range(TARGETS)]
                  for p, s in zip(pred, held)])
@@ -108,6 +111,7 @@ def main() -> None:
         grid, n_segments, n_null = [(2.0, 150, "all")], 1, 4
     else:
         grid = [(noise, words, cand) for noise in (0.5, 2.0, 4.0) for words in (150, 600) for cand in ("all", 10)]
+        grid += [("noise only", 600, "all"), ("noise only", 600, 10)]
         n_segments, n_null = 3, 20
     load0 = os.getloadavg()
     lines = []
@@ -116,7 +120,9 @@ def main() -> None:
         embedder = load_language_model(str(packaged_model_dir()), device="cpu")
         for noise, words, cand in grid:
             k = len(VOCAB) if cand == "all" else int(cand)
-            r, acc, rep, cpu = row(lm, embedder, noise, words, k, n_segments, n_null, seed=1)
+            planted = noise != "noise only"
+            r, acc, rep, cpu = row(lm, embedder, 2.0 if not planted else noise, words, k, n_segments, n_null, seed=1,
+                                   planted=planted)
             null = rep.null_similarity
             example = rep.segments[0]
             lines.append(f"| {noise} | {words} | {cand if cand != 'all' else f'all {k}'} | {r:.2f} | {acc:.0%} | "
@@ -130,8 +136,8 @@ def main() -> None:
         f"{os.cpu_count()} cores, torch/BLAS threads 1; load average at start {tuple(round(x, 2) for x in load0)}, "
         f"at the end {tuple(round(x, 2) for x in os.getloadavg())}.",
         "",
-        __doc__.split("Usage::")[0].strip().split("\n\n", 1)[1].replace("\n", " "),
-        f" {n_segments} held-out segment(s) of 20 words per row, {n_null} null decodings each; the word times are "
+        __doc__.split("Usage::")[0].strip().split("\n\n", 1)[1].replace("\n", " ").replace("``", "`"),
+        f"{n_segments} held-out segment(s) of 20 words per row, {n_null} null decodings each; the word times are "
         "given (not decoded). CPU s: the process CPU time of decoding and scoring every segment and its null.",
         "",
         "| noise / signal sd | train words | candidates | held-out encoding r | words exact | similarity "
