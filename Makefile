@@ -51,6 +51,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_layer_curve.py --out bench/results/layer-curve.md
 	$(BIN)/python bench/bench_cohort.py --out bench/results/cohort.md
 	$(BIN)/python bench/bench_models.py --out bench/results/models.md
+	$(BIN)/python bench/bench_viewers.py --out bench/results/viewers.md
+	$(BIN)/python bench/bench_semantic_decoding.py --out bench/results/semantic-decoding.md
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
