@@ -164,7 +164,9 @@ def test_a_cohort_of_300_subjects_runs_through_the_dag(airflow_db, dagbag, s3_ur
     with create_session() as session:  # every task recorded its own peak RSS
         peaks = {(x.task_id, x.map_index): XComModel.deserialize_value(x) for x in session.scalars(
             select(XComModel).where(XComModel.run_id == run.run_id, XComModel.key == "peak_rss_bytes"))}
-    assert {(ti.task_id, ti.map_index) for ti in tis} == set(peaks)
+    # every task that ran (fit_layer has no sweep to map here: it is skipped, and records nothing)
+    assert {(ti.task_id, ti.map_index) for ti in tis if ti.state == "success"} == set(peaks)
+    assert {ti.task_id for ti in tis if ti.state != "success"} <= {"fit_layer"}
     assert all(isinstance(v, int) and v > 10 * 2**20 for v in peaks.values()), json.dumps(peaks)[:500]
 
 

@@ -230,7 +230,7 @@ def test_the_whole_analysis_runs_on_lebels_layout(lebel, tmp_path, results_bucke
     r = ResultStore(results_bucket)
     manifest = _json.loads(r.get_bytes(result["manifest_uri"][len(results_bucket) + 1:]))
     assert manifest["subject_info"]["UTS01"]["stories"] == sorted(STORIES)
-    table = next(a for a in manifest["artifacts"] if a["kind"] == "statmap_tsv")
+    table = next(a for a in manifest["artifacts"] if a["kind"] == "statmap_tsv" and "r" in a["stat"].split(","))
     import io
 
     import pandas as pd
@@ -277,7 +277,7 @@ def test_a_repeated_test_story_gives_ceiling_normalised_scores(lebel, tmp_path, 
     m = result["metrics"]["UTS07"]["wordrate"]
     assert m["n_with_ceiling"] >= len(PLANTED) and m["mean_r_normalised"] is not None
     manifest = read_manifest(result["manifest_uri"])
-    table = next(a for a in manifest["artifacts"] if a["kind"] == "statmap_tsv")
+    table = next(a for a in manifest["artifacts"] if a["kind"] == "statmap_tsv" and "r" in a["stat"].split(","))
     scores = pd.read_csv(io.BytesIO(ResultStore(result["manifest_uri"].rsplit("/", 1)[0]).get_bytes(table["path"])),
                          sep="\t")
     r_max = noise_ceiling(repeats.astype(np.float32)).r_max

@@ -173,5 +173,6 @@ def test_the_whole_analysis_runs_on_meg_with_words_from_events(megmasc, tmp_path
 
     manifest = read_manifest(result["manifest_uri"])
     assert any(a["path"].endswith("_topomaps.png") for a in manifest["artifacts"])
-    table = next(a for a in manifest["artifacts"] if a["kind"] == "statmap_tsv" and a["feature_space"] == "wordrate")
+    table = next(a for a in manifest["artifacts"] if a["kind"] == "statmap_tsv" and a["feature_space"] == "wordrate"
+                 and "_stat-r_" in a["path"])
     assert "x" in ResultStore(result["manifest_uri"].rsplit("/", 1)[0]).get_bytes(table["path"]).decode().split("\n")[0]

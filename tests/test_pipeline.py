@@ -71,7 +71,7 @@ def test_maps_reopen_with_the_right_geometry(published, tmp_path):
 
     mask = demo_mask(SIM_RESOLUTION_MM)
     assert img.shape == mask.shape and np.allclose(img.affine, mask.affine)
-    tsv = next(a["path"] for a in manifest["artifacts"] if a["kind"] == "statmap_tsv")
+    tsv = next(a["path"] for a in manifest["artifacts"] if a["kind"] == "statmap_tsv" and "r" in a["stat"].split(","))
     table = pd.read_csv(get_artifact(result["manifest_uri"], tsv, tmp_path / "t.tsv"), sep="\t")
     assert list(table["target"]) == ["LATL", "RATL", "LPTL", "LIPL", "LPreM", "LIFG"]
     assert {"r", "r2", "alpha"} <= set(table.columns)
@@ -117,7 +117,7 @@ def test_maps_list_and_tampered_artifact(published, tmp_path):
     assert [r["analysis_id"] for r in rows] == [cfg.analysis_id]
     assert rows[0]["subjects"] == ["18", "sim01"]
     manifest = read_manifest(result["manifest_uri"])
-    victim = next(a["path"] for a in manifest["artifacts"] if a["kind"] == "statmap_tsv")
+    victim = next(a["path"] for a in manifest["artifacts"] if a["kind"] == "statmap_tsv" and "r" in a["stat"].split(","))
     store = ResultStore(cfg.publish_prefix)
     original = store.get_bytes(victim)
     bucket, key = split_s3_uri(f"{cfg.publish_prefix}/{victim}")
