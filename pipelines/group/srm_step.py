@@ -77,7 +77,8 @@ def srm_level(cfg: AnalysisConfig, ok: list[dict], features: list[dict] | None, 
                            "(neuroflow run and the DAG do)")
     # fit_subject's helpers (design matrices, folds, cached features): the steps import the group step
     from ..steps.features import feature_spec
-    from ..steps.fit_subject import cached_features, cv_groups, design_matrix, longest_lag
+    from ..steps.feature_entries import FeatureEntries
+    from ..steps.fit_subject import cv_groups, design_matrix, longest_lag
 
     subjects = [f["subject"] for f in ok]
     runs_of, stories = _aligned_runs(ingest, subjects)
@@ -94,10 +95,10 @@ def srm_level(cfg: AnalysisConfig, ok: list[dict], features: list[dict] | None, 
     designs: dict[str, np.ndarray] = {}
     for feat in sorted(features, key=lambda f: f["feature"]):
         spec = feature_spec(cfg, feat["feature"])
-        results, _ = cached_features(store, spec, feat, runs, ref)
-        for space in sorted(results[0].values):
-            designs[spec.name if space == "values" else f"{spec.name}_{space}"] = design_matrix(cfg, results, runs,
-                                                                                               space)
+        with FeatureEntries(store, spec, feat, runs, ref) as entries:  # one layer at a time
+            for space in entries.spaces():
+                designs[spec.name if space == "values" else f"{spec.name}_{space}"] = design_matrix(
+                    cfg, entries.results(space), runs, space)
     run_of_sample = np.repeat(np.arange(len(runs)), lengths)
     Ys, finite = [], []
     for s in subjects:
