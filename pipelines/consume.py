@@ -132,7 +132,8 @@ class PublishedAnalysis:
                 import nibabel as nib
 
                 return nib.load(self.fetch(art["path"]))
-            if art["kind"] == "statmap_tsv":
+            if art["kind"] == "statmap_tsv" and stat in str(art.get("stat", stat)).split(","):
+                # the table of every statistic of the targets (an alpha-edge map is a table of its own)
                 import pandas as pd
 
                 table = pd.read_csv(self.fetch(art["path"]), sep="\t", na_values="n/a").set_index("target")
