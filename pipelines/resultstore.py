@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -204,6 +205,10 @@ class ResultStore(BlockReads):
             raise translate_s3_error(err, self.uri_of(rel)) from err
 
 
+#: Tries of one ranged read before giving up (waits of 0.25 s doubling to 8 s: about 30 s in all).
+RANGED_ATTEMPTS = 7
+
+
 class _RangedObject(io.RawIOBase):
     """A read-only, seekable view of an S3 object: each read is one ranged GET."""
 
@@ -228,16 +233,26 @@ class _RangedObject(io.RawIOBase):
         want = min(len(buffer), self.size - self.pos)
         if want <= 0:
             return 0
-        try:
-            body = self.store.client.get_object(Bucket=self.store.bucket, Key=self.store.key(self.rel),
-                                                Range=f"bytes={self.pos}-{self.pos + want - 1}")["Body"]
-            data = body.read()
-        except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.store.uri_of(self.rel)) from err
-        n = len(data)
-        buffer[:n] = data
-        self.pos += n
-        return n
+        data, last = b"", None
+        for attempt in range(RANGED_ATTEMPTS):  # a body cut short (a dropped connection) is asked for again
+            try:
+                body = self.store.client.get_object(Bucket=self.store.bucket, Key=self.store.key(self.rel),
+                                                    Range=f"bytes={self.pos}-{self.pos + want - 1}")["Body"]
+                data = body.read()
+                if len(data) == want:
+                    break
+                last = None
+            except Exception as err:  # noqa: BLE001 - the client's own retries are spent: wait and ask again
+                last = err
+            time.sleep(min(0.25 * 2**attempt, 8.0))
+        else:
+            if last is not None:
+                raise translate_s3_error(last, self.store.uri_of(self.rel)) from last
+            raise IntegrityError(f"{self.store.uri_of(self.rel)}: bytes {self.pos}-{self.pos + want - 1} came back "
+                                 f"short ({len(data)} of {want}) {RANGED_ATTEMPTS} times; check the connection to S3")
+        buffer[:want] = data
+        self.pos += want
+        return want
 
 
 Store = Union[ResultStore, LocalStore]

@@ -69,7 +69,9 @@ class FaultProxy:
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
                         self.send_header(k, v)
                 sent = data[: len(data) // 2] if cut else data
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD reply has no body but states the object's length, as S3's does
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 self.wfile.write(sent)
                 if cut:

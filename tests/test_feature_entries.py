@@ -118,3 +118,24 @@ def demo_config_dict(tiny_bert_dir):
     from .conftest import demo_config
 
     return demo_config(tiny_bert_dir, "s3://nowhere")
+
+
+def test_a_ranged_read_cut_short_or_reset_is_asked_for_again(results_bucket, s3_url, monkeypatch):
+    """Through a proxy that cuts bodies in half, then resets every connection for 2 s: the layer read
+    is the stored one (botocore's retries do not cover a body cut short; the ranged reader does)."""
+    import time
+
+    from .faultproxy import FaultProxy
+
+    data, result = _entry(11)
+    ResultStore(results_bucket).put_bytes(data, "_cache/features/cut.npz")
+    with FaultProxy(s3_url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = ResultStore(results_bucket)
+        store.read_buffer = 32 * 1024
+        proxy.truncate = {"cut.npz": 3}
+        with FeatureEntries(store, SPEC, _feature_set(["_cache/features/cut.npz"]), _runs(1), "01") as reader:
+            np.testing.assert_array_equal(reader.results("layer1")[0].values["layer1"], result.values["layer1"])
+            proxy.down_until = time.monotonic() + 2.0
+            np.testing.assert_array_equal(reader.results("layer4")[0].values["layer4"], result.values["layer4"])
+        assert proxy.counts["truncated"] == 3 and proxy.counts["reset"] > 0
