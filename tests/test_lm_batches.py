@@ -17,7 +17,7 @@ from pipelines.features.language_model import (
     load_language_model,
     word_token_counts,
 )
-from pipelines.features.lm_batches import target_positions, tokenize_windows
+from pipelines.features.lm_batches import story_word_tokens, target_positions, tokenize_windows
 from pipelines.features.lm_windows import LoadedModel, Window, strided_plan, tokenize_window
 from pipelines.features.registry import parse_feature
 
@@ -105,6 +105,9 @@ class _FirstWordMarked:
         self.mark = mark
         self.calls = 0
 
+    def __getattr__(self, name):  # pad/eos ids and the rest: the wrapped tokenizer's
+        return getattr(self.inner, name)
+
     def __call__(self, words, **kwargs):
         self.calls += 1
         enc = self.inner(words, **kwargs)
@@ -138,15 +141,27 @@ def test_a_tokenizer_whose_words_depend_on_their_place_falls_back_to_each_window
 
 
 def test_story_tokenized_once_for_plan_and_windows(tmp_path):
+    """Windows built from tokens the caller has (the plan's) ask the tokenizer only for the special
+    tokens' template and three checked windows; the whole extraction tokenizes the story once."""
     _bpe_gpt2(tmp_path)
     lm = _loaded(tmp_path, max_tokens=512)
     lm.tokenizer = _FirstWordMarked(lm.tokenizer, mark=False)
     words = STORY * 5  # two tokenizer calls of 256 words
-    word_token_counts(words, lm)
-    before = lm.tokenizer.calls
+    tokens = story_word_tokens(lm, words)
+    assert lm.tokenizer.calls == 2
     windows = [Window(words=words[s: s + 8], targets=[7], dest=[s + 7], start=s) for s in range(0, 300, 5)]
-    tokenize_windows(lm, words, windows)
-    assert lm.tokenizer.calls - before == 4  # the special tokens' template and three checked windows
+    lm.tokenizer.calls = 0
+    tokenize_windows(lm, words, windows, tokens)
+    assert lm.tokenizer.calls == 4  # the special tokens' template and three checked windows
+
+
+def test_the_extractor_tokenizes_a_story_once(tiny_gpt2):
+    lm = load_language_model(tiny_gpt2, device="cpu")
+    lm.tokenizer = _FirstWordMarked(lm.tokenizer, mark=False)
+    words = STORY * 5  # two chunks of 256 words
+    extract_word_features(words, lm, [1], 4, stride_words="fill")
+    # the story (2 chunks), the special-token count, the template and three checked windows
+    assert lm.tokenizer.calls == 2 + 1 + 1 + 3
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

@@ -229,12 +229,13 @@ def _per_word_windows(words: list[str], starts: np.ndarray, indices: Sequence[in
 
 
 def _tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window],
-                      starts_for_fallback: np.ndarray | None) -> tuple[list[Window], list[tuple[list[int], list]]]:
+                      starts_for_fallback: np.ndarray | None, tokens: tuple[np.ndarray, np.ndarray] | None = None
+                      ) -> tuple[list[Window], list[tuple[list[int], list]]]:
     """Tokenize every window; a truncated multi-word window is split into per-word windows."""
     tokenized: list[tuple[list[int], list[int | None]]] = []
     kept: list[Window] = []
     fallback: list[int] = []
-    for win, (ids, wids, truncated) in zip(windows, tokenize_windows(lm, words, windows)):
+    for win, (ids, wids, truncated) in zip(windows, tokenize_windows(lm, words, windows, tokens)):
         if truncated and starts_for_fallback is not None and len(win.targets) > 1:
             fallback.extend(win.dest)  # strided window too long: do its words one by one
             continue
@@ -245,7 +246,7 @@ def _tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window],
         tokenized.append((ids, wids))
     if fallback:
         singles = _per_word_windows(words, starts_for_fallback, fallback)
-        for win, (ids, wids, _) in zip(singles, tokenize_windows(lm, words, singles)):
+        for win, (ids, wids, _) in zip(singles, tokenize_windows(lm, words, singles, tokens)):
             if win.targets[0] not in wids:
                 raise ModelError(f"word {win.words[-1]!r} alone exceeds the {lm.max_tokens} tokens "
                                  f"model {lm.name!r} accepts: split it")
@@ -265,11 +266,12 @@ def _extract(
     batch_tokens: int | None = None,
     n_rows: int | None = None,
     sink: tuple[LayerFiles, Mapping[int, str]] | None = None,
+    tokens: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[int, np.ndarray]:
     """Features of ``layers`` from ``windows``: in memory, or written to ``sink`` (files, {layer: space})."""
     hs_index = layer_indices(layers, lm)
     uniq = sorted(set(hs_index))
-    kept, tokenized = _tokenize_windows(lm, words, windows, starts_for_fallback)
+    kept, tokenized = _tokenize_windows(lm, words, windows, starts_for_fallback, tokens)
     budget = tokens_per_batch(lm, batch_tokens)
     if sink is not None:  # each layer straight to its file: no all-layers array
         files, spaces = sink
@@ -319,7 +321,12 @@ def word_token_counts(words: Sequence[str], lm: LoadedModel) -> tuple[np.ndarray
         Tokens the tokenizer adds around every window ([CLS]/[SEP], BOS...).
     """
     words = check_words(words)
-    counts = np.diff(story_word_tokens(lm, words)[1])
+    return _counts_and_specials(lm, words, story_word_tokens(lm, words))
+
+
+def _counts_and_specials(lm: LoadedModel, words: list[str], tokens: tuple[np.ndarray, np.ndarray]
+                         ) -> tuple[np.ndarray, int]:
+    counts = np.diff(tokens[1])
     probe = lm.tokenizer(words[:1], is_split_into_words=True, add_special_tokens=True)
     n_special = len(probe["input_ids"]) - int(counts[0])
     return counts, max(n_special, 0)
@@ -535,8 +542,8 @@ def extract_word_features(
     words = check_words(words)
     check_extraction_args(context_words, batch_size, pooling)
     lm = _resolve_model(model, revision)
-    windows, starts = _windows(lm, words, int(context_words), stride_words)
-    return _extract(lm, words, layers, windows, starts, batch_size, pooling, batch_tokens)
+    windows, starts, tokens = _windows(lm, words, int(context_words), stride_words)
+    return _extract(lm, words, layers, windows, starts, batch_size, pooling, batch_tokens, tokens=tokens)
 
 
 def stream_word_features(
@@ -571,8 +578,8 @@ def stream_word_features(
     if (files.n_rows, files.n_dims) != (len(words), lm.hidden_size):
         raise ValueError(f"files hold ({files.n_rows}, {files.n_dims}) rows, the story needs "
                          f"({len(words)}, {lm.hidden_size})")
-    windows, starts = _windows(lm, words, int(context_words), stride_words)
-    _extract(lm, words, layers, windows, starts, batch_size, pooling, batch_tokens, sink=(files, spaces))
+    windows, starts, tokens = _windows(lm, words, int(context_words), stride_words)
+    _extract(lm, words, layers, windows, starts, batch_size, pooling, batch_tokens, sink=(files, spaces), tokens=tokens)
 
 
 def _stride(stride_words: int | str | None, n_words: int) -> int | None:
@@ -586,17 +593,19 @@ def _stride(stride_words: int | str | None, n_words: int) -> int | None:
     return int(stride_words)
 
 
-def _windows(lm: LoadedModel, words: list[str], context_words: int,
-             stride_words: int | str | None = None) -> tuple[list[Window], np.ndarray | None]:
+def _windows(lm: LoadedModel, words: list[str], context_words: int, stride_words: int | str | None = None
+             ) -> tuple[list[Window], np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
     """The windows of a story: per word for a masked model, strided for a causal one (with the
-    first visible word of each word, for the per-word fallback of windows too long to fit)."""
+    first visible word of each word, for the per-word fallback of windows too long to fit, and the
+    story's tokens the plan was made from, so that the windows are built from them)."""
     if not lm.is_causal:
         starts = np.maximum(np.arange(len(words)) - context_words, 0)
-        return _per_word_windows(words, starts, range(len(words))), None
-    counts, n_special = word_token_counts(words, lm)
+        return _per_word_windows(words, starts, range(len(words))), None, None
+    tokens = story_word_tokens(lm, words)
+    counts, n_special = _counts_and_specials(lm, words, tokens)
     plan = strided_plan(len(words), context_words, counts, lm.max_tokens - n_special,
                         _stride(stride_words, len(words)))
     starts = np.zeros(len(words), dtype=np.int64)
     for s, f, e in plan:
         starts[f:e] = s
-    return _strided_windows(words, plan), starts
+    return _strided_windows(words, plan), starts, tokens

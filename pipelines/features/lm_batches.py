@@ -22,6 +22,7 @@ The features are the same numbers as before (``tests/test_lm_batches.py`` compar
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -37,11 +38,6 @@ _CHUNK = 256
 _PROBE = 64
 
 
-#: The last story tokenized, (tokenizer, words, tokens): planning the windows and building
-#: them read the same tokens, so a story is tokenized once.
-_LAST: list[Any] = [None, (), []]
-
-
 def story_word_tokens(lm: LoadedModel, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of each word, as the extractor's pre-split tokenization gives them (no special tokens).
 
@@ -52,9 +48,6 @@ def story_word_tokens(lm: LoadedModel, words: Sequence[str]) -> tuple[np.ndarray
     offsets : np.ndarray of int64, shape (n_words + 1,)
         Word ``i``'s tokens are ``flat[offsets[i]:offsets[i + 1]]``.
     """
-    key = tuple(words)
-    if _LAST[0] is lm.tokenizer and _LAST[1] == key:
-        return _LAST[2]
     flat, counts = [], np.zeros(len(words), dtype=np.int64)
     for lo in range(0, len(words), _CHUNK):
         enc = lm.tokenizer(list(words[lo : lo + _CHUNK]), is_split_into_words=True, add_special_tokens=False)
@@ -64,10 +57,8 @@ def story_word_tokens(lm: LoadedModel, words: Sequence[str]) -> tuple[np.ndarray
         order = np.argsort(wids[keep], kind="stable")  # words in order (they are), each word's tokens in order
         flat.append(ids[keep][order])
         counts[lo : lo + _CHUNK] = np.bincount(wids[keep], minlength=min(_CHUNK, len(words) - lo))
-    out = (np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64),
-           np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
-    _LAST[:] = [lm.tokenizer, key, out]
-    return out
+    return (np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64),
+            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
 
 
 def _template(lm: LoadedModel, words: list[str]) -> tuple[list[int], list[int]] | None:
@@ -88,7 +79,8 @@ def _assemble(win: Window, start: int, tokens: tuple[np.ndarray, np.ndarray], he
     return head + body.tolist() + tail, [None] * len(head) + wids.tolist() + [None] * len(tail)
 
 
-def tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window]
+def tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window],
+                     tokens: tuple[np.ndarray, np.ndarray] | None = None
                      ) -> list[tuple[list[int], list[int | None], bool]]:
     """``tokenize_window`` of every window, assembled from the story's words tokenized once.
 
@@ -97,6 +89,9 @@ def tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window]
     windows : list of Window
         Each window's words are ``words[win.start : win.start + len(win.words)]`` (a window
         without ``start`` sends every window to the tokenizer).
+    tokens : (flat, offsets), optional
+        :func:`story_word_tokens` of ``words`` when the caller has them already (the window
+        plan is made from them), so the story is tokenized once.
 
     Returns
     -------
@@ -109,7 +104,7 @@ def tokenize_windows(lm: LoadedModel, words: list[str], windows: list[Window]
         return []
     template = _template(lm, words)
     if template is not None and all(win.start is not None for win in windows):
-        word_tokens = story_word_tokens(lm, words)
+        word_tokens = tokens if tokens is not None else story_word_tokens(lm, words)
         head, tail = template
         fast = []
         for win in windows:
@@ -243,16 +238,16 @@ def _gather(torch: Any, result: Any, hs_index: list[int], r_np: np.ndarray, p_np
 #: runs at a few GB/s and blocks; into pinned memory it runs at the bus's speed). Grown to the
 #: largest batch up to this many bytes; a larger batch gets a pinned buffer of its own.
 PINNED_MAX_BYTES = 2 * 1024**3
-_PINNED: list[Any] = [None]
+_PINNED = threading.local()  # one buffer per thread: two threads extracting at once never share one
 
 
 def _pinned(torch: Any, n: int) -> Any:
-    buf = _PINNED[0]
+    buf = getattr(_PINNED, "buf", None)
     if buf is not None and buf.numel() >= n:
         return buf[:n]
     fresh = torch.empty(n, dtype=torch.float32, pin_memory=True)
     if n * 4 <= PINNED_MAX_BYTES:
-        _PINNED[0] = fresh
+        _PINNED.buf = fresh
     return fresh
 
 
