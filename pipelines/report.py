@@ -80,14 +80,16 @@ _FOOT = """<h2>Configuration</h2>
 </html>
 """
 
-_TEMPLATE = _HEAD + """<body>
-<h1>{{ title }}</h1>
-<p class="meta">
+#: The dataset line, and the notices of an analysis (simulated subjects, warnings, its group level),
+#: the same on the one-page report and on the cohort's index.
+_META = """<p class="meta">
 Dataset <strong>{{ dataset.id }}</strong> version <strong>{{ dataset.version }}</strong>
 {%- if dataset.source %} (source: {{ dataset.source }}){% endif %}
 &middot; analysis <strong>{{ analysis_id }}</strong>
 </p>
-{% if any_simulated %}
+"""
+
+_NOTICES = """{% if any_simulated %}
 <p><span class="badge">simulated</span> Subjects marked simulated carry synthetic data, not recordings.</p>
 {% endif %}
 {% for w in warnings %}
@@ -97,7 +99,11 @@ Dataset <strong>{{ dataset.id }}</strong> version <strong>{{ dataset.version }}<
 {% if group %}
 <p class="meta"><strong>Group level</strong>: {% if group.page %}<a href="{{ group.page }}">sub-group</a> &middot; {% endif %}{{ group.line }}</p>
 {% endif %}
+"""
 
+_TEMPLATE = _HEAD + """<body>
+<h1>{{ title }}</h1>
+""" + _META + _NOTICES + """
 <h2>Summary</h2>
 <table>
 <thead><tr><th>Subject</th><th>Feature space</th><th>Mean r</th><th>Median r</th><th>Max r</th>
@@ -132,27 +138,9 @@ Dataset <strong>{{ dataset.id }}</strong> version <strong>{{ dataset.version }}<
 
 """ + _FOOT
 
-_META = """<p class="meta">
-Dataset <strong>{{ dataset.id }}</strong> version <strong>{{ dataset.version }}</strong>
-{%- if dataset.source %} (source: {{ dataset.source }}){% endif %}
-&middot; analysis <strong>{{ analysis_id }}</strong>
-</p>
-"""
-
 _INDEX_TEMPLATE = _HEAD + """<body>
 <h1>{{ title }}</h1>
-""" + _META + """
-{% if any_simulated %}
-<p><span class="badge">simulated</span> Subjects marked simulated carry synthetic data, not recordings.</p>
-{% endif %}
-{% for w in warnings %}
-<p class="warn">Warning: {{ w }}</p>
-{% endfor %}
-
-{% if group %}
-<p class="meta"><strong>Group level</strong>: {% if group.page %}<a href="{{ group.page }}">sub-group</a> &middot; {% endif %}{{ group.line }}</p>
-{% endif %}
-<h2>Cohort</h2>
+""" + _META + _NOTICES + """<h2>Cohort</h2>
 <p>{{ n_subjects }} subjects: {{ n_ok }} fitted{% if n_failed %}, <strong>{{ n_failed }} failed</strong>{% endif %}.
 Each subject's scores and pictures are on its own page (linked below).</p>
 <table>
