@@ -4,7 +4,10 @@ For each model (random weights built from a config, nothing downloaded; a byte-l
 trained on the demo story, about 1.3 tokens per word), on one story, this measures in one run:
 
 * **one pass**: every token of the story through the model once, in chunks of the model's
-  longest input, all hidden states returned: the floor;
+  longest input, all hidden states returned: the floor of a sweep;
+* **one pass to layer L**: the same through the model's first L blocks only (the rest removed
+  for the run), the floor for one layer L: a single layer is extracted from passes stopped
+  after its block (:mod:`pipelines.features.layer_taps`);
 * **strided**: :func:`pipelines.features.language_model.extract_word_features` (all hidden
   states, a full layer sweep) at each context, with the default stride (``context_words`` new
   words per window: each token through the model about twice) and with ``stride_words: fill``
@@ -31,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import platform
@@ -115,15 +119,35 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def one_pass(lm: LoadedModel, ids: "object", device: str, to_host: bool = False) -> float:
-    """Seconds to run every token through the model once (all hidden states); ``to_host``: and
-    copy every hidden state to the host as float32 (what a layer sweep must hand on)."""
+@contextlib.contextmanager
+def first_blocks(lm: LoadedModel, keep: int):
+    """The model with only its first ``keep`` blocks for the duration (the minimal pass to a layer)."""
     import torch
 
+    name = next(n for n, m in lm.model.named_modules()
+                if isinstance(m, torch.nn.ModuleList) and len(m) == lm.n_layers)
+    parent_name, _, attr = name.rpartition(".")
+    parent = lm.model.get_submodule(parent_name)
+    blocks = getattr(parent, attr)
+    setattr(parent, attr, blocks[:keep])
+    try:
+        yield
+    finally:
+        setattr(parent, attr, blocks)
+
+
+def one_pass(lm: LoadedModel, ids: "object", device: str, to_host: bool = False, blocks: int | None = None) -> float:
+    """Seconds to run every token through the model once (all hidden states); ``to_host``: and
+    copy every hidden state to the host as float32 (what a layer sweep must hand on); ``blocks``:
+    through the first ``blocks`` blocks only."""
+    import torch
+
+    extra = {"use_cache": False} if lm.is_causal else {}
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), (first_blocks(lm, blocks) if blocks is not None else contextlib.nullcontext()):
         for lo in range(0, ids.numel(), lm.max_tokens):
-            out = lm.model(input_ids=ids[None, lo: lo + lm.max_tokens].to(lm.device), output_hidden_states=True)
+            out = lm.model(input_ids=ids[None, lo: lo + lm.max_tokens].to(lm.device), output_hidden_states=True,
+                           **extra)
             if to_host:
                 torch.stack([h[0].float() for h in out.hidden_states]).cpu()
             del out
@@ -164,27 +188,34 @@ def bench_loaded(rows: list[list[str]], label: str, lm: LoadedModel, words: list
     extract_word_features(words[:200], lm, layers, 8)  # warm-up: kernels chosen, allocator filled
     one_pass(lm, ids[: lm.max_tokens], device)
     t_pass = min(one_pass(lm, ids, device) for _ in range(3))
-    rows.append([label, "whole story", "one pass", f"{n / t_pass:,.0f}", "1.00", "1.00x", "", "",
+    rows.append([label, "whole story", "one pass", f"{n / t_pass:,.0f}", "1.00", "1.00x", "", "", "",
                  f"{ids.numel() / n:.2f} tokens/word, chunks of {lm.max_tokens} tokens"])
+    print(rows[-1], flush=True)
+    middle = [lm.n_layers // 2]
+    one_pass(lm, ids[: lm.max_tokens], device, blocks=middle[0])
+    t_to = min(one_pass(lm, ids, device, blocks=middle[0]) for _ in range(3))
+    rows.append([label, "whole story", f"one pass to layer {middle[0]}", f"{n / t_to:,.0f}", "1.00",
+                 f"{t_to / t_pass:.2f}x", "", "1.00x", "", f"the first {middle[0]} of {lm.n_layers} blocks"])
     print(rows[-1], flush=True)
     t_copy = float("nan")
     if not layer_only:
         t_copy = min(one_pass(lm, ids, device, to_host=True) for _ in range(3))
         rows.append([label, "whole story", "one pass, every hidden state to the host", f"{n / t_copy:,.0f}", "1.00",
-                     f"{t_copy / t_pass:.2f}x", "", "", f"{len(layers)} x {n} tokens x {lm.hidden_size} float32 "
+                     f"{t_copy / t_pass:.2f}x", "", "", "", f"{len(layers)} x {n} tokens x {lm.hidden_size} float32 "
                      f"({len(layers) * ids.numel() * lm.hidden_size * 4 / 1e9:.2f} GB) copied: the floor of a full "
                      "sweep"])
         print(rows[-1], flush=True)
-    middle = [lm.n_layers // 2]
     plan = [] if layer_only else [(c, stride, layers, "sweep") for c in contexts for stride in (None, "fill")]
     plan += [(c, stride, middle, f"layer {middle[0]}") for c in contexts for stride in (None, "fill")]
     for c, stride, which, what in plan:
         passes = token_passes(lm, words, c, None if stride is None else n)
-        t_local = t_run = float("inf")
+        t_local = t_run = t_layer = float("inf")
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
             t_local = min(t_local, one_pass(lm, ids, device))
+            if what != "sweep":
+                t_layer = min(t_layer, one_pass(lm, ids, device, blocks=which[0]))
             t0 = time.perf_counter()
             extract_word_features(words, lm, which, c, stride_words=stride)
             sync(device)
@@ -193,8 +224,11 @@ def bench_loaded(rows: list[list[str]], label: str, lm: LoadedModel, words: list
         note = f"one pass alongside {t_local:.2f} s, strided {t_run:.2f} s"
         if what == "sweep":
             note += f"; {t_run / t_copy:.2f}x one pass with every hidden state copied"
+        else:
+            note += f", one pass to the layer {t_layer:.2f} s"
         rows.append([label, str(c), f"strided {what}, stride {'fill' if stride else 'default'}", f"{n / t_run:,.0f}",
                      f"{passes:.2f}", f"{ratio:.2f}x", f"{ratio / passes:.2f}x",
+                     "" if what == "sweep" else f"{t_run / t_layer:.2f}x",
                      f"{gpu_gb():.1f}" if device.startswith("cuda") else "", note])
         print(rows[-1], flush=True)
     if sweep and not layer_only:
@@ -212,7 +246,7 @@ def bench_loaded(rows: list[list[str]], label: str, lm: LoadedModel, words: list
             assert np.isfinite(first[:: max(1, n // 50)]).all()
         size = len(layers) * n * lm.hidden_size * 4 / 1e9
         rows.append([label, str(c), f"sweep of {len(layers)} hidden states, streamed (fill)", f"{n / seconds:,.0f}",
-                     "", "", "", f"{gpu_gb():.1f}" if device.startswith("cuda") else "",
+                     "", "", "", "", f"{gpu_gb():.1f}" if device.startswith("cuda") else "",
                      f"{size:.2f} GB of float32 features written; resident growth {rss_gb() - rss0:.2f} GB"])
         print(rows[-1], flush=True)
 
@@ -222,7 +256,7 @@ def table(args: argparse.Namespace, device: str, rows: list[list[str]], memory: 
     import transformers
 
     head = ["model", "context (words)", "extractor", "words/s", "token passes", "vs one pass", "overhead",
-            "peak GPU GB", "note"]
+            "vs one pass to the layer", "peak GPU GB", "note"]
     return [
         "# Language models at scale: words/s, token passes and memory",
         "",
@@ -232,13 +266,14 @@ def table(args: argparse.Namespace, device: str, rows: list[list[str]], memory: 
         f"{os.getloadavg()[0]:.2f} when written.",
         "",
         "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---"] * 3 + ["---:"] * 5 + ["---"]) + "|",
+        "|" + "|".join(["---"] * 3 + ["---:"] * 6 + ["---"]) + "|",
         *["| " + " | ".join(r) + " |" for r in rows],
         "",
         "`token passes`: tokens the windows hold over the story's tokens (the least any extractor with that "
         "context and stride must run). `vs one pass`: time over one pass's (best of three each, alternately). "
         "`overhead`: `vs one pass` over `token passes`, i.e. time spent besides running the windows' tokens "
-        "(1.00x = none).",
+        "(1.00x = none). `vs one pass to the layer`: time over one pass through the model's first L blocks only "
+        "(the least work a layer-L extractor must do at one token pass).",
         "",
         "Memory:",
         *memory,

@@ -361,3 +361,22 @@ def test_speech_loading_refuses_unsafe_or_wrong_models(speech_dirs, tiny_bert_di
         load_speech_model(str(tiny_bert_dir))
     with pytest.raises(ModelError, match="not found"):
         load_speech_model(str(tmp_path / "nothing-here"))
+
+
+@pytest.mark.parametrize("kind", ["wav2vec2", "hubert", "wavlm", "whisper"])
+def test_one_speech_layer_stops_the_encoder_there(speech_dirs, kind):
+    """A layer below the last comes from encoder passes stopped after it (the last block never runs)."""
+    from pipelines.features.layer_taps import LayerTaps, layer_stack
+
+    sm = load_speech_model(str(speech_dirs[kind]), device="cpu")
+    audio = _chirp(2.0)
+    _, whole = extract_speech_features(audio, SR, sm, [0, 1, 2], window_s=1.0, step_s=0.25, batch_size=3)
+    calls: list = []
+    handle = layer_stack(sm.model, sm.n_layers)[-1].register_forward_hook(lambda *args: calls.append(1))
+    for layer, checks in ((1, 1), (0, 0), (1, 0)):  # one whole pass on one window checks the hooks, once
+        calls.clear()
+        _, single = extract_speech_features(audio, SR, sm, [layer], window_s=1.0, step_s=0.25, batch_size=3)
+        assert len(calls) == checks
+        np.testing.assert_allclose(single[layer], whole[layer], rtol=1e-5, atol=1e-6)
+    handle.remove()
+    assert isinstance(sm.layer_taps, LayerTaps)

@@ -234,3 +234,77 @@ def test_cache_key_follows_the_resolved_dtype_and_device(family_dirs):
         spec, "sha-story", runtime={**auto_cpu, "device": "cuda"})  # which GPU does not matter
     assert cache_key({**spec, "dtype": "bfloat16"}, "sha-story", runtime=bf16) != key
     assert model_runtime({"name": "wr", "kind": "word_rate"}) is None
+
+
+# ------------------------------------------------------------------- passes stopped at the layer asked for
+
+def _count_calls(module) -> tuple[list, object]:
+    calls: list = []
+    return calls, module.register_forward_hook(lambda *args: calls.append(1))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_one_layer_runs_the_model_only_to_that_layer(family_dirs, family):
+    """Layers below the last come from passes stopped there, equal to the model's own hidden states."""
+    from pipelines.features.layer_taps import LayerTaps, layer_stack
+
+    lm = load_language_model(str(family_dirs[family]), device="cpu")
+    stack = layer_stack(lm.model, lm.n_layers)
+    calls, handle = _count_calls(stack[-1])
+    whole = extract_word_features(STORY, lm, [0, 1, 2], 4, batch_size=5)  # the last layer: whole passes
+    assert len(calls) > 0 and lm.layer_taps is None
+    for layer, checks in ((0, 1), (1, 0), (0, 0)):
+        calls.clear()
+        single = extract_word_features(STORY, lm, [layer], 4, batch_size=5)[layer]
+        # the last block ran only for the one-row check of the hooks against a whole pass, the first time
+        assert len(calls) == checks, f"the last block ran for layer {layer}"
+        np.testing.assert_allclose(single, whole[layer], rtol=1e-5, atol=1e-6)
+    assert isinstance(lm.layer_taps, LayerTaps)
+    calls.clear()
+    again = extract_word_features(STORY, lm, [1, 2], 4, batch_size=5)  # the hooks stay out of whole passes
+    assert len(calls) > 0
+    np.testing.assert_array_equal(again[2], whole[2])
+    handle.remove()
+
+
+def test_a_stack_that_disagrees_with_the_model_is_not_used(family_dirs, monkeypatch):
+    """The hooks are checked against the model's own hidden states; a wrong stack means whole passes."""
+    import torch
+
+    from pipelines.features import layer_taps
+
+    lm = load_language_model(str(family_dirs["llama"]), device="cpu")
+    whole = extract_word_features(STORY, lm, [1, 2], 4, batch_size=5)[1]
+    blocks = list(lm.model.layers)
+    before = [(len(b._forward_pre_hooks), len(b._forward_hooks)) for b in blocks]  # transformers' own
+    monkeypatch.setattr(layer_taps, "layer_stack",
+                        lambda model, n: torch.nn.ModuleList(list(model.layers)[::-1]))
+    single = extract_word_features(STORY, lm, [1], 4, batch_size=5)[1]
+    assert lm.layer_taps is False
+    np.testing.assert_array_equal(single, whole)
+    assert [(len(b._forward_pre_hooks), len(b._forward_hooks)) for b in blocks] == before  # ours taken off
+
+
+def test_a_model_without_one_stack_of_blocks_runs_whole(family_dirs):
+    from pipelines.features.layer_taps import layer_stack
+
+    lm = load_language_model(str(family_dirs["gpt2"]), device="cpu")
+    assert layer_stack(lm.model, 3) is None and layer_stack(lm.model, 0) is None
+    lm.n_layers = 3  # as if the config counted blocks the model does not hold as one list
+    feats = extract_word_features(STORY, lm, [1], 4, batch_size=5)[1]
+    assert lm.layer_taps is False and np.isfinite(feats).all()
+
+
+def test_threads_sharing_a_model_get_their_own_layers(family_dirs):
+    """Two threads stopping one model at different layers, on different stories, at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lm = load_language_model(str(family_dirs["gpt_neox"]), device="cpu")
+    other = STORY[::-1]
+    jobs = [(STORY, 0), (other, 1), (STORY, 1), (other, 0)] * 3
+    alone = {(id(words), layer): extract_word_features(words, lm, [layer], 3, batch_size=2)[layer]
+             for words, layer in jobs[:4]}
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda job: extract_word_features(job[0], lm, [job[1]], 3, batch_size=2)[job[1]], jobs))
+    for (words, layer), feats in zip(jobs, got):
+        np.testing.assert_array_equal(feats, alone[(id(words), layer)])

@@ -28,7 +28,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipelines.errors import ModelError
-from pipelines.features.lm_windows import LoadedModel, Window, forward_batch, length_batches, tokenize_window
+from pipelines.features.layer_taps import accepts, hidden_states_to
+from pipelines.features.lm_windows import LoadedModel, Window, batch_inputs, length_batches, tokenize_window
 
 __all__ = ["story_word_tokens", "tokenize_windows", "target_positions", "run_windows"]
 
@@ -188,10 +189,12 @@ def run_windows(
             raise ModelError(f"word {word!r} has no tokens in model {lm.name!r}: "
                              "check the word list for empty entries") from None
         plans.append((pos, slots))
+    # no key/value cache: nothing is generated from these passes
+    extra = {"use_cache": False} if lm.is_causal and accepts(lm.model, "use_cache") else {}
     copier = torch.cuda.Stream() if str(lm.device).startswith("cuda") else None
     pending: tuple[Any, Any, list[int]] | None = None
     for chunk in length_batches([len(t[0]) for t in tokenized], batch_size, batch_tokens):
-        result = forward_batch(lm, [tokenized[k][0] for k in chunk])
+        hidden = hidden_states_to(lm, batch_inputs(lm, [tokenized[k][0] for k in chunk]), hs_index, **extra)
         rows, pos, slots, dests = [], [], [], []
         for row, k in enumerate(chunk):
             p, s = plans[k]
@@ -199,9 +202,9 @@ def run_windows(
             pos.append(p)
             slots.append(s + len(dests))
             dests.extend(windows[k].dest)
-        picked = _gather(torch, result, hs_index, np.concatenate(rows), np.concatenate(pos),
+        picked = _gather(torch, hidden, np.concatenate(rows), np.concatenate(pos),
                          np.concatenate(slots), len(dests), pooling)
-        del result
+        del hidden
         event = None
         if copier is not None:
             event = torch.cuda.Event()
@@ -213,19 +216,17 @@ def run_windows(
         _deliver(torch, pending, copier, write)
 
 
-def _gather(torch: Any, result: Any, hs_index: list[int], r_np: np.ndarray, p_np: np.ndarray,
+def _gather(torch: Any, hidden: list[Any], r_np: np.ndarray, p_np: np.ndarray,
             s_np: np.ndarray, n_dest: int, pooling: str) -> Any:
-    """The batch's target features, float32 on the model's device, shape (len(hs_index), n_dest, hidden)."""
-    device = result.hidden_states[0].device
+    """The batch's target features, float32 on the first hidden state's device, shape (len(hidden), n_dest, width)."""
+    device = hidden[0].device
     idx = {}  # per device: a sharded model (device_map) leaves its layers on several GPUs
-    for h in hs_index:
-        dev = result.hidden_states[h].device
-        if dev not in idx:
-            idx[dev] = (torch.from_numpy(r_np).to(dev), torch.from_numpy(p_np).to(dev))
+    for hs in hidden:
+        if hs.device not in idx:
+            idx[hs.device] = (torch.from_numpy(r_np).to(hs.device), torch.from_numpy(p_np).to(hs.device))
     with torch.inference_mode():
         # (L, n_tok, H), float32 whatever the model computes in
-        picked = torch.stack([hs[idx[hs.device]].to(device).float()
-                              for hs in (result.hidden_states[h] for h in hs_index)])
+        picked = torch.stack([hs[idx[hs.device]].to(device).float() for hs in hidden])
         if pooling == "mean":
             s_idx = torch.from_numpy(s_np).to(device)
             counts = torch.bincount(s_idx, minlength=n_dest).to(picked.dtype)

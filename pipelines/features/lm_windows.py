@@ -8,7 +8,7 @@ token budget, right-padded and run in one forward pass per batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,6 +26,7 @@ __all__ = [
     "tokens_per_batch",
     "length_batches",
     "pad_token_id",
+    "batch_inputs",
     "forward_batch",
     "strided_plan",
 ]
@@ -72,6 +73,9 @@ class LoadedModel:
     device: str = "cpu"
     head: str = "base"
     runtime: Any = None
+    #: hooks that stop a pass at the deepest layer asked for (:mod:`pipelines.features.layer_taps`);
+    #: None until the first batch, False when this model must be run whole
+    layer_taps: Any = field(default=None, repr=False, compare=False)
 
 
 def check_words(words: Sequence[str]) -> list[str]:
@@ -231,13 +235,13 @@ def pad_token_id(lm: LoadedModel) -> int:
     return int(pad_id)
 
 
-def forward_batch(lm: LoadedModel, seqs: list[list[int]]) -> Any:
-    """One forward pass on right-padded sequences; returns the model output (hidden states on).
+def batch_inputs(lm: LoadedModel, seqs: list[list[int]]) -> dict[str, Any]:
+    """Right-padded ``input_ids`` (and an ``attention_mask`` when rows differ in length) on the model's device.
 
     Parameters
     ----------
     seqs : list of n_seqs lists of token ids
-        Padded to ``(n_seqs, max length)`` with an attention mask.
+        Padded to ``(n_seqs, max length)``.
     """
     import torch  # heavy and optional: imported only when a model runs
 
@@ -249,9 +253,15 @@ def forward_batch(lm: LoadedModel, seqs: list[list[int]]) -> Any:
         mask[row, : len(seq)] = 1
     # no padding, no mask: the model then takes its plain (flash) attention path, as one pass does
     unpadded = all(len(seq) == width for seq in seqs)
+    return {"input_ids": ids.to(lm.device), "attention_mask": None if unpadded else mask.to(lm.device)}
+
+
+def forward_batch(lm: LoadedModel, seqs: list[list[int]]) -> Any:
+    """One forward pass on right-padded sequences (:func:`batch_inputs`); returns the model output (hidden states on)."""
+    import torch  # heavy and optional: imported only when a model runs
+
     with torch.inference_mode():
-        return lm.model(input_ids=ids.to(lm.device), attention_mask=None if unpadded else mask.to(lm.device),
-                        output_hidden_states=True)
+        return lm.model(**batch_inputs(lm, seqs), output_hidden_states=True)
 
 
 def strided_plan(n_words: int, context_words: int, word_tokens: np.ndarray | None = None,

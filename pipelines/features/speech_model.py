@@ -36,7 +36,7 @@ chunk level.)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -45,6 +45,7 @@ import numpy as np
 from pipelines.errors import ModelError
 from pipelines.features.model_source import safe_model_config
 from pipelines.features.layer_files import LayerFiles
+from pipelines.features.layer_taps import hidden_states_to
 from pipelines.features.lm_windows import layer_indices
 from pipelines.features.model_runtime import load_kwargs, place, resolve_runtime
 
@@ -110,6 +111,8 @@ class LoadedSpeechModel:
     frame_stride: int = 320
     frame_span: int = 400
     runtime: Any = None
+    #: hooks that stop a pass at the deepest layer asked for (:mod:`pipelines.features.layer_taps`)
+    layer_taps: Any = field(default=None, repr=False, compare=False)
 
     def frame_ends(self, n_frames: int) -> np.ndarray:
         """Last sample (exclusive) of each of ``n_frames`` encoder frames, relative to the window start."""
@@ -226,9 +229,8 @@ def _run(lm: LoadedSpeechModel, windows: list[np.ndarray], hs_index: list[int]) 
     """Hidden states (L, B, T, H) of equal-length windows."""
     import torch
 
-    with torch.inference_mode():
-        out = lm.model(**_inputs(lm, windows), output_hidden_states=True)
-        hidden = torch.stack([out.hidden_states[h] for h in hs_index])
+    with torch.inference_mode():  # run only as deep as the deepest layer asked for
+        hidden = torch.stack(hidden_states_to(lm, _inputs(lm, windows), hs_index))
         return hidden.float().cpu().numpy()
 
 
