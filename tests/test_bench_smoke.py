@@ -82,10 +82,13 @@ def test_bench_llm_writes_every_row(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [ln.split("|")[3].strip() for ln in out.read_text().splitlines() if ln.startswith("| llama-tiny")]
-    assert rows == ["one pass", "one pass, every hidden state to the host", "strided sweep, stride default",
+    assert rows == ["one pass", "one pass to layer 1", "one pass, every hidden state to the host",
+                    "strided sweep, stride default",
                     "strided sweep, stride fill", "strided layer 1, stride default", "strided layer 1, stride fill",
                     "sweep of 3 hidden states, streamed (fill)"]
     assert "FAILED" not in out.read_text()
+    layer_rows = [ln.split("|") for ln in out.read_text().splitlines() if "| strided layer 1" in ln]
+    assert all(cells[8].strip().endswith("x") for cells in layer_rows)  # measured against one pass to the layer
 
 
 def test_bench_semantic_decoding_writes_its_row(tmp_path):

@@ -272,6 +272,7 @@ def test_a_stack_that_disagrees_with_the_model_is_not_used(family_dirs, monkeypa
     import torch
 
     from pipelines.features import layer_taps
+    from pipelines.features.layer_taps import WholePasses
 
     lm = load_language_model(str(family_dirs["llama"]), device="cpu")
     whole = extract_word_features(STORY, lm, [1, 2], 4, batch_size=5)[1]
@@ -280,19 +281,19 @@ def test_a_stack_that_disagrees_with_the_model_is_not_used(family_dirs, monkeypa
     monkeypatch.setattr(layer_taps, "layer_stack",
                         lambda model, n: torch.nn.ModuleList(list(model.layers)[::-1]))
     single = extract_word_features(STORY, lm, [1], 4, batch_size=5)[1]
-    assert lm.layer_taps is False
+    assert isinstance(lm.layer_taps, WholePasses)
     np.testing.assert_array_equal(single, whole)
     assert [(len(b._forward_pre_hooks), len(b._forward_hooks)) for b in blocks] == before  # ours taken off
 
 
 def test_a_model_without_one_stack_of_blocks_runs_whole(family_dirs):
-    from pipelines.features.layer_taps import layer_stack
+    from pipelines.features.layer_taps import WholePasses, layer_stack
 
     lm = load_language_model(str(family_dirs["gpt2"]), device="cpu")
     assert layer_stack(lm.model, 3) is None and layer_stack(lm.model, 0) is None
     lm.n_layers = 3  # as if the config counted blocks the model does not hold as one list
     feats = extract_word_features(STORY, lm, [1], 4, batch_size=5)[1]
-    assert lm.layer_taps is False and np.isfinite(feats).all()
+    assert isinstance(lm.layer_taps, WholePasses) and np.isfinite(feats).all()
 
 
 def test_threads_sharing_a_model_get_their_own_layers(family_dirs):
@@ -308,3 +309,21 @@ def test_threads_sharing_a_model_get_their_own_layers(family_dirs):
         got = list(pool.map(lambda job: extract_word_features(job[0], lm, [job[1]], 3, batch_size=2)[job[1]], jobs))
     for (words, layer), feats in zip(jobs, got):
         np.testing.assert_array_equal(feats, alone[(id(words), layer)])
+
+
+def test_a_copied_model_gets_hooks_of_its_own(family_dirs):
+    """An untrained copy (``dataclasses.replace`` of a model already stopped at a layer) is stopped
+    through its own blocks, not the original's hooks."""
+    from pipelines.features.baselines import untrained_model
+    from pipelines.features.layer_taps import LayerTaps
+
+    lm = load_language_model(str(family_dirs["qwen2"]), device="cpu")
+    trained = extract_word_features(STORY, lm, [1], 4, batch_size=5)[1]
+    fresh = untrained_model(lm)
+    assert fresh.layer_taps is lm.layer_taps  # copied along with the rest
+    single = extract_word_features(STORY, fresh, [1], 4, batch_size=5)[1]
+    whole = extract_word_features(STORY, fresh, [1, 2], 4, batch_size=5)[1]
+    assert isinstance(fresh.layer_taps, LayerTaps) and fresh.layer_taps.model is fresh.model
+    np.testing.assert_allclose(single, whole, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(single, trained)
+    np.testing.assert_array_equal(extract_word_features(STORY, lm, [1], 4, batch_size=5)[1], trained)

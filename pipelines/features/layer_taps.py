@@ -20,7 +20,7 @@ import logging
 import threading
 from typing import Any, Sequence
 
-__all__ = ["LayerTaps", "accepts", "layer_stack", "hidden_states_to"]
+__all__ = ["LayerTaps", "WholePasses", "accepts", "layer_stack", "hidden_states_to"]
 
 log = logging.getLogger(__name__)
 _FIRST_USE = threading.Lock()  # two threads meeting a model at once set up one set of hooks
@@ -57,12 +57,15 @@ class LayerTaps:
 
     Parameters
     ----------
+    model : torch.nn.Module
+        The model the stack belongs to.
     stack : torch.nn.ModuleList
         The model's blocks (:func:`layer_stack`); hidden state ``h`` (``0 <= h < len(stack)``)
         is the input of block ``h``.
     """
 
-    def __init__(self, stack: Any) -> None:
+    def __init__(self, model: Any, stack: Any) -> None:
+        self.model = model  # the hooks belong to this model (a copied LoadedModel may hold another)
         self.n_layers = len(stack)
         self._local = threading.local()
         self._handles = [stack[0].register_forward_pre_hook(self._before_first, with_kwargs=True)]
@@ -112,6 +115,13 @@ class LayerTaps:
         self._handles = []
 
 
+class WholePasses:
+    """The verdict for a model whose hidden states must come from whole passes (no usable stack)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+
 def _agrees(taps: LayerTaps, call: Any, whole: Any) -> bool:
     """Do the hooks hand over the model's own hidden states 0..n_layers - 1 for this input?"""
     import torch
@@ -149,14 +159,14 @@ def _set_up(owner: Any, inputs: dict[str, Any], extra: dict[str, Any]) -> None:
     model, n_layers = owner.model, int(owner.n_layers)
     probe = _probe(inputs)
     stack = layer_stack(model, n_layers)
-    taps = LayerTaps(stack) if stack is not None else None
+    taps = LayerTaps(model, stack) if stack is not None else None
     if taps is not None and not _agrees(taps, lambda: model(**probe, output_hidden_states=False, **extra),
                                         lambda: model(**probe, output_hidden_states=True, **extra)):
         taps.remove()
         taps = None
     if taps is None:
         log.info("model %s: hidden states are taken from whole passes", getattr(owner, "name", "?"))
-    owner.layer_taps = taps if taps is not None else False
+    owner.layer_taps = taps if taps is not None else WholePasses(model)
 
 
 def accepts(model: Any, name: str) -> bool:
@@ -173,7 +183,8 @@ def hidden_states_to(owner: Any, inputs: dict[str, Any], hs_index: Sequence[int]
     ----------
     owner : LoadedModel or LoadedSpeechModel
         Holds ``model`` and ``n_layers``; its ``layer_taps`` attribute caches the hooks
-        (False once they are found not to apply: the model is then always run whole).
+        (:class:`WholePasses` once they are found not to apply: the model is then always run
+        whole). Hooks or verdict made for another model (a copied ``owner``) are made anew.
     inputs : dict
         Keyword inputs of ``owner.model`` (on its device).
     hs_index : sequence of int
@@ -188,12 +199,16 @@ def hidden_states_to(owner: Any, inputs: dict[str, Any], hs_index: Sequence[int]
     import torch
 
     model, n_layers = owner.model, int(owner.n_layers)
+
+    def unset() -> bool:
+        return getattr(owner.layer_taps, "model", None) is not model
+
     with torch.inference_mode():
-        if max(hs_index) < n_layers and owner.layer_taps is None:
+        if max(hs_index) < n_layers and unset():
             with _FIRST_USE:
-                if owner.layer_taps is None:
+                if unset():
                     _set_up(owner, inputs, extra)
-        if max(hs_index) >= n_layers or owner.layer_taps is False:
+        if max(hs_index) >= n_layers or isinstance(owner.layer_taps, WholePasses):
             out = model(**inputs, output_hidden_states=True, **extra)
             return [out.hidden_states[h] for h in hs_index]
         got = owner.layer_taps.run(lambda: model(**inputs, output_hidden_states=False, **extra),

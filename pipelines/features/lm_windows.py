@@ -74,7 +74,7 @@ class LoadedModel:
     head: str = "base"
     runtime: Any = None
     #: hooks that stop a pass at the deepest layer asked for (:mod:`pipelines.features.layer_taps`);
-    #: None until the first batch, False when this model must be run whole
+    #: None until the first batch, WholePasses when this model must be run whole
     layer_taps: Any = field(default=None, repr=False, compare=False)
 
 
