@@ -155,7 +155,7 @@ def _probe(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _set_up(owner: Any, inputs: dict[str, Any], extra: dict[str, Any]) -> None:
-    """Find the stack, check the hooks on a probe of this batch, and cache them (or False) on ``owner``."""
+    """Find the stack, check the hooks on a probe of this batch, and cache them (or a WholePasses verdict) on ``owner``."""
     model, n_layers = owner.model, int(owner.n_layers)
     probe = _probe(inputs)
     stack = layer_stack(model, n_layers)
