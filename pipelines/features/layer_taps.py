@@ -20,7 +20,7 @@ import logging
 import threading
 from typing import Any, Sequence
 
-__all__ = ["LayerTaps", "WholePasses", "accepts", "layer_stack", "hidden_states_to"]
+__all__ = ["LayerTaps", "WholePasses", "layer_stack", "hidden_states_to"]
 
 log = logging.getLogger(__name__)
 _FIRST_USE = threading.Lock()  # two threads meeting a model at once set up one set of hooks
@@ -122,17 +122,17 @@ class WholePasses:
         self.model = model
 
 
-def _agrees(taps: LayerTaps, call: Any, whole: Any) -> bool:
-    """Do the hooks hand over the model's own hidden states 0..n_layers - 1 for this input?"""
+def _agrees(taps: LayerTaps, model: Any, probe: dict[str, Any]) -> bool:
+    """Do the hooks hand over the model's own hidden states 0..n_layers - 1 for the input ``probe``?"""
     import torch
 
     wanted = list(range(taps.n_layers))
     try:
-        got = taps.run(call, wanted)
+        got = taps.run(lambda: model(**probe, output_hidden_states=False), wanted)
     except Exception as err:  # any failure means: run this model whole
         log.info("layer taps failed (%s): the model is run whole", err)
         return False
-    own = whole().hidden_states
+    own = model(**probe, output_hidden_states=True).hidden_states
     if len(own) != taps.n_layers + 1:
         return False
     for h in wanted:
@@ -154,14 +154,13 @@ def _probe(inputs: dict[str, Any]) -> dict[str, Any]:
     return probe
 
 
-def _set_up(owner: Any, inputs: dict[str, Any], extra: dict[str, Any]) -> None:
+def _set_up(owner: Any, inputs: dict[str, Any]) -> None:
     """Find the stack, check the hooks on a probe of this batch, and cache them (or a WholePasses verdict) on ``owner``."""
     model, n_layers = owner.model, int(owner.n_layers)
     probe = _probe(inputs)
     stack = layer_stack(model, n_layers)
     taps = LayerTaps(model, stack) if stack is not None else None
-    if taps is not None and not _agrees(taps, lambda: model(**probe, output_hidden_states=False, **extra),
-                                        lambda: model(**probe, output_hidden_states=True, **extra)):
+    if taps is not None and not _agrees(taps, model, probe):
         taps.remove()
         taps = None
     if taps is None:
@@ -169,14 +168,15 @@ def _set_up(owner: Any, inputs: dict[str, Any], extra: dict[str, Any]) -> None:
     owner.layer_taps = taps if taps is not None else WholePasses(model)
 
 
-def accepts(model: Any, name: str) -> bool:
-    """Does ``model``'s forward take the keyword ``name``?"""
+def _without_cache(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` plus ``use_cache=False`` where the model takes it: nothing is generated from a
+    feature pass, so a key/value cache would be memory for nothing."""
     import inspect
 
-    return name in inspect.signature(model.forward).parameters
+    return {**inputs, "use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else inputs
 
 
-def hidden_states_to(owner: Any, inputs: dict[str, Any], hs_index: Sequence[int], **extra: Any) -> list[Any]:
+def hidden_states_to(owner: Any, inputs: dict[str, Any], hs_index: Sequence[int]) -> list[Any]:
     """Hidden states ``hs_index`` of one batch, the model run only as deep as the deepest.
 
     Parameters
@@ -186,11 +186,10 @@ def hidden_states_to(owner: Any, inputs: dict[str, Any], hs_index: Sequence[int]
         (:class:`WholePasses` once they are found not to apply: the model is then always run
         whole). Hooks or verdict made for another model (a copied ``owner``) are made anew.
     inputs : dict
-        Keyword inputs of ``owner.model`` (on its device).
+        Keyword inputs of ``owner.model`` (on its device); ``use_cache=False`` is added where
+        the model takes it.
     hs_index : sequence of int
         Hidden-state indices in ``0..n_layers``.
-    **extra
-        Further keyword arguments of the forward pass (e.g. ``use_cache=False``).
 
     Returns
     -------
@@ -199,6 +198,7 @@ def hidden_states_to(owner: Any, inputs: dict[str, Any], hs_index: Sequence[int]
     import torch
 
     model, n_layers = owner.model, int(owner.n_layers)
+    inputs = _without_cache(model, inputs)
 
     def unset() -> bool:
         return getattr(owner.layer_taps, "model", None) is not model
@@ -207,10 +207,10 @@ def hidden_states_to(owner: Any, inputs: dict[str, Any], hs_index: Sequence[int]
         if max(hs_index) < n_layers and unset():
             with _FIRST_USE:
                 if unset():
-                    _set_up(owner, inputs, extra)
+                    _set_up(owner, inputs)
         if max(hs_index) >= n_layers or isinstance(owner.layer_taps, WholePasses):
-            out = model(**inputs, output_hidden_states=True, **extra)
+            out = model(**inputs, output_hidden_states=True)
             return [out.hidden_states[h] for h in hs_index]
-        got = owner.layer_taps.run(lambda: model(**inputs, output_hidden_states=False, **extra),
+        got = owner.layer_taps.run(lambda: model(**inputs, output_hidden_states=False),
                                    sorted(set(hs_index)))
         return [got[h] for h in hs_index]

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipelines.errors import ModelError
-from pipelines.features.layer_taps import accepts, hidden_states_to
+from pipelines.features.layer_taps import hidden_states_to
 from pipelines.features.lm_windows import LoadedModel, Window, batch_inputs, length_batches, tokenize_window
 
 __all__ = ["story_word_tokens", "tokenize_windows", "target_positions", "run_windows"]
@@ -189,12 +189,10 @@ def run_windows(
             raise ModelError(f"word {word!r} has no tokens in model {lm.name!r}: "
                              "check the word list for empty entries") from None
         plans.append((pos, slots))
-    # no key/value cache: nothing is generated from these passes
-    extra = {"use_cache": False} if lm.is_causal and accepts(lm.model, "use_cache") else {}
     copier = torch.cuda.Stream() if str(lm.device).startswith("cuda") else None
     pending: tuple[Any, Any, list[int]] | None = None
     for chunk in length_batches([len(t[0]) for t in tokenized], batch_size, batch_tokens):
-        hidden = hidden_states_to(lm, batch_inputs(lm, [tokenized[k][0] for k in chunk]), hs_index, **extra)
+        hidden = hidden_states_to(lm, batch_inputs(lm, [tokenized[k][0] for k in chunk]), hs_index)
         rows, pos, slots, dests = [], [], [], []
         for row, k in enumerate(chunk):
             p, s = plans[k]
