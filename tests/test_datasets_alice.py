@@ -20,15 +20,12 @@ from pipelines.errors import DatasetError
 from pipelines.ingest import check_run_timing, check_subjects, load_run_words, load_subject, load_words, open_dataset
 
 from .conftest import demo_config
-from .datasets import corr, metadata_files, realdata, stage
+from .datasets import corr, realdata, stage
+from .datasets.alice import COLUMNS, ROI, alice_files
 
 pytestmark = pytest.mark.integration
 
-NAME = "ds002322_alice_bids_meta"
-ROI = "alice_brennan2016_roi"
 SOURCE = "s3://openneuro-mirror/ds002322"
-TEXTGRID = "stimuli/DownTheRabbitHoleFinal_exp120_pad_1.TextGrid"
-COLUMNS = ["LATL", "RATL", "LPTL", "LIPL", "LPreM", "LIFG"]
 SUBJECTS = ("18", "22", "23")
 
 
@@ -40,19 +37,8 @@ def config(tmp_path, subjects=SUBJECTS):
 
 @pytest.fixture(scope="module")
 def alice(s3_url):
-    roi = realdata(ROI)
-    files: dict = dict(metadata_files(NAME))
-    files[TEXTGRID] = roi / "alice_stim_shared" / TEXTGRID.split("/")[1]
-    for s in SUBJECTS:
-        table = pd.read_csv(roi / f"alice_data_shared/6mm/s{s}-timecourses.txt", sep=r"\s+", header=None,
-                            names=COLUMNS)
-        base = f"derivatives/brennan2016roi/sub-{s}/func/sub-{s}_task-alice_desc-roi6mm_timeseries"
-        files[base + ".tsv"] = table.to_csv(sep="\t", index=False)
-        files[base + ".json"] = '{"RepetitionTime": 2.0, "StartTime": 20.0}'
-    files["derivatives/brennan2016roi/dataset_description.json"] = \
-        '{"Name": "Brennan 2016 ROI time courses", "BIDSVersion": "1.8.0", "DatasetType": "derivative"}'
-    stage(SOURCE, files)
-    return roi
+    stage(SOURCE, alice_files(SUBJECTS))
+    return realdata(ROI)
 
 
 def hrf_word_rate(words: pd.DataFrame, times: np.ndarray) -> np.ndarray:

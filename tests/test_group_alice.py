@@ -19,36 +19,21 @@ from pipelines.config import parse_config
 from pipelines.consume import read_manifest
 from pipelines.resultstore import ResultStore
 
-from .datasets import metadata_files, realdata, stage
+from .datasets import stage
+from .datasets.alice import COLUMNS, DERIVATIVE, alice_files, roi_subjects, word_rate_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-NAME = "ds002322_alice_bids_meta"
-ROI = "alice_brennan2016_roi"
 SOURCE = "s3://alice-group/ds002322"
-TEXTGRID = "stimuli/DownTheRabbitHoleFinal_exp120_pad_1.TextGrid"
-COLUMNS = ["LATL", "RATL", "LPTL", "LIPL", "LPreM", "LIFG"]
 ATLAS = "target\troi\nLATL\tleft temporal\nLPTL\tleft temporal\nRATL\tright temporal\nLIPL\tleft parietal\n" \
         "LPreM\tleft frontal\nLIFG\tleft frontal\n"
 
 
 @pytest.fixture(scope="module")
 def alice_cohort(s3_url) -> list[str]:
-    roi = realdata(ROI)
-    meta = metadata_files(NAME)
-    subjects = sorted({k.split("/")[0][4:] for k in meta if k.startswith("sub-")}
-                      & {p.name[1:3] for p in (roi / "alice_data_shared/6mm").glob("s*-timecourses.txt")})
-    files: dict = dict(meta)
-    files[TEXTGRID] = roi / "alice_stim_shared" / TEXTGRID.split("/")[1]
-    for s in subjects:
-        table = pd.read_csv(roi / f"alice_data_shared/6mm/s{s}-timecourses.txt", sep=r"\s+", header=None,
-                            names=COLUMNS)
-        base = f"derivatives/brennan2016roi/sub-{s}/func/sub-{s}_task-alice_desc-roi6mm_timeseries"
-        files[base + ".tsv"] = table.to_csv(sep="\t", index=False)
-        files[base + ".json"] = '{"RepetitionTime": 2.0, "StartTime": 20.0}'
-    files["derivatives/brennan2016roi/dataset_description.json"] = \
-        '{"Name": "Brennan 2016 ROI time courses", "BIDSVersion": "1.8.0", "DatasetType": "derivative"}'
-    files["derivatives/brennan2016roi/lobes.tsv"] = ATLAS
+    subjects = roi_subjects()
+    files = alice_files(subjects)
+    files[f"{DERIVATIVE}/lobes.tsv"] = ATLAS
     stage(SOURCE, files)
     return subjects
 
@@ -63,17 +48,8 @@ def test_group_maps_and_roi_table_of_the_real_alice_listeners(alice_cohort, resu
     monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
     subjects = alice_cohort
     assert len(subjects) >= 20
-    cfg = parse_config({
-        "name": "alice-group",
-        "dataset": {"source": SOURCE, "version": "1.0.4", "task": "alice", "subjects": subjects,
-                    "responses": {"derivatives": ["derivatives/brennan2016roi"], "preprocess": {"polynomial": 3}},
-                    "word_timings": {"format": "textgrid", "files": {"alice": TEXTGRID}, "tier": "word"}},
-        "features": [{"name": "wordrate", "kind": "word_rate"}],
-        "model": {"alphas": [1, 10, 100, 1000, 10000], "delays": [1, 2, 3, 4], "cv": "contiguous_blocks",
-                  "n_folds": 5},
-        "compute": {"backend": "numpy", "dask": "none"},
-        "group": {"permutations": 10000, "atlas": "derivatives/brennan2016roi/lobes.tsv"},
-        "output": results_bucket})
+    cfg = parse_config(word_rate_config("alice-group", SOURCE, subjects, results_bucket,
+                                        {"permutations": 10000, "atlas": f"{DERIVATIVE}/lobes.tsv"}))
     result = run_analysis(cfg)
     assert result["status"] == "complete"
     manifest = read_manifest(f"{cfg.publish_prefix}/manifest.json")

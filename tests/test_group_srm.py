@@ -210,20 +210,12 @@ def test_srm_on_the_real_alice_listeners(alice_cohort, results_bucket, tmp_path,
     from pipelines.consume import read_manifest
     from pipelines.steps import run_analysis
 
-    from .test_group_alice import SOURCE, TEXTGRID
+    from .datasets.alice import word_rate_config
+    from .test_group_alice import SOURCE
 
     monkeypatch.setenv("NEUROFLOW_CACHE", str(tmp_path / "cache"))
-    cfg = parse_config({
-        "name": "alice-srm",
-        "dataset": {"source": SOURCE, "version": "1.0.4", "task": "alice", "subjects": alice_cohort,
-                    "responses": {"derivatives": ["derivatives/brennan2016roi"], "preprocess": {"polynomial": 3}},
-                    "word_timings": {"format": "textgrid", "files": {"alice": TEXTGRID}, "tier": "word"}},
-        "features": [{"name": "wordrate", "kind": "word_rate"}],
-        "model": {"alphas": [1, 10, 100, 1000, 10000], "delays": [1, 2, 3, 4], "cv": "contiguous_blocks",
-                  "n_folds": 5},
-        "compute": {"backend": "numpy", "dask": "none"},
-        "group": {"permutations": 1000, "srm": {"features": 3, "iterations": 10}},
-        "output": results_bucket})
+    cfg = parse_config(word_rate_config("alice-srm", SOURCE, alice_cohort, results_bucket,
+                                        {"permutations": 1000, "srm": {"features": 3, "iterations": 10}}))
     run_analysis(cfg)
     srm = read_manifest(f"{cfg.publish_prefix}/manifest.json")["group"]["srm"]
     per = srm["metrics"]["wordrate"]
