@@ -271,3 +271,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "reliability.md").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium, one per test module (`tests/browser.py`)."""
+    from .browser import Browser, chromium_path
+
+    if chromium_path() is None:
+        pytest.fail("Debian's chromium is not installed; `make test` installs it (apt-get install chromium)")
+    b = Browser()
+    yield b
+    b.close()

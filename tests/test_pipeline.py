@@ -144,17 +144,6 @@ def test_python_api_loads_maps_as_images_and_tables(published):
         analysis.load_map("99", "wordrate")
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from .browser import Browser, chromium_path
-
-    if chromium_path() is None:
-        pytest.fail("Debian's chromium is not installed; `make test` installs it (apt-get install chromium)")
-    b = Browser()
-    yield b
-    b.close()
-
-
 def test_report_opens_in_a_browser_with_every_image(published, browser):
     """The report, opened from the local folder and from S3, shows every picture."""
     cfg, _, result = published

@@ -28,17 +28,6 @@ OVERLAY_PIXELS = ("(() => { const im = document.querySelector('img[id^=overlayIm
                   "for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return {opaque: n}; })()")
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from .browser import Browser, chromium_path
-
-    if chromium_path() is None:
-        pytest.fail("Debian's chromium is not installed; `make test` installs it (apt-get install chromium)")
-    b = Browser()
-    yield b
-    b.close()
-
-
 def coloured_pixels(png: bytes) -> int:
     """Pixels of a screenshot that are clearly coloured (not grey, white or black): the map drawn."""
     from PIL import Image
