@@ -40,15 +40,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pipelines.backend import blas_threads  # noqa: E402
 from pipelines.demo import packaged_model_dir  # noqa: E402
-from pipelines.features.align import lanczos_resample, make_delays  # noqa: E402
+from pipelines.features.align import make_delays  # noqa: E402
 from pipelines.features.language_model import load_language_model  # noqa: E402
-from pipelines.semantic_decoding import (  # noqa: E402
-    decode_segments,
-    fit_semantic_encoder,
-    hypothesis_features,
-)
+from pipelines.semantic_decoding import decode_segments, fit_semantic_encoder  # noqa: E402
+from tests.datasets.planted_decoding import CONTEXT, DELAYS, LAYER, simulated_run  # noqa: E402
 
-LAYER, CONTEXT, DELAYS, TR, TARGETS = 1, 3, [1, 2, 3], 1.0, 40
+TARGETS = 40
 VOCAB = sorted(set((
     "alice was beginning to get very tired of sitting by her sister on the bank and "
     "having nothing do once or twice she had peeped into book reading but it no pictures "
@@ -73,13 +70,7 @@ def tiny_causal_lm(path: Path):
 
 
 def run(lm, rng, n_words, W, noise, scale, planted=True):
-    words = list(rng.choice(VOCAB, size=n_words))
-    word_times = 2.0 + np.cumsum(rng.uniform(0.8, 1.2, n_words))
-    tr_times = np.arange(0.0, word_times[-1] + 6.0, TR)
-    F = lanczos_resample(hypothesis_features(lm, words, LAYER, CONTEXT), word_times, tr_times)
-    signal = make_delays(F, [len(tr_times)], DELAYS) @ W / scale
-    Y = (signal if planted else 0.0) + noise * rng.standard_normal((len(tr_times), W.shape[1]))
-    return {"words": words, "word_times": word_times, "tr_times": tr_times, "features": F, "responses": Y}
+    return simulated_run(lm, rng, VOCAB, n_words, W, noise, scale, planted)
 
 
 def row(lm, embedder, noise: float, train_words: int, candidates: int, n_segments: int, n_null: int, seed: int,

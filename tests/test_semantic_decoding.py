@@ -25,7 +25,7 @@ from pipelines.semantic_decoding import (
 )
 from tests.conftest import _save_tiny_tokenizer
 
-LAYER, CONTEXT, DELAYS, TR = 1, 3, [1, 2, 3], 1.0
+from tests.datasets.planted_decoding import CONTEXT, DELAYS, LAYER, simulated_run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,14 +64,8 @@ def _vocabulary(lm) -> list[str]:
 
 
 def _run(lm, rng, n_words: int, W: np.ndarray, noise: float, scale: float, planted: bool = True) -> dict:
-    """One run: random words at jittered ~1 s onsets, responses from their features (or pure noise)."""
-    words = list(rng.choice(_vocabulary(lm), size=n_words))
-    word_times = 2.0 + np.cumsum(rng.uniform(0.8, 1.2, n_words))
-    tr_times = np.arange(0.0, word_times[-1] + 6.0, TR)
-    F = lanczos_resample(hypothesis_features(lm, words, LAYER, CONTEXT), word_times, tr_times)
-    signal = make_delays(F, [len(tr_times)], DELAYS) @ W / scale
-    Y = (signal if planted else 0.0) + noise * rng.standard_normal((len(tr_times), W.shape[1]))
-    return {"words": words, "word_times": word_times, "tr_times": tr_times, "features": F, "responses": Y}
+    """One run of the tiny model's own vocabulary (:func:`tests.datasets.planted_decoding.simulated_run`)."""
+    return simulated_run(lm, rng, _vocabulary(lm), n_words, W, noise, scale, planted)
 
 
 @pytest.fixture(scope="module")
