@@ -101,6 +101,21 @@ _NOTICES = """{% if any_simulated %}
 {% endif %}
 """
 
+#: one feature space's pictures and viewer links (in the one-page report and a subject's page)
+_SPACE = """{% for im in fs.images %}
+<figure>
+<img src="{{ im.data_uri }}" alt="{{ im.caption }}">
+<figcaption>{{ im.caption }}</figcaption>
+</figure>
+{% else %}
+<p>No pictures.</p>
+{% endfor %}
+{% for v in fs.viewers %}
+<p class="viewer"><a href="{{ v.href }}">Open the interactive viewer</a> &middot; {{ v.caption }}</p>
+{% endfor %}
+{% if fs.viewer_note %}<p class="meta">{{ fs.viewer_note }}</p>{% endif %}
+"""
+
 _TEMPLATE = _HEAD + """<body>
 <h1>{{ title }}</h1>
 """ + _META + _NOTICES + """
@@ -121,19 +136,7 @@ _TEMPLATE = _HEAD + """<body>
 <h2 id="sub-{{ loop.index }}">Subject {{ s.label }}{% if s.simulated %} <span class="badge">simulated</span>{% endif %}</h2>
 {% for fs in s.feature_spaces %}
 <h3>{{ fs.name }}</h3>
-{% for im in fs.images %}
-<figure>
-<img src="{{ im.data_uri }}" alt="{{ im.caption }}">
-<figcaption>{{ im.caption }}</figcaption>
-</figure>
-{% else %}
-<p>No pictures.</p>
-{% endfor %}
-{% for v in fs.viewers %}
-<p class="viewer"><a href="{{ v.href }}">Open the interactive viewer</a> &middot; {{ v.caption }}</p>
-{% endfor %}
-{% if fs.viewer_note %}<p class="meta">{{ fs.viewer_note }}</p>{% endif %}
-{% endfor %}
+""" + _SPACE + """{% endfor %}
 {% endfor %}
 
 """ + _FOOT
@@ -193,19 +196,7 @@ _SUBJECT_TEMPLATE = _HEAD + """<body>
 </table>
 {% for fs in s.feature_spaces %}
 <h2>{{ fs.name }}</h2>
-{% for im in fs.images %}
-<figure>
-<img src="{{ im.data_uri }}" alt="{{ im.caption }}">
-<figcaption>{{ im.caption }}</figcaption>
-</figure>
-{% else %}
-<p>No pictures.</p>
-{% endfor %}
-{% for v in fs.viewers %}
-<p class="viewer"><a href="{{ v.href }}">Open the interactive viewer</a> &middot; {{ v.caption }}</p>
-{% endfor %}
-{% if fs.viewer_note %}<p class="meta">{{ fs.viewer_note }}</p>{% endif %}
-{% endfor %}
+""" + _SPACE + """{% endfor %}
 </body>
 </html>
 """
