@@ -178,6 +178,8 @@ class ResultStore(BlockReads):
             if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return None, None
             raise translate_s3_error(err, self.uri_of(rel)) from err
+        except Exception as err:  # noqa: BLE001 - an unreachable endpoint: one clear error
+            raise translate_s3_error(err, self.uri_of(rel)) from err
 
     def put_if(self, rel: str, body: bytes, content_type: str, etag: str | None) -> bool:
         """Put `rel` only if its ETag is still `etag` (None: only if there is no object); False otherwise."""
@@ -193,6 +195,8 @@ class ResultStore(BlockReads):
             if status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict",
                                                      "NoSuchKey"):
                 return False
+            raise translate_s3_error(err, self.uri_of(rel)) from err
+        except Exception as err:  # noqa: BLE001 - an unreachable endpoint: one clear error
             raise translate_s3_error(err, self.uri_of(rel)) from err
         return True
 

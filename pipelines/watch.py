@@ -33,9 +33,8 @@ import yaml
 
 from .config import apply_overrides, parse_config
 from .demo import packaged_model_dir
-from .errors import ConfigError, DatasetError, NeuroflowError
+from .errors import ConfigError, DatasetError
 from .ingest import dataset_version
-from .localstore import LocalStore
 from .resultstore import open_store
 from .s3 import s3_client
 from .storage import DatasetSource
@@ -231,27 +230,9 @@ class WatchState:
 
     def read(self) -> tuple[dict[str, Any], str | None]:
         """(record, ETag); an empty record and None when there is none yet."""
-        from botocore.exceptions import ClientError
-
-        from .s3 import translate_s3_error
-
-        try:
-            if isinstance(self.store, LocalStore):  # a local output: the same read, from the folder
-                body, etag = self.store.get_with_etag(self.rel)
-                if body is None:
-                    return {"schema_version": STATE_SCHEMA_VERSION, "seen": []}, None
-                obj = {"ETag": etag}
-            else:
-                obj = self.store.client.get_object(Bucket=self.store.bucket, Key=self.store.key(self.rel))
-                body = obj["Body"].read()
-        except NeuroflowError:
-            raise
-        except ClientError as err:
-            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return {"schema_version": STATE_SCHEMA_VERSION, "seen": []}, None
-            raise translate_s3_error(err, self.uri) from err
-        except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri) from err
+        body, etag = self.store.get_with_etag(self.rel)  # S3 or a local folder alike
+        if body is None:
+            return {"schema_version": STATE_SCHEMA_VERSION, "seen": []}, None
         try:
             record = json.loads(body)
             if not isinstance(record.get("seen"), list):
@@ -259,31 +240,12 @@ class WatchState:
         except ValueError as err:
             raise DatasetError(f"{self.uri}: the watch state is unreadable ({err}); delete it to start over "
                                "(the next watch run then triggers each watched dataset once)") from err
-        return record, obj["ETag"]
+        return record, etag
 
     def write(self, record: dict[str, Any], etag: str | None) -> bool:
         """Replace the record if it is still the one read (ETag); False when another writer won."""
-        from botocore.exceptions import ClientError
-
-        from .s3 import translate_s3_error
-
         body = json.dumps(record, indent=2, sort_keys=True).encode()
-        if isinstance(self.store, LocalStore):
-            return self.store.put_if(self.rel, body, "application/json", etag)
-        cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
-        try:
-            self.store.client.put_object(Bucket=self.store.bucket, Key=self.store.key(self.rel), Body=body,
-                                         ContentType="application/json", **cond)
-        except ClientError as err:
-            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = err.response.get("Error", {}).get("Code", "")
-            if status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict",
-                                                      "NoSuchKey"):
-                return False
-            raise translate_s3_error(err, self.uri) from err
-        except Exception as err:  # noqa: BLE001
-            raise translate_s3_error(err, self.uri) from err
-        return True
+        return self.store.put_if(self.rel, body, "application/json", etag)
 
 
 # --- deciding -----------------------------------------------------------------------

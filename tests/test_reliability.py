@@ -203,6 +203,26 @@ def test_a_persistent_outage_fails_retryably_and_publishes_nothing(openneuro_dem
             cfg.publish_prefix[len(results_bucket) + 1:] + "/manifest.json")
 
 
+def test_an_outage_while_the_watch_state_is_read_or_written_is_one_retryable_error(results_bucket, proxied,
+                                                                                  monkeypatch, ledger):
+    """The watch state's conditional read and put go through the result store: an unreachable endpoint
+    is one TransientIOError naming the state, and the state is left as it was."""
+    from pipelines.watch import WatchState
+
+    with ledger.fault("S3 outage on the watch state"):
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+        state = WatchState(results_bucket, "outage")
+        record, etag = state.read()
+        assert etag is None and state.write(record, etag)
+        record, etag = state.read()
+        proxied.down_until = time.monotonic() + 3600
+        for attempt in (state.read, lambda: state.write({**record, "seen": ["v2"]}, etag)):
+            with pytest.raises(TransientIOError, match=r"cannot reach the S3 endpoint for s3://.*outage\.json"):
+                attempt()
+        proxied.down_until = 0
+        assert state.read() == (record, etag)
+
+
 def test_a_corrupt_feature_cache_entry_is_recomputed(openneuro_demo, tiny_bert_dir, results_bucket, tmp_path,
                                                      ledger):
     from pipelines.cache import load_npz as _load_npz
